@@ -1,0 +1,128 @@
+"""Adapters: Flax NNX modules, Flax Linen params and plain pytrees through one trainer.
+
+Each adapter answers three questions for ``TrainStep``: how to call the user's loss
+on a params pytree, how to make the params from what ``train.init`` was given, and
+which logical axes each parameter has.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+from flax.core import meta
+
+from zjax.errors import ConfigError
+
+
+def adapt(loss_fn: Callable, model: Any, logical_axes: Any) -> "Adapter":
+    if not callable(loss_fn):
+        raise ConfigError(f"loss_fn={loss_fn!r} is not callable; pass loss_fn(params, batch) -> loss | (loss, aux)")
+    if model is None:
+        return Adapter(loss_fn, logical_axes)
+    if isinstance(model, nnx.Module):
+        return NNXAdapter(loss_fn, logical_axes, model)
+    raise ConfigError(
+        f"model={type(model).__name__} is not a Flax NNX module; pass an nnx.Module, or leave model out and "
+        "give params (plain or Linen, boxed with nn.with_logical_partitioning) to train.init"
+    )
+
+
+def _takes_rng(fn: Callable) -> bool:
+    try:
+        params = [
+            p for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 3
+
+
+def _split_loss(out: Any):
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise ConfigError(f"loss_fn returned a tuple of {len(out)} items; return loss or (loss, aux_dict)")
+        return out
+    return out, {}
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, meta.AxisMetadata)
+
+
+class Adapter:
+    """Plain pytrees (and Linen params boxed with logical partitioning)."""
+
+    def __init__(self, loss_fn: Callable, logical_axes: Any):
+        self.user_loss = loss_fn
+        self.takes_rng = _takes_rng(loss_fn)
+        self.given_axes = logical_axes
+        self.found_axes = None
+
+    def loss_fn(self, params, batch, key):
+        out = self.user_loss(self.to_user(params), batch, key) if self.takes_rng else self.user_loss(self.to_user(params), batch)
+        return _split_loss(out)
+
+    def to_user(self, params):
+        return params
+
+    def params_fn(self, given: Any) -> Callable:
+        """``rng -> params pytree`` from what ``train.init`` received."""
+        if given is None:
+            raise ConfigError("train.init(params) needs params: a pytree, or an init function fn(rng) -> params")
+        make = given if callable(given) else (lambda rng: given)
+
+        def fn(rng):
+            tree = make(rng)
+            if any(_is_box(x) for x in jax.tree.leaves(tree, is_leaf=_is_box)):
+                self.found_axes = jax.tree.map(
+                    lambda x: tuple(getattr(x, "names", ())) if _is_box(x) else (), tree, is_leaf=_is_box
+                )
+                tree = meta.unbox(tree)
+            return tree
+
+        return fn
+
+    def logical_axes(self, abstract_params: Any) -> Any:
+        return self.given_axes if self.given_axes is not None else self.found_axes
+
+
+class NNXAdapter(Adapter):
+    """A Flax NNX module: ``loss_fn(module, batch)``; its ``nnx.Param`` state is trained."""
+
+    def __init__(self, loss_fn, logical_axes, model: nnx.Module):
+        super().__init__(loss_fn, logical_axes)
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.model_params = nnx.to_pure_dict(params)
+        self.found_axes = _nnx_axes(params)
+
+    def to_user(self, params):
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    def params_fn(self, given: Any) -> Callable:
+        if given is None:
+            return lambda rng: self.model_params
+        if isinstance(given, nnx.Module):
+            return lambda rng: nnx.to_pure_dict(nnx.state(given, nnx.Param))
+        if callable(given):
+            return lambda rng: nnx.to_pure_dict(nnx.state(given(rng), nnx.Param))
+        return lambda rng: given
+
+
+def _nnx_axes(params: nnx.State) -> Any:
+    """Pure-dict tree of each Param's logical axes (its ``out_sharding`` metadata)."""
+    axes = jax.tree.map(
+        lambda v: v.replace(value=_Axes(tuple(v.get_metadata().get("out_sharding") or ()))),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return jax.tree.map(lambda a: a.names, nnx.to_pure_dict(axes), is_leaf=lambda x: isinstance(x, _Axes))
+
+
+class _Axes:
+    """A tuple of axis names kept as one leaf while trees are mapped."""
+
+    def __init__(self, names: tuple):
+        self.names = names

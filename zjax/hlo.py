@@ -1,0 +1,129 @@
+"""Reading collective traffic out of compiled HLO text.
+
+Counts every all-reduce, reduce-scatter, all-gather and all-to-all, multiplied by the
+trip counts of the ``while`` loops around it, as ring-equivalent bytes per device:
+an all-reduce moves ``2 * size * (n-1)/n``, a reduce-scatter or all-gather
+``size * (n-1)/n`` of the full (unsharded) size, an all-to-all ``size * (n-1)/n``.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+    "s4": 0.5, "u4": 0.5, "f8e4m3fn": 1, "f8e5m2": 1,
+}
+_SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+_KINDS = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all")
+
+
+def shape_bytes(text: str) -> float:
+    """Bytes of every array shape written in ``text`` (a shape or a tuple of shapes)."""
+    total = 0.0
+    for dtype, dims in _SHAPE.findall(text):
+        if dtype in _DTYPE_BYTES:
+            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _group_size(line: str, default: int) -> int:
+    m = re.search(r"replica_groups=\{\{([0-9,]+)\}", line)
+    if m:
+        return len(m.group(1).split(","))
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)
+    if m:
+        return int(m.group(2))
+    return default
+
+
+def _computations(hlo: str) -> dict[str, list[str]]:
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        m = _HEADER.match(line)
+        if m:
+            name = m.group(1)
+            comps[name] = []
+        elif name is not None:
+            if line.strip() == "}":
+                name = None
+            else:
+                comps[name].append(line)
+    return comps
+
+
+def _multipliers(comps: dict[str, list[str]]) -> dict[str, int]:
+    """How many times each computation runs per step, from while trip counts."""
+    calls = collections.defaultdict(list)
+    for parent, lines in comps.items():
+        for line in lines:
+            trips = 1
+            if " while(" in line:
+                m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                trips = int(m.group(1)) if m else 1
+            for callee in re.findall(r"(?:body|condition|to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", line):
+                calls[parent].append((callee, trips if "body=" in line or "condition=" in line else 1))
+    called = {c for lst in calls.values() for c, _ in lst}
+    roots = [c for c in comps if c not in called]
+    mult = collections.Counter()
+
+    def visit(name, m):
+        mult[name] += m
+        for callee, trips in calls.get(name, ()):
+            if callee in comps:
+                visit(callee, m * trips)
+
+    for r in roots:
+        visit(r, 1)
+    return dict(mult)
+
+
+def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
+    """Ring-equivalent bytes per device of each collective kind in one execution.
+
+    Args:
+      hlo: HLO text (``compiled.as_text()`` or ``lowered.as_text(dialect="hlo")``).
+      num_devices: group size to assume when an op does not spell its groups.
+
+    Returns:
+      ``{"all-reduce": b, "reduce-scatter": b, "all-gather": b, "all-to-all": b, "total": b}``.
+    """
+    comps = _computations(hlo)
+    mult = _multipliers(comps)
+    out = dict.fromkeys(_KINDS, 0.0)
+    for name, lines in comps.items():
+        for line in lines:
+            m = _INSTR.match(line)
+            if not m:
+                continue
+            result, op, rest = m.groups()
+            kind = op.removesuffix("-start")
+            if kind not in _KINDS:
+                continue
+            n = _group_size(line, num_devices)
+            if n <= 1:
+                continue
+            frac = (n - 1) / n
+            operands = rest.split("),")[0]
+            if kind == "all-reduce":
+                size = 2 * shape_bytes(result)
+            elif kind == "reduce-scatter":
+                size = shape_bytes(operands)
+            elif kind == "all-gather":
+                # an async all-gather-start returns (operand, result)
+                size = shape_bytes(result) - (shape_bytes(operands) if op != kind else 0)
+            else:
+                size = shape_bytes(operands)
+            out[kind] += size * frac * mult.get(name, 1)
+    out["total"] = sum(out[k] for k in _KINDS)
+    return out
+
+
+def while_trip_counts(hlo: str) -> list[int]:
+    """Known trip counts of the while loops in ``hlo`` (for sanity checks)."""
+    return [int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"', hlo)]
+

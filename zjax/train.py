@@ -1,0 +1,400 @@
+"""``make_train_step``: one config -> a sharded, mixed-precision, ZeRO training step.
+
+The whole step runs inside one ``jax.shard_map`` over the mesh, so every collective
+is written here and can be counted: gradients are reduce-scattered (stages 1-3) or
+all-reduced (stage 0) over ``data``, updated parameters are all-gathered (stages
+1-2), and ZeRO-3 gathers each layer just in time (see ``zjax.zero``).
+
+What the TrainState holds per stage (Ψ parameters, N data devices):
+
+========  =================================  ==========================
+stage     ``replicated`` (user shapes)        ``master`` (flat, sharded)
+========  =================================  ==========================
+0         fp32 params (they are the master)  -
+1, 2      compute-dtype copy, or the fp32    fp32 master, only when the
+          master itself in fp32 runs         compute dtype is lower
+3         -                                  fp32 master
+========  =================================  ==========================
+
+Optimizer moments always live in the flat layout, sharded for stages 1-3.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from zjax import adapters, loss_scale, zero
+from zjax.config import Config, load_config
+from zjax.errors import ConfigError, LossScaleError
+from zjax.layers import layer_context
+from zjax.mesh import make_mesh
+from zjax.optim import default_decay_mask, make_optimizer, make_schedule
+from zjax.zero import DATA, map_layouts
+
+METRICS = ("loss", "grad_norm", "lr", "loss_scale", "skipped")
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step reads and writes; checkpoint it whole.
+
+    Attributes:
+      step: number of calls to the step (skipped ones included).
+      replicated: user-shaped replicated params (stages 0-2), else None.
+      master: flat sharded fp32 master params (stage 3, and stages 1-2 in mixed
+        precision), else None.
+      opt_state: the optax state, over the flat layout.
+      loss_scale: the loss scaler's state (scale, counters, skipped steps).
+      rng: the base PRNG key; each micro-step folds in step, micro-batch and device.
+    """
+
+    step: jax.Array
+    replicated: Any
+    master: Any
+    opt_state: Any
+    loss_scale: loss_scale.LossScaleState
+    rng: jax.Array
+    layout_def: Any = struct.field(pytree_node=False, default=None)
+
+    @property
+    def layouts(self):
+        treedef, leaves = self.layout_def
+        return jax.tree.unflatten(treedef, leaves)
+
+    @property
+    def params(self) -> Any:
+        """The master params in the user's tree and shapes (fp32)."""
+        if self.master is None:
+            return self.replicated
+        layouts = self.layouts
+        return jax.jit(lambda m: map_layouts(lambda lay, x: zero.unflatten(x, lay), layouts, m))(self.master)
+
+
+class _Dtypes(NamedTuple):
+    param: Any
+    compute: Any
+    reduce: Any
+    accum: Any
+
+
+def make_train_step(
+    config: Any,
+    loss_fn: Callable,
+    *,
+    model: Any = None,
+    optimizer: optax.GradientTransformation | None = None,
+    logical_axes: Any = None,
+    devices: Any = None,
+) -> "TrainStep":
+    """Builds the training step for ``loss_fn`` from a zjax or DeepSpeed config.
+
+    Args:
+      config: a ``Config``, a path to a YAML/JSON file, or a dict (zjax or DeepSpeed keys).
+      loss_fn: ``loss_fn(params, batch) -> loss | (loss, aux)``; an optional third
+        parameter ``rng`` gets a key per micro-step, device and step. ``aux`` may hold
+        ``"weight"`` (e.g. the token count) for a weighted mean over micro-batches and
+        devices. With ``model`` an NNX module, ``loss_fn`` receives the module.
+      model: optional Flax NNX module whose ``nnx.Param`` state is trained.
+      optimizer: any optax ``GradientTransformation`` instead of the config's
+        optimizer (clipping is applied by the step, by the true global norm).
+      logical_axes: optional pytree of logical axis-name tuples, one per parameter;
+        leaves whose first name is ``layers`` are scanned stacks (gathered one layer
+        at a time under ZeRO-3). Read from NNX/Linen metadata when not given.
+      devices: optional device list for the mesh (default: all devices).
+
+    Returns:
+      A ``TrainStep``: ``train.init(params_or_fn, rng)`` then ``state, metrics = train(state, batch)``.
+
+    Example:
+      >>> train = make_train_step("configs/tiny.yaml", loss_fn)  # doctest: +SKIP
+    """
+    return TrainStep(config, loss_fn, model=model, optimizer=optimizer, logical_axes=logical_axes, devices=devices)
+
+
+class TrainStep:
+    """A jitted, donated ZeRO training step and the placement it implies."""
+
+    def __init__(self, config, loss_fn, *, model=None, optimizer=None, logical_axes=None, devices=None):
+        self.config: Config = config if isinstance(config, Config) else load_config(config)
+        cfg = self.config
+        self.mesh = make_mesh(cfg.mesh, devices)
+        self.data_size = self.mesh.shape[DATA]
+        self.global_batch_size, self.micro_batch_size, self.grad_accum_steps = cfg.batch.resolve(self.data_size)
+        self.stage = cfg.zero.stage
+        p = cfg.precision
+        self.dtypes = _Dtypes(
+            jnp.dtype(p.param_dtype),
+            jnp.dtype(p.compute_dtype),
+            jnp.dtype(p.reduce_dtype or p.compute_dtype),
+            jnp.dtype(p.accum_dtype),
+        )
+        self.adapter = adapters.adapt(loss_fn, model, logical_axes)
+        self._user_optimizer = optimizer
+        self.scaler = loss_scale.loss_scaler_from_config(cfg)
+        self.schedule = None if optimizer is not None else make_schedule(cfg)
+        self.batch_sharding = NamedSharding(self.mesh, P(DATA))
+        self.replicated_sharding = NamedSharding(self.mesh, P())
+        self.layouts = None
+
+    # -- placement ------------------------------------------------------------------
+
+    @property
+    def shards(self) -> int:
+        return 1 if self.stage == 0 else self.data_size
+
+    @property
+    def keeps_replicated(self) -> bool:
+        return self.stage < 3
+
+    @property
+    def keeps_master(self) -> bool:
+        return self.stage == 3 or (self.stage > 0 and self.dtypes.compute != self.dtypes.param)
+
+    @property
+    def replicated_dtype(self):
+        """Stage 0 keeps fp32 params; stages 1-2 keep a compute-dtype copy when mixed."""
+        return self.dtypes.compute if self.keeps_master else self.dtypes.param
+
+    def _setup(self, abstract_params: Any) -> None:
+        """Fixes layouts, optimizer and shardings from the params' shapes."""
+        axes = self.adapter.logical_axes(abstract_params)
+        layouts = zero.make_layouts(abstract_params, axes, self.shards)
+        if self.layouts is not None:
+            if layouts != self.layouts:
+                raise ConfigError("train.init was called with params of another tree or shapes than before")
+            return
+        self.layouts = layouts
+        self.layout_def = tuple(reversed(jax.tree.flatten(layouts, is_leaf=zero._is_layout)))
+        self.layout_def = (self.layout_def[0], tuple(self.layout_def[1]))
+        if self._user_optimizer is not None:
+            self.tx = self._user_optimizer
+        else:
+            mask = default_decay_mask(map_layouts(lambda lay: lay.layer_shape, layouts))
+            self.tx = make_optimizer(self.config, decay_mask=None if self.config.optimizer.decay_norms_and_biases else mask)
+        local = map_layouts(
+            lambda lay: jax.ShapeDtypeStruct(lay.lead + (lay.padded // lay.shards,), self.dtypes.param), layouts
+        )
+        opt_shapes = jax.eval_shape(self.tx.init, local)
+        sharded = self.shards > 1
+        self._opt_specs = jax.tree.map(
+            lambda x: P(*([None] * (x.ndim - 1)), DATA) if (sharded and x.ndim >= 1) else P(), opt_shapes
+        )
+        scale_state = jax.eval_shape(self.scaler.init)
+        self.state_specs = TrainState(
+            step=P(),
+            replicated=map_layouts(lambda lay: P(), layouts) if self.keeps_replicated else None,
+            master=map_layouts(lambda lay: lay.spec, layouts) if self.keeps_master else None,
+            opt_state=self._opt_specs,
+            loss_scale=jax.tree.map(lambda _: P(), scale_state),
+            rng=P(),
+            layout_def=self.layout_def,
+        )
+        self.state_sharding = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.state_specs)
+        step = jax.shard_map(
+            self._local_step,
+            mesh=self.mesh,
+            in_specs=(self.state_specs, P(DATA)),
+            out_specs=(self.state_specs, P()),
+            check_vma=True,
+        )
+        self._step = jax.jit(step, donate_argnums=0)
+
+    # -- init -------------------------------------------------------------------------
+
+    def init(self, params: Any = None, rng: Any = None) -> TrainState:
+        """Creates the sharded TrainState.
+
+        Args:
+          params: a params pytree (host or device arrays), an NNX module, or an init
+            function ``fn(rng) -> params`` (run under jit with the state's
+            out_shardings, so full params never sit on one device). None uses the
+            ``model`` given to ``make_train_step``.
+          rng: a PRNG key (default ``jax.random.key(config.seed)``).
+        """
+        rng = jax.random.key(self.config.seed) if rng is None else rng
+        make_params = self.adapter.params_fn(params)
+        abstract = jax.eval_shape(make_params, rng)
+        self._setup(abstract)
+        init_state = functools.partial(self._init_state, make_params)
+        return jax.jit(init_state, out_shardings=self.state_sharding)(rng)
+
+    def _init_state(self, make_params, rng) -> TrainState:
+        layouts = self.layouts
+        params = jax.tree.map(lambda x: jnp.asarray(x, self.dtypes.param), make_params(rng))
+        flat = map_layouts(lambda lay, x: zero.flatten(x, lay), layouts, params)
+        flat = map_layouts(
+            lambda lay, x: lax.with_sharding_constraint(x, NamedSharding(self.mesh, lay.spec)), layouts, flat
+        )
+        local_specs = map_layouts(lambda lay: lay.spec, layouts)
+        opt_state = jax.shard_map(
+            self.tx.init, mesh=self.mesh, in_specs=(local_specs,), out_specs=self._opt_specs, check_vma=False
+        )(flat)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            replicated=jax.tree.map(lambda x: x.astype(self.replicated_dtype), params) if self.keeps_replicated else None,
+            master=flat if self.keeps_master else None,
+            opt_state=opt_state,
+            loss_scale=self.scaler.init(),
+            rng=jax.random.fold_in(rng, 1) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
+            layout_def=self.layout_def,
+        )
+
+    # -- the step ---------------------------------------------------------------------
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """One optimizer step on the global batch (host arrays or sharded jax arrays)."""
+        state, metrics = self._step(state, self.shard_batch(batch))
+        if bool(self.config.loss_scale.at_min == "error") and self.scaler_enabled:
+            if bool(state.loss_scale.overflow_at_min):
+                raise LossScaleError(
+                    "fp16 gradients overflowed at min_loss_scale="
+                    f"{self.config.loss_scale.min_loss_scale}; lower the learning rate or set "
+                    "loss_scale.at_min: skip to keep skipping such steps"
+                )
+        return state, metrics
+
+    @property
+    def scaler_enabled(self) -> bool:
+        ls = self.config.loss_scale
+        enabled = ls.enabled if ls.enabled is not None else self.dtypes.compute == jnp.float16
+        return bool(enabled and ls.dynamic)
+
+    def lower(self, state: TrainState, batch: Any):
+        """AOT-lowers the step (``.compile().memory_analysis()``, ``.as_text()``)."""
+        return self._step.lower(state, self.shard_batch(batch))
+
+    def shard_batch(self, batch: Any) -> Any:
+        """Places a global batch on the mesh, split over ``data`` along axis 0."""
+        def place(x):
+            if np.ndim(x) == 0 or x.shape[0] != self.global_batch_size:
+                raise ConfigError(
+                    f"batch leaf with shape {np.shape(x)} does not have the global batch size "
+                    f"batch.global_batch_size={self.global_batch_size} as its first axis; pass the global batch"
+                )
+            if isinstance(x, jax.Array) and x.sharding == self.batch_sharding:
+                return x
+            return jax.device_put(x, self.batch_sharding)
+
+        return jax.tree.map(place, batch)
+
+    def _local_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """The per-device program (inside shard_map over ``data``)."""
+        with layer_context(self.config.remat.policy, zero3=self.stage == 3):
+            grads, loss, weight = self._accumulate(state, batch)
+        layouts, dt = self.layouts, self.dtypes
+        sharded = self.shards > 1
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32) / (weight * state.loss_scale.scale), grads)
+
+        local_bad = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))
+        finite = (lax.psum(local_bad, DATA) if sharded else local_bad) == 0
+        sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
+        grad_norm = jnp.sqrt(lax.psum(sq, DATA) if sharded else sq)
+        clip = self.config.gradient_clipping
+        if clip > 0:
+            coef = jnp.minimum(1.0, clip / (grad_norm + 1e-6))
+            grads = jax.tree.map(lambda g: g * coef, grads)
+
+        if self.keeps_master:
+            master = state.master
+        else:
+            master = map_layouts(lambda lay, x: zero.local_slice(zero.flatten(x, lay), lay), layouts, state.replicated)
+        updates, opt_state = self.tx.update(grads, state.opt_state, master)
+        new_master = optax.apply_updates(master, updates)
+        new_master = loss_scale.select_tree(finite, new_master, master)
+        opt_state = loss_scale.select_tree(finite, opt_state, state.opt_state)
+
+        replicated = None
+        if self.keeps_replicated:
+            replicated = map_layouts(
+                lambda lay, m: zero.unflatten(zero.all_gather_params(m.astype(self.replicated_dtype), lay), lay),
+                layouts,
+                new_master,
+            )
+        applied = state.step - state.loss_scale.skipped
+        new_state = state.replace(
+            step=state.step + 1,
+            replicated=replicated,
+            master=new_master if self.keeps_master else None,
+            opt_state=opt_state,
+            loss_scale=self.scaler.update(state.loss_scale, finite),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.schedule(applied) if self.schedule is not None else jnp.float32(jnp.nan),
+            "loss_scale": state.loss_scale.scale,
+            "skipped": (~finite).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    def _accumulate(self, state: TrainState, batch: Any):
+        """Scans micro-batches; returns summed (weighted, scaled) grads, mean loss, total weight."""
+        layouts, dt, stage = self.layouts, self.dtypes, self.stage
+        accum, micro = self.grad_accum_steps, self.micro_batch_size
+        batch = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
+        scale = state.loss_scale.scale
+        varying = lambda x: lax.pcast(x, DATA, to="varying")
+
+        if stage == 3:
+            diff = state.master
+
+            def to_params(d):
+                return map_layouts(
+                    lambda lay, s: zero.Zero3Param(s, lay, dt.compute, dt.reduce)
+                    if lay.stacked
+                    else zero.gather_for_compute(s, lay, dt.compute, dt.reduce),
+                    layouts,
+                    d,
+                )
+        else:
+            # Marked varying so that the gradient stays local until we reduce it.
+            diff = jax.tree.map(lambda x: varying(x.astype(dt.compute)), state.replicated)
+            to_params = lambda d: d
+
+        call_loss = self.adapter.loss_fn
+        step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(DATA))
+
+        def micro_loss(d, mb, key):
+            loss, aux = call_loss(to_params(d), mb, key)
+            w = lax.stop_gradient(jnp.asarray(aux.get("weight", 1.0), jnp.float32)) if isinstance(aux, dict) else jnp.float32(1.0)
+            loss = loss.astype(jnp.float32)
+            return loss * w * scale, (loss * w, w)
+
+        grad_fn = jax.grad(micro_loss, has_aux=True)
+
+        if stage in (0, 1):
+            acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, dt.accum), state.replicated)
+        else:
+            acc0 = map_layouts(lambda lay: jnp.zeros(lay.lead + (lay.padded // lay.shards,), dt.accum), layouts)
+
+        def add(acc, g):
+            if stage == 2:
+                g = map_layouts(
+                    lambda lay, x: zero.reduce_scatter_grads(zero.flatten(x.astype(dt.reduce), lay), lay), layouts, g
+                )
+            return jax.tree.map(lambda a, x: a + x.astype(dt.accum), acc, g)
+
+        def body(carry, xs):
+            acc, loss_sum, w_sum = carry
+            mb, i = xs
+            g, (lw, w) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
+            return (add(acc, g), loss_sum + lw, w_sum + w), None
+
+        carry0 = jax.tree.map(varying, (acc0, jnp.float32(0), jnp.float32(0)))
+        (acc, loss_sum, w_sum), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
+
+        if stage in (0, 1):
+            acc = map_layouts(
+                lambda lay, x: zero.reduce_scatter_grads(zero.flatten(x.astype(dt.reduce), lay), lay), layouts, acc
+            )
+        total_w = lax.psum(w_sum, DATA)
+        loss = lax.psum(loss_sum, DATA) / total_w
+        return acc, loss, total_w

@@ -1,0 +1,220 @@
+"""ZeRO placement: how each parameter is laid out, sharded and brought back.
+
+Every parameter leaf has one *flat layout*: its per-layer elements flattened and
+padded to a multiple of the shard count, so any shape shards over the ``data``
+axis with at most ``shards - 1`` padding elements per layer. A leaf whose first
+logical axis is ``layers`` keeps that axis in front, so a scan can take one layer
+at a time and ZeRO-3 can gather one layer at a time.
+
+The collectives are explicit (inside ``jax.shard_map`` over ``data``):
+``reduce_scatter_grads`` for gradients, ``all_gather_params`` for updated params,
+and ``gather_for_compute`` for ZeRO-3's just-in-time parameter gathering, whose
+backward pass is a reduce-scatter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+DATA = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafLayout:
+    """Where one parameter lives: its user shape and its flat, padded, sharded form.
+
+    Attributes:
+      shape: the user's shape of the leaf.
+      stacked: True when the leading axis is the ``layers`` axis of a scanned stack.
+      shards: number of ZeRO partitions (1 means replicated).
+    """
+
+    shape: tuple[int, ...]
+    stacked: bool
+    shards: int
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.stacked else self.shape
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        return self.shape[:1] if self.stacked else ()
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.layer_shape)
+
+    @property
+    def padded(self) -> int:
+        return -(-self.size // self.shards) * self.shards
+
+    @property
+    def flat_shape(self) -> tuple[int, ...]:
+        return self.lead + (self.padded,)
+
+    @property
+    def spec(self) -> P:
+        """PartitionSpec of the flat form: last axis over ``data`` when sharded."""
+        if self.shards == 1:
+            return P()
+        return P(*([None] * len(self.lead)), DATA)
+
+    def per_layer(self) -> "LeafLayout":
+        return LeafLayout(self.layer_shape, False, self.shards)
+
+
+def make_layouts(params: Any, logical_axes: Any, shards: int) -> Any:
+    """One LeafLayout per leaf of ``params`` (shapes only are read).
+
+    Args:
+      params: a pytree of arrays or ShapeDtypeStructs.
+      logical_axes: None, or a pytree with the same structure whose leaves are
+        tuples of logical axis names; a leaf whose tuple starts with ``layers`` is
+        treated as a scanned stack.
+      shards: the ZeRO partition count (1 for stage 0).
+    """
+    leaves, treedef = jax.tree.flatten(params)
+    if logical_axes is None:
+        axes = [()] * len(leaves)
+    else:
+        axes = treedef.flatten_up_to(logical_axes)
+    layouts = [
+        LeafLayout(tuple(x.shape), bool(a) and a[0] == "layers" and len(x.shape) >= 1, shards)
+        for x, a in zip(leaves, axes)
+    ]
+    return jax.tree.unflatten(treedef, layouts)
+
+
+def _is_layout(x: Any) -> bool:
+    return isinstance(x, LeafLayout)
+
+
+def map_layouts(fn, layouts: Any, *trees: Any) -> Any:
+    """``jax.tree.map`` over a layout tree and trees of the same structure."""
+    return jax.tree.map(fn, layouts, *trees, is_leaf=_is_layout)
+
+
+def flatten(x: jax.Array, lay: LeafLayout) -> jax.Array:
+    """User shape -> flat padded form ``lead + (padded,)``."""
+    x = x.reshape(lay.lead + (lay.size,))
+    pad = lay.padded - lay.size
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * len(lay.lead) + [(0, pad)])
+    return x
+
+
+def unflatten(x: jax.Array, lay: LeafLayout) -> jax.Array:
+    """Flat padded form -> user shape."""
+    if lay.padded != lay.size:
+        x = x[..., : lay.size]
+    return x.reshape(lay.shape)
+
+
+def local_slice(flat: jax.Array, lay: LeafLayout) -> jax.Array:
+    """This device's part of a replicated flat array (inside shard_map)."""
+    if lay.shards == 1:
+        return flat
+    n = lay.padded // lay.shards
+    start = lax.axis_index(DATA) * n
+    return lax.dynamic_slice_in_dim(flat, start, n, axis=flat.ndim - 1)
+
+
+def reduce_scatter_grads(flat: jax.Array, lay: LeafLayout) -> jax.Array:
+    """Sums a full local flat gradient over ``data`` and keeps this device's part."""
+    if lay.shards == 1:
+        return lax.psum(flat, DATA)
+    return lax.psum_scatter(flat, DATA, scatter_dimension=flat.ndim - 1, tiled=True)
+
+
+def all_gather_params(shard: jax.Array, lay: LeafLayout) -> jax.Array:
+    """Local flat part -> the full flat array, the same (invariant) on every device."""
+    if lay.shards == 1:
+        return shard
+    return lax.all_gather(shard, DATA, axis=shard.ndim - 1, tiled=True, to="invarying")
+
+
+# --- ZeRO-3: gather for compute, reduce-scatter in the backward pass ----------------
+
+
+def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_dtype) -> jax.Array:
+    """ZeRO-3's parameter fetch: cast the local master shard, all-gather, unflatten.
+
+    The cast happens before the gather, so a bf16 run moves half the bytes. The
+    backward pass casts the cotangent to ``reduce_dtype`` and reduce-scatters it
+    straight back into the shard's layout: gradients never exist unsharded.
+    """
+    return _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype):
+    @jax.custom_vjp
+    def gather(shard):
+        full = lax.all_gather(shard.astype(compute_dtype), DATA, axis=shard.ndim - 1, tiled=True)
+        return unflatten(full, lay)
+
+    def fwd(shard):
+        return gather(shard), None
+
+    def bwd(_, ct):
+        flat = flatten(ct.astype(reduce_dtype), lay)
+        return (lax.psum_scatter(flat, DATA, scatter_dimension=flat.ndim - 1, tiled=True).astype(master_dtype),)
+
+    gather.defvjp(fwd, bwd)
+    return gather
+
+
+def is_param_gather(prim, params) -> bool:
+    """True for the custom_vjp call that ``gather_for_compute`` traces to."""
+    if prim.name != "custom_vjp_call":
+        return False
+    jaxpr = params.get("call_jaxpr")
+    eqns = getattr(getattr(jaxpr, "jaxpr", jaxpr), "eqns", ())
+    return any(e.primitive.name == "all_gather" for e in eqns)
+
+
+@jax.tree_util.register_pytree_node_class
+class Zero3Param:
+    """A stacked parameter still sharded over ``data``; ``scan_layers`` gathers it per layer.
+
+    Model code never looks inside: it passes the stacked tree to ``scan_layers``,
+    which hands the layer function plain arrays of the user's per-layer shape.
+    """
+
+    def __init__(self, shard, layout: LeafLayout, compute_dtype, reduce_dtype):
+        self.shard = shard
+        self.layout = layout
+        self.compute_dtype = compute_dtype
+        self.reduce_dtype = reduce_dtype
+
+    def tree_flatten(self):
+        return (self.shard,), (self.layout, self.compute_dtype, self.reduce_dtype)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], *aux)
+
+    @property
+    def shape(self):
+        return self.layout.shape
+
+    def gather_layer(self) -> jax.Array:
+        """The gathered parameter of one layer (call on a per-layer slice)."""
+        return gather_for_compute(self.shard, self.layout.per_layer(), self.compute_dtype, self.reduce_dtype)
+
+
+def materialize_layer(layer_params: Any) -> Any:
+    """Replaces every Zero3Param of one layer's slice by its gathered array."""
+    return jax.tree.map(
+        lambda p: p.gather_layer() if isinstance(p, Zero3Param) else p,
+        layer_params,
+        is_leaf=lambda p: isinstance(p, Zero3Param),
+    )
