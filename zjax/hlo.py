@@ -100,7 +100,7 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
             m = _INSTR.match(line)
             if not m:
                 continue
-            result, op, rest = m.groups()
+            result, op, _ = m.groups()
             kind = op.removesuffix("-start")
             if kind not in _KINDS:
                 continue
@@ -108,16 +108,14 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
             if n <= 1:
                 continue
             frac = (n - 1) / n
-            operands = rest.split("),")[0]
+            # Compiled HLO prints operand names without shapes: size everything from the
+            # result (an async "-start" op returns (operand, result): take the last shape).
+            shapes = _SHAPE.findall(result)
+            size = shape_bytes("%s[%s]" % shapes[-1]) if op.endswith("-start") else shape_bytes(result)
             if kind == "all-reduce":
-                size = 2 * shape_bytes(result)
+                size *= 2
             elif kind == "reduce-scatter":
-                size = shape_bytes(operands)
-            elif kind == "all-gather":
-                # an async all-gather-start returns (operand, result)
-                size = shape_bytes(result) - (shape_bytes(operands) if op != kind else 0)
-            else:
-                size = shape_bytes(operands)
+                size *= n
             out[kind] += size * frac * mult.get(name, 1)
     out["total"] = sum(out[k] for k in _KINDS)
     return out

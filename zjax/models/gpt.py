@@ -1,0 +1,301 @@
+"""A Llama-style decoder in Flax NNX whose layers run through ``zjax.layers.scan_layers``.
+
+Token embedding, ``n_layers`` identical blocks (pre-RMSNorm causal self-attention with
+rotary embeddings and grouped KV heads; pre-RMSNorm SwiGLU MLP), a final RMSNorm and a
+tied or untied output projection.
+
+The blocks' parameters are stacked: every leaf under ``blocks`` has a leading
+``n_layers`` axis and the logical axis ``"layers"``. The model computes in the dtype of
+the parameters it is given; norm statistics, softmax, logits and the loss are float32.
+Parameters carry logical axis names in the flax ``out_sharding`` metadata, stored with
+``eager_sharding=False`` so that creating a model never needs a mesh; sharding rules map
+the names to mesh axes later.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from zjax.errors import ConfigError
+from zjax.layers import scan_layers
+
+ACTIVATION_NAMES = (
+    "attn_norm",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "attn_out",
+    "attn_proj",
+    "mlp_norm",
+    "mlp_gate",
+    "mlp_up",
+    "mlp_hidden",
+    "mlp_out",
+)
+
+INIT_STD = 0.02
+
+
+class GPT(nnx.Module):
+    """Decoder-only transformer; ``model(tokens) -> float32 logits [B, T, vocab]``.
+
+    Args:
+      cfg: an object with ``vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff,
+        max_seq_len, rope_theta, tie_embeddings, norm_eps``.
+      rngs: initialisation randomness.
+      param_dtype: dtype the parameters are created in.
+
+    Example:
+      >>> from types import SimpleNamespace
+      >>> cfg = SimpleNamespace(vocab_size=256, d_model=32, n_layers=2, n_heads=4,
+      ...     n_kv_heads=2, d_ff=64, max_seq_len=16, rope_theta=10000.0,
+      ...     tie_embeddings=True, norm_eps=1e-5)
+      >>> model = GPT(cfg, rngs=nnx.Rngs(0))
+      >>> model(jnp.zeros((2, 8), jnp.int32)).shape
+      (2, 8, 256)
+    """
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        _check_config(cfg)
+        self.vocab_size = cfg.vocab_size
+        self.max_seq_len = cfg.max_seq_len
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.rope_theta = float(cfg.rope_theta)
+        self.tie_embeddings = bool(cfg.tie_embeddings)
+        self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                                INIT_STD, param_dtype)
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs):
+            return Block(cfg, rngs=rngs, param_dtype=param_dtype)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+        if not self.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                  INIT_STD, param_dtype)
+
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Float32 logits ``[B, T, vocab]`` for int ``tokens [B, T]``.
+
+        ``segment_ids [B, T]`` keeps packed documents from attending to each other.
+        """
+        seq_len = tokens.shape[1]
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"tokens have length {seq_len}, longer than model.max_seq_len="
+                             f"{self.max_seq_len}; raise max_seq_len or shorten the batch")
+        x = jnp.take(self.embedding[...], tokens, axis=0)
+        rope = rotary_angles(seq_len, self.head_dim, self.rope_theta)
+        mask = attention_mask(seq_len, segment_ids)
+
+        # The stacked state goes to scan_layers untouched: the train step may hand it
+        # placeholder leaves that only scan_layers knows how to turn into arrays.
+        block_def, block_state = nnx.split(self.blocks)
+
+        def layer(h, layer_state):
+            return nnx.merge(block_def, layer_state)(h, rope, mask)
+
+        x = scan_layers(layer, x, block_state)
+        x = self.final_norm(x)
+        if self.tie_embeddings:
+            return jnp.einsum("btd,vd->btv", x, self.embedding[...],
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", x, self.lm_head[...],
+                          preferred_element_type=jnp.float32)
+
+
+def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
+    """Mean next-token cross entropy (float32) and the number of target tokens counted.
+
+    Args:
+      model: a ``GPT``.
+      batch: ``{"tokens": int [B, T+1]}``, optionally ``"segment_ids"`` and
+        ``"loss_mask"`` of the same shape. Inputs are ``tokens[:, :-1]``, targets
+        ``tokens[:, 1:]``; a target counts where ``loss_mask`` is nonzero and, with
+        segment ids, where it belongs to the same document as its input.
+
+    Returns:
+      ``(loss, {"weight": float32 number of counted targets})``.
+    """
+    tokens = batch["tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    segment_ids = batch.get("segment_ids")
+    counted = jnp.ones(targets.shape, jnp.float32)
+    if "loss_mask" in batch:
+        counted = counted * (batch["loss_mask"][:, 1:] != 0)
+    if segment_ids is not None:
+        counted = counted * (segment_ids[:, 1:] == segment_ids[:, :-1])
+        segment_ids = segment_ids[:, :-1]
+    logits = model(inputs, segment_ids=segment_ids)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    weight = counted.sum()
+    loss = (nll * counted).sum() / jnp.maximum(weight, 1.0)
+    return loss, {"weight": weight}
+
+
+def make_gpt(cfg_model: Any, seed: int = 0, param_dtype=jnp.float32) -> GPT:
+    """A ``GPT`` initialised from integer ``seed``."""
+    return GPT(cfg_model, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
+
+
+def logical_axes(module: nnx.Module) -> dict:
+    """Logical axis names of every parameter, as a tuple per parameter.
+
+    The result has the structure of ``nnx.to_pure_dict(nnx.state(module, nnx.Param))``
+    with a tuple such as ``("layers", "embed", "mlp")`` in place of each array (pass the
+    params tree first to ``jax.tree.map`` so the tuples arrive whole). Works on an
+    abstract model from ``nnx.eval_shape`` too.
+    """
+    axes: dict = {}
+    for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        names = variable.get_metadata().get("out_sharding")
+        shape = variable.get_value().shape
+        if names is None or len(names) != len(shape):
+            raise ValueError(f"parameter {'/'.join(map(str, path))} has logical axes "
+                             f"{names!r} for shape {shape}; every parameter needs one "
+                             "name per dimension")
+        node = axes
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = tuple(names)
+    return axes
+
+
+def count_params(cfg: Any) -> int:
+    """The number of parameters ``GPT(cfg)`` creates."""
+    head_dim = cfg.d_model // cfg.n_heads
+    attention = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    mlp = 3 * cfg.d_model * cfg.d_ff
+    block = attention + mlp + 2 * cfg.d_model
+    embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return embeddings + cfg.n_layers * block + cfg.d_model
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
+        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, x, rope, mask):
+        x = x + self.attn(checkpoint_name(self.attn_norm(x), "attn_norm"), rope, mask)
+        return x + self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_norm"))
+
+
+class Attention(nnx.Module):
+    """Causal self-attention with rotary embeddings and grouped KV heads."""
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        q_width = cfg.n_heads * self.head_dim
+        kv_width = cfg.n_kv_heads * self.head_dim
+        out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+        self.wq = _param(rngs, (cfg.d_model, q_width), ("embed", "heads"), INIT_STD, param_dtype)
+        self.wk = _param(rngs, (cfg.d_model, kv_width), ("embed", "kv_heads"), INIT_STD,
+                         param_dtype)
+        self.wv = _param(rngs, (cfg.d_model, kv_width), ("embed", "kv_heads"), INIT_STD,
+                         param_dtype)
+        self.wo = _param(rngs, (q_width, cfg.d_model), ("heads", "embed"), out_std, param_dtype)
+
+    def __call__(self, x, rope, mask):
+        batch, seq_len, _ = x.shape
+        groups = self.n_heads // self.n_kv_heads
+        q = checkpoint_name(x @ self.wq[...], "q_proj")
+        k = checkpoint_name(x @ self.wk[...], "k_proj")
+        v = checkpoint_name(x @ self.wv[...], "v_proj")
+        q = apply_rotary(q.reshape(batch, seq_len, self.n_kv_heads, groups, self.head_dim), rope)
+        k = apply_rotary(k.reshape(batch, seq_len, self.n_kv_heads, self.head_dim), rope)
+        v = v.reshape(batch, seq_len, self.n_kv_heads, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None], scores / math.sqrt(self.head_dim),
+                           jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        out = checkpoint_name(out.reshape(batch, seq_len, -1), "attn_out")
+        return checkpoint_name(out @ self.wo[...], "attn_proj")
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+        self.w_gate = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), INIT_STD,
+                             param_dtype)
+        self.w_up = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), INIT_STD, param_dtype)
+        self.w_down = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std,
+                             param_dtype)
+
+    def __call__(self, x):
+        gate = checkpoint_name(x @ self.w_gate[...], "mlp_gate")
+        up = checkpoint_name(x @ self.w_up[...], "mlp_up")
+        hidden = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
+        return checkpoint_name(hidden @ self.w_down[...], "mlp_out")
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm with statistics in float32; returns the input's dtype."""
+
+    def __init__(self, dim: int, eps: float, param_dtype=jnp.float32):
+        self.eps = float(eps)
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",),
+                               eager_sharding=False)
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rotary_angles(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` of shape ``[seq_len, head_dim // 2]`` for positions ``0..seq_len-1``."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates the halves of the last axis of ``x [B, T, ..., head_dim]`` by position."""
+    cos, sin = rope
+    shape = (1, cos.shape[0]) + (1,) * (x.ndim - 3) + (cos.shape[1],)
+    cos, sin = cos.reshape(shape), sin.reshape(shape)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention_mask(seq_len: int, segment_ids: jax.Array | None) -> jax.Array:
+    """Boolean ``[B or 1, T, T]``: query ``t`` may see key ``s`` (causal, same segment)."""
+    causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None]
+    if segment_ids is None:
+        return causal
+    return causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+
+def _param(rngs: nnx.Rngs, shape, names, std, dtype) -> nnx.Param:
+    value = jax.random.normal(rngs.params(), shape, dtype) * jnp.asarray(std, dtype)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _check_config(cfg: Any) -> None:
+    if cfg.d_model % cfg.n_heads:
+        raise ConfigError(f"model.d_model={cfg.d_model} must be divisible by "
+                          f"model.n_heads={cfg.n_heads}")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads={cfg.n_kv_heads} must divide "
+                          f"model.n_heads={cfg.n_heads}, e.g. 1 or {cfg.n_heads}")
+    if (cfg.d_model // cfg.n_heads) % 2:
+        raise ConfigError(f"rotary embeddings need an even head dim; model.d_model="
+                          f"{cfg.d_model} / model.n_heads={cfg.n_heads} is odd")
