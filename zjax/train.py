@@ -143,6 +143,7 @@ class TrainStep:
         self.batch_sharding = NamedSharding(self.mesh, P(DATA))
         self.replicated_sharding = NamedSharding(self.mesh, P())
         self.layouts = None
+        self._eval = None
 
     # -- placement ------------------------------------------------------------------
 
@@ -335,17 +336,10 @@ class TrainStep:
         }
         return new_state, metrics
 
-    def _accumulate(self, state: TrainState, batch: Any):
-        """Scans micro-batches; returns summed (weighted, scaled) grads, mean loss, total weight."""
-        layouts, dt, stage = self.layouts, self.dtypes, self.stage
-        accum, micro = self.grad_accum_steps, self.micro_batch_size
-        batch = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
-        scale = state.loss_scale.scale
-        varying = lambda x: lax.pcast(x, DATA, to="varying")
-
-        if stage == 3:
-            diff = state.master
-
+    def _compute_params(self, state: TrainState):
+        """The differentiable inputs of the loss and how to turn them into the user's params."""
+        layouts, dt = self.layouts, self.dtypes
+        if self.stage == 3:
             def to_params(d):
                 return map_layouts(
                     lambda lay, s: zero.Zero3Param(s, lay, dt.compute, dt.reduce)
@@ -354,19 +348,45 @@ class TrainStep:
                     layouts,
                     d,
                 )
-        else:
-            # Marked varying so that the gradient stays local until we reduce it.
-            diff = jax.tree.map(lambda x: varying(x.astype(dt.compute)), state.replicated)
-            to_params = lambda d: d
 
-        call_loss = self.adapter.loss_fn
+            return state.master, to_params
+        # Marked varying so that the gradient stays local until we reduce it.
+        diff = jax.tree.map(lambda x: lax.pcast(x.astype(dt.compute), DATA, to="varying"), state.replicated)
+        return diff, lambda d: d
+
+    def _weighted_loss(self, params, batch, key):
+        """(loss * weight, weight) of one micro-batch, in float32."""
+        loss, aux = self.adapter.loss_fn(params, batch, key)
+        weight = aux.get("weight", 1.0) if isinstance(aux, dict) else 1.0
+        weight = lax.stop_gradient(jnp.asarray(weight, jnp.float32))
+        return loss.astype(jnp.float32) * weight, weight
+
+    def evaluate(self, state: TrainState, batch: Any) -> jax.Array:
+        """The (weighted) mean loss on a global batch, without updating anything."""
+        if self._eval is None:
+            def local(state, batch):
+                with layer_context("none", zero3=self.stage == 3):
+                    diff, to_params = self._compute_params(state)
+                    lw, w = self._weighted_loss(to_params(diff), batch, jax.random.fold_in(state.rng, 2**31 - 1))
+                return lax.psum(lw, DATA) / lax.psum(w, DATA)
+
+            self._eval = jax.jit(
+                jax.shard_map(local, mesh=self.mesh, in_specs=(self.state_specs, P(DATA)), out_specs=P(), check_vma=True)
+            )
+        return self._eval(state, self.shard_batch(batch))
+
+    def _accumulate(self, state: TrainState, batch: Any):
+        """Scans micro-batches; returns summed (weighted, scaled) grads, mean loss, total weight."""
+        layouts, dt, stage = self.layouts, self.dtypes, self.stage
+        accum, micro = self.grad_accum_steps, self.micro_batch_size
+        batch = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
+        scale = state.loss_scale.scale
+        diff, to_params = self._compute_params(state)
         step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(DATA))
 
         def micro_loss(d, mb, key):
-            loss, aux = call_loss(to_params(d), mb, key)
-            w = lax.stop_gradient(jnp.asarray(aux.get("weight", 1.0), jnp.float32)) if isinstance(aux, dict) else jnp.float32(1.0)
-            loss = loss.astype(jnp.float32)
-            return loss * w * scale, (loss * w, w)
+            lw, w = self._weighted_loss(to_params(d), mb, key)
+            return lw * scale, (lw, w)
 
         grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -388,7 +408,7 @@ class TrainStep:
             g, (lw, w) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
             return (add(acc, g), loss_sum + lw, w_sum + w), None
 
-        carry0 = jax.tree.map(varying, (acc0, jnp.float32(0), jnp.float32(0)))
+        carry0 = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), (acc0, jnp.float32(0), jnp.float32(0)))
         (acc, loss_sum, w_sum), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
 
         if stage in (0, 1):
