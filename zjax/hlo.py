@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import math
 import re
+from typing import NamedTuple
 
 _DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
@@ -82,19 +83,31 @@ def _multipliers(comps: dict[str, list[str]]) -> dict[str, int]:
     return dict(mult)
 
 
-def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
-    """Ring-equivalent bytes per device of each collective kind in one execution.
+class Collective(NamedTuple):
+    """One collective instruction of a compiled program."""
+
+    kind: str          # all-reduce, reduce-scatter, all-gather or all-to-all
+    full_bytes: float  # size of the unsharded data it moves (all-gather: its result)
+    group: int         # devices taking part
+    runs: int          # executions per step (product of enclosing loop trip counts)
+
+    @property
+    def ring_bytes(self) -> float:
+        """Bytes each device sends per step, ring-equivalent."""
+        factor = 2 if self.kind == "all-reduce" else 1
+        return factor * self.full_bytes * (self.group - 1) / self.group * self.runs
+
+
+def collectives(hlo: str, num_devices: int) -> list[Collective]:
+    """Every collective in ``hlo`` with its size, group and runs per step.
 
     Args:
-      hlo: HLO text (``compiled.as_text()`` or ``lowered.as_text(dialect="hlo")``).
+      hlo: HLO text (``compiled.as_text()``).
       num_devices: group size to assume when an op does not spell its groups.
-
-    Returns:
-      ``{"all-reduce": b, "reduce-scatter": b, "all-gather": b, "all-to-all": b, "total": b}``.
     """
     comps = _computations(hlo)
     mult = _multipliers(comps)
-    out = dict.fromkeys(_KINDS, 0.0)
+    found = []
     for name, lines in comps.items():
         for line in lines:
             m = _INSTR.match(line)
@@ -107,21 +120,24 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
             n = _group_size(line, num_devices)
             if n <= 1:
                 continue
-            frac = (n - 1) / n
             # Compiled HLO prints operand names without shapes: size everything from the
             # result (an async "-start" op returns (operand, result): take the last shape).
             shapes = _SHAPE.findall(result)
             size = shape_bytes("%s[%s]" % shapes[-1]) if op.endswith("-start") else shape_bytes(result)
-            if kind == "all-reduce":
-                size *= 2
-            elif kind == "reduce-scatter":
+            if kind == "reduce-scatter":
                 size *= n
-            out[kind] += size * frac * mult.get(name, 1)
+            found.append(Collective(kind, size, n, mult.get(name, 1)))
+    return found
+
+
+def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
+    """Ring-equivalent bytes per device of each collective kind in one step.
+
+    Returns:
+      ``{"all-reduce": b, "reduce-scatter": b, "all-gather": b, "all-to-all": b, "total": b}``.
+    """
+    out = dict.fromkeys(_KINDS, 0.0)
+    for c in collectives(hlo, num_devices):
+        out[c.kind] += c.ring_bytes
     out["total"] = sum(out[k] for k in _KINDS)
     return out
-
-
-def while_trip_counts(hlo: str) -> list[int]:
-    """Known trip counts of the while loops in ``hlo`` (for sanity checks)."""
-    return [int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"', hlo)]
-

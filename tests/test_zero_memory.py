@@ -1,0 +1,45 @@
+"""Per-device TrainState bytes follow DESIGN.md's ZeRO table for every stage."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import zjax
+from gpt_helpers import device0_bytes, gpt_train
+
+N = 8
+# bytes per parameter on one device: (replicated part, part divided by N)
+TABLE = {
+    ("float32", 0): (12, 0),
+    ("float32", 1): (4, 8),
+    ("float32", 2): (4, 8),
+    ("float32", 3): (0, 12),
+    ("bfloat16", 0): (12, 0),
+    ("bfloat16", 1): (2, 12),
+    ("bfloat16", 2): (2, 12),
+    ("bfloat16", 3): (0, 12),
+}
+
+
+@pytest.mark.parametrize("dtype,stage", sorted(TABLE))
+def test_state_bytes_match_design_table(dtype, stage):
+    train, state = gpt_train(f"zero.stage={stage}", f"precision.compute_dtype={dtype}")
+    psi = sum(x.size for x in jax.tree.leaves(state.params))
+    replicated, sharded = TABLE[(dtype, stage)]
+    expected = replicated * psi + sharded * psi / N
+    measured = device0_bytes(state)
+    assert abs(measured - expected) / expected < 0.01, (measured, expected)
+
+
+def test_indivisible_shapes_pad_by_less_than_one_element_per_device():
+    """A vocabulary of 50257 on 8 devices: flat layouts pad at most N-1 elements per layer."""
+    params = {"embed": jnp.ones((50257, 3)), "stack": jnp.ones((3, 7, 5)), "bias": jnp.ones((13,))}
+    axes = {"embed": ("vocab", "embed"), "stack": ("layers", "embed", "mlp"), "bias": ("embed",)}
+    cfg = zjax.load_config("configs/tiny.yaml", ["zero.stage=3"])
+    train = zjax.make_train_step(cfg, lambda p, b: jnp.sum(p["embed"]) * jnp.mean(b["x"]), logical_axes=axes)
+    state = train.init(params)
+    psi = sum(x.size for x in jax.tree.leaves(params))
+    padding_elements = 3 * (N - 1) + (N - 1) + (N - 1)  # at most, per leaf and per layer
+    assert device0_bytes(state.master) <= 4 * (psi + padding_elements) / N
+    np.testing.assert_array_equal(state.params["embed"], params["embed"])
+    assert state.master["embed"].sharding.shard_shape(state.master["embed"].shape) == (-(-50257 * 3 // N),)
