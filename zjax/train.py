@@ -167,7 +167,7 @@ class TrainStep:
     def _setup(self, abstract_params: Any) -> None:
         """Fixes layouts, optimizer and shardings from the params' shapes."""
         axes = self.adapter.logical_axes(abstract_params)
-        layouts = zero.make_layouts(abstract_params, axes, self.shards)
+        layouts = zero.make_layouts(abstract_params, axes, self.shards, partitioned=self.stage > 0)
         if self.layouts is not None:
             if layouts != self.layouts:
                 raise ConfigError("train.init was called with params of another tree or shapes than before")
@@ -184,7 +184,7 @@ class TrainStep:
             lambda lay: jax.ShapeDtypeStruct(lay.lead + (lay.padded // lay.shards,), self.dtypes.param), layouts
         )
         opt_shapes = jax.eval_shape(self.tx.init, local)
-        sharded = self.shards > 1
+        sharded = self.stage > 0
         self._opt_specs = jax.tree.map(
             lambda x: P(*([None] * (x.ndim - 1)), DATA) if (sharded and x.ndim >= 1) else P(), opt_shapes
         )
@@ -291,7 +291,7 @@ class TrainStep:
         with layer_context(self.config.remat.policy, zero3=self.stage == 3):
             grads, loss, weight = self._accumulate(state, batch)
         layouts, dt = self.layouts, self.dtypes
-        sharded = self.shards > 1
+        sharded = self.stage > 0
         grads = jax.tree.map(lambda g: g.astype(jnp.float32) / (weight * state.loss_scale.scale), grads)
 
         local_bad = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))

@@ -33,12 +33,15 @@ class LeafLayout:
     Attributes:
       shape: the user's shape of the leaf.
       stacked: True when the leading axis is the ``layers`` axis of a scanned stack.
-      shards: number of ZeRO partitions (1 means replicated).
+      shards: number of ZeRO partitions (the ``data`` axis size, or 1 for stage 0).
+      partitioned: True when the flat form is split over ``data`` (stages 1-3),
+        even on a one-device axis.
     """
 
     shape: tuple[int, ...]
     stacked: bool
     shards: int
+    partitioned: bool
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -63,15 +66,15 @@ class LeafLayout:
     @property
     def spec(self) -> P:
         """PartitionSpec of the flat form: last axis over ``data`` when sharded."""
-        if self.shards == 1:
+        if not self.partitioned:
             return P()
         return P(*([None] * len(self.lead)), DATA)
 
     def per_layer(self) -> "LeafLayout":
-        return LeafLayout(self.layer_shape, False, self.shards)
+        return LeafLayout(self.layer_shape, False, self.shards, self.partitioned)
 
 
-def make_layouts(params: Any, logical_axes: Any, shards: int) -> Any:
+def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool) -> Any:
     """One LeafLayout per leaf of ``params`` (shapes only are read).
 
     Args:
@@ -80,6 +83,7 @@ def make_layouts(params: Any, logical_axes: Any, shards: int) -> Any:
         tuples of logical axis names; a leaf whose tuple starts with ``layers`` is
         treated as a scanned stack.
       shards: the ZeRO partition count (1 for stage 0).
+      partitioned: whether the flat forms are split over ``data`` (stages 1-3).
     """
     leaves, treedef = jax.tree.flatten(params)
     if logical_axes is None:
@@ -87,7 +91,7 @@ def make_layouts(params: Any, logical_axes: Any, shards: int) -> Any:
     else:
         axes = treedef.flatten_up_to(logical_axes)
     layouts = [
-        LeafLayout(tuple(x.shape), bool(a) and a[0] == "layers" and len(x.shape) >= 1, shards)
+        LeafLayout(tuple(x.shape), bool(a) and a[0] == "layers" and len(x.shape) >= 1, shards, partitioned)
         for x, a in zip(leaves, axes)
     ]
     return jax.tree.unflatten(treedef, layouts)
@@ -120,7 +124,7 @@ def unflatten(x: jax.Array, lay: LeafLayout) -> jax.Array:
 
 def local_slice(flat: jax.Array, lay: LeafLayout) -> jax.Array:
     """This device's part of a replicated flat array (inside shard_map)."""
-    if lay.shards == 1:
+    if not lay.partitioned:
         return flat
     n = lay.padded // lay.shards
     start = lax.axis_index(DATA) * n
@@ -129,14 +133,14 @@ def local_slice(flat: jax.Array, lay: LeafLayout) -> jax.Array:
 
 def reduce_scatter_grads(flat: jax.Array, lay: LeafLayout) -> jax.Array:
     """Sums a full local flat gradient over ``data`` and keeps this device's part."""
-    if lay.shards == 1:
+    if not lay.partitioned:
         return lax.psum(flat, DATA)
     return lax.psum_scatter(flat, DATA, scatter_dimension=flat.ndim - 1, tiled=True)
 
 
 def all_gather_params(shard: jax.Array, lay: LeafLayout) -> jax.Array:
     """Local flat part -> the full flat array, the same (invariant) on every device."""
-    if lay.shards == 1:
+    if not lay.partitioned:
         return shard
     return lax.all_gather(shard, DATA, axis=shard.ndim - 1, tiled=True, to="invarying")
 
