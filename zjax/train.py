@@ -125,6 +125,10 @@ class TrainStep:
     def __init__(self, config, loss_fn, *, model=None, optimizer=None, logical_axes=None, devices=None):
         self.config: Config = config if isinstance(config, Config) else load_config(config)
         cfg = self.config
+        if cfg.kernels != "xla":
+            raise ConfigError(
+                f"kernels={cfg.kernels!r}: the Pallas kernels are not implemented yet; use kernels: xla"
+            )
         self.mesh = make_mesh(cfg.mesh, devices)
         self.data_size = self.mesh.shape[DATA]
         self.global_batch_size, self.micro_batch_size, self.grad_accum_steps = cfg.batch.resolve(self.data_size)
@@ -173,8 +177,8 @@ class TrainStep:
                 raise ConfigError("train.init was called with params of another tree or shapes than before")
             return
         self.layouts = layouts
-        self.layout_def = tuple(reversed(jax.tree.flatten(layouts, is_leaf=zero._is_layout)))
-        self.layout_def = (self.layout_def[0], tuple(self.layout_def[1]))
+        leaves, treedef = jax.tree.flatten(layouts, is_leaf=zero.is_layout)
+        self.layout_def = (treedef, tuple(leaves))
         if self._user_optimizer is not None:
             self.tx = self._user_optimizer
         else:
@@ -244,7 +248,7 @@ class TrainStep:
             master=flat if self.keeps_master else None,
             opt_state=opt_state,
             loss_scale=self.scaler.init(),
-            rng=jax.random.fold_in(rng, 1) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng,
+            rng=jax.random.fold_in(rng, 1),
             layout_def=self.layout_def,
         )
 
