@@ -92,3 +92,12 @@ def test_bad_inputs_raise_config_errors():
     state = train.init({"w": jnp.ones((5,))})
     with pytest.raises(zjax.ConfigError, match="global_batch_size=16"):
         train(state, {"x": np.ones((12, 5), np.float32)})
+
+
+def test_zero3_stacked_param_used_outside_scan_layers_says_what_to_do():
+    train = zjax.make_train_step(
+        config("zero.stage=3"), lambda p, b: jnp.sum(p["w"][0]) * jnp.mean(b["x"]), logical_axes={"w": ("layers", "embed")}
+    )
+    state = train.init({"w": jnp.ones((2, 4))})
+    with pytest.raises(TypeError, match="scan_layers"):
+        train(state, {"x": np.ones((16, 5), np.float32)})

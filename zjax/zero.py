@@ -97,13 +97,13 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool)
     return jax.tree.unflatten(treedef, layouts)
 
 
-def _is_layout(x: Any) -> bool:
+def is_layout(x: Any) -> bool:
     return isinstance(x, LeafLayout)
 
 
 def map_layouts(fn, layouts: Any, *trees: Any) -> Any:
     """``jax.tree.map`` over a layout tree and trees of the same structure."""
-    return jax.tree.map(fn, layouts, *trees, is_leaf=_is_layout)
+    return jax.tree.map(fn, layouts, *trees, is_leaf=is_layout)
 
 
 def flatten(x: jax.Array, lay: LeafLayout) -> jax.Array:
@@ -209,6 +209,19 @@ class Zero3Param:
     @property
     def shape(self):
         return self.layout.shape
+
+    def __jax_array__(self):
+        raise self._misuse()
+
+    def __getitem__(self, index):
+        raise self._misuse()
+
+    def _misuse(self) -> TypeError:
+        return TypeError(
+            f"a ZeRO-3 stacked parameter of shape {self.layout.shape} was used as an array; parameters "
+            "whose first logical axis is 'layers' must go through zjax.scan_layers(fn, carry, stacked), "
+            "which gathers one layer at a time (or drop 'layers' from their logical axes)"
+        )
 
     def gather_layer(self) -> jax.Array:
         """The gathered parameter of one layer (call on a per-layer slice)."""
