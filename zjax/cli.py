@@ -1,0 +1,100 @@
+"""``zjax`` command line: ``zjax train CONFIG [key=value ...]`` and ``zjax config explain``.
+
+On CPU, zjax simulates 8 devices unless XLA_FLAGS sets a count, so ZeRO sharding runs
+on a laptop. XLA reads the flag when JAX creates its CPU backend on first use, so
+``main`` sets it before anything touches a device.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from zjax.errors import ConfigError
+
+SIMULATED_CPU_DEVICES = 8
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+EPILOG = (
+    f"On CPU, zjax simulates {SIMULATED_CPU_DEVICES} devices unless XLA_FLAGS sets a count "
+    f"(e.g. XLA_FLAGS={_DEVICE_COUNT_FLAG}=1)."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the ``zjax`` command; returns 0, or exits with status 2 on a config error."""
+    simulate_cpu_devices()
+    args = _parser().parse_args(argv)
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    try:
+        args.command(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return 0
+
+
+def simulate_cpu_devices(environ=os.environ) -> None:
+    """Asks XLA for 8 host devices unless XLA_FLAGS names a count or JAX_PLATFORMS excludes CPU."""
+    flags = environ.get("XLA_FLAGS", "")
+    platforms = environ.get("JAX_PLATFORMS", "")
+    if _DEVICE_COUNT_FLAG in flags or platforms not in ("", "cpu"):
+        return
+    environ["XLA_FLAGS"] = f"{flags} {_DEVICE_COUNT_FLAG}={SIMULATED_CPU_DEVICES}".strip()
+
+
+def train(args: argparse.Namespace) -> None:
+    from zjax.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from zjax.run import train_run
+
+    train_run(cfg)
+
+
+def explain(args: argparse.Namespace) -> None:
+    from zjax.config import load_config
+
+    # The ignored keys are printed below; the loader's warning would repeat them.
+    logging.getLogger("zjax").setLevel(logging.ERROR)
+    cfg = load_config(args.config, args.overrides)
+    print(cfg.to_yaml(), end="")
+    if cfg.ignored:
+        # Comments, so the output stays a config that load_config reads back.
+        print("# DeepSpeed keys zjax ignores:")
+        for key, reason in cfg.ignored:
+            print(f"#   {key}: {reason}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zjax", description="DeepSpeed for JAX: ZeRO training from one config.", epilog=EPILOG
+    )
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "train", help="train the reference GPT on a config", epilog=EPILOG,
+        description="Train the reference GPT on the Python stdlib's bytes; "
+        "steps=N and output_dir=DIR are config keys like any other.",
+    )
+    _add_config_args(run)
+    run.set_defaults(command=train)
+
+    config = commands.add_parser("config", help="inspect a config")
+    config_commands = config.add_subparsers(required=True, metavar="COMMAND")
+    show = config_commands.add_parser(
+        "explain", help="print the effective config and the DeepSpeed keys it ignores",
+        description="Print the effective, validated config as YAML, then the DeepSpeed keys "
+        "zjax ignores and why.",
+    )
+    _add_config_args(show)
+    show.set_defaults(command=explain)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="a zjax YAML or a DeepSpeed JSON config")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. zero.stage=1 steps=50"
+    )

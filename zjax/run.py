@@ -1,0 +1,129 @@
+"""``train_run``: the training loop behind ``zjax train`` — the reference GPT on stdlib bytes.
+
+Fetching metrics from the device waits for the step, so the loop only does it every
+``log_every`` steps: the device metrics of the steps in between are kept and written
+together, and the wall time between two fetches gives their tokens per second.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from zjax.config import Config
+from zjax.data import TextCorpus
+from zjax.errors import ConfigError
+from zjax.models.gpt import count_params, gpt_loss, make_gpt
+from zjax.train import METRICS, make_train_step
+
+# Enough text for a demo while keeping start-up to a few seconds.
+MAX_CORPUS_BYTES = 8_000_000
+
+
+def train_run(cfg: Config) -> dict:
+    """Trains the reference GPT on the config's data and reports validation loss.
+
+    Args:
+      cfg: a validated ``Config`` (see ``load_config``).
+
+    Returns:
+      ``{"params", "steps", "val_loss_start", "val_loss_end", "tokens_per_s"}``, where
+      ``tokens_per_s`` is the mean after the first step (which includes compilation).
+    """
+    started = time.perf_counter()
+    if cfg.data.dataset != "stdlib":
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r} is not available; use data.dataset=stdlib")
+    corpus = TextCorpus.stdlib(cfg.data.val_fraction, max_bytes=MAX_CORPUS_BYTES, seed=cfg.seed)
+    model = make_gpt(cfg.model, seed=cfg.seed)
+    train = make_train_step(cfg, gpt_loss, model=model)
+    state = train.init()
+    batch_size, seq_len = train.global_batch_size, cfg.data.seq_len
+    tokens_per_step = batch_size * seq_len
+    params = count_params(cfg.model)
+
+    log = _MetricsLog(cfg)
+    val_batches = [
+        train.shard_batch(corpus.batch("val", k, batch_size, seq_len, seed=cfg.seed)) for k in range(cfg.eval_batches)
+    ]
+
+    def evaluate(state, step: int) -> float:
+        loss = float(np.mean(jax.device_get([train.evaluate(state, b) for b in val_batches])))
+        log.write({"step": step, "val_loss": loss})
+        return loss
+
+    val_loss_start = evaluate(state, 0)
+    bar = tqdm(total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
+    bar.set_postfix(val_loss=f"{val_loss_start:.3f}")
+    pending: list[dict] = []
+    timed_tokens, timed_seconds = 0, 0.0
+    since = time.perf_counter()
+    for k in range(cfg.steps):
+        state, metrics = train(state, corpus.batch("train", k, batch_size, seq_len, seed=cfg.seed))
+        pending.append(metrics)
+        bar.update(1)
+        step = k + 1
+        eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps
+        # Step 1 is fetched on its own so compilation stays out of the later rates.
+        if step == 1 or step % cfg.log_every == 0 or step == cfg.steps or eval_now:
+            host = jax.device_get(pending)
+            seconds = time.perf_counter() - since
+            rate = len(host) * tokens_per_step / seconds
+            if step > 1:
+                timed_tokens += len(host) * tokens_per_step
+                timed_seconds += seconds
+            for i, m in enumerate(host):
+                log.write({"step": step - len(host) + 1 + i, **{key: _number(m[key]) for key in METRICS},
+                           "tokens_per_s": rate})
+            bar.set_postfix(loss=f"{float(host[-1]['loss']):.3f}", tok_s=f"{rate:,.0f}")
+            pending = []
+            if eval_now:
+                bar.write(f"step {step}: val_loss {evaluate(state, step):.4f}")
+            since = time.perf_counter()
+    bar.close()
+    val_loss_end = evaluate(state, cfg.steps)
+    log.close()
+
+    summary = {
+        "params": params,
+        "steps": cfg.steps,
+        "val_loss_start": val_loss_start,
+        "val_loss_end": val_loss_end,
+        "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else float("nan"),
+    }
+    print(
+        f"{params:,} params, {cfg.steps} steps on {train.data_size} devices (ZeRO-{cfg.zero.stage}, "
+        f"{cfg.precision.compute_dtype}): val loss {val_loss_start:.4f} -> {val_loss_end:.4f}, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s after step 1, {time.perf_counter() - started:.1f} s wall"
+    )
+    return summary
+
+
+class _MetricsLog:
+    """``config.yaml`` and ``metrics.jsonl`` in ``cfg.output_dir``; nothing when it is unset."""
+
+    def __init__(self, cfg: Config):
+        self.file = None
+        if cfg.output_dir is None:
+            return
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        self.file = open(out / "metrics.jsonl", "w")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _number(x) -> int | float:
+    x = np.asarray(x)
+    return int(x) if np.issubdtype(x.dtype, np.integer) else float(x)
