@@ -59,3 +59,11 @@ def test_stage3_gathers_one_layer_at_a_time():
         4 * math.prod(lay.shape) for lay in jax.tree.leaves(train.layouts, is_leaf=lambda x: hasattr(x, "stacked")) if lay.stacked
     )
     assert in_loop == pytest.approx(2 * stacked * (N - 1) / N, rel=0.01)
+
+
+def test_stage3_casts_before_gathering():
+    """bf16 compute: every parameter gather moves bf16 (read before XLA:CPU widens it)."""
+    train, state = gpt_train("zero.stage=3", "precision.compute_dtype=bfloat16")
+    text = train.lower(state, token_batches(1, 16, 32)[0]).as_text()
+    gathers = [line for line in text.splitlines() if '"stablehlo.all_gather"' in line]
+    assert gathers and all(line.rstrip().endswith("xbf16>") for line in gathers)
