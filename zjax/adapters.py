@@ -68,14 +68,21 @@ class Adapter:
     def to_user(self, params):
         return params
 
-    def params_fn(self, given: Any) -> Callable:
-        """``rng -> params pytree`` from what ``train.init`` received."""
+    def params_source(self, given: Any) -> tuple[Callable, Any]:
+        """``(fn, tree)`` with ``fn(rng, tree) -> params`` from what ``train.init`` received.
+
+        Arrays travel in ``tree`` (a jit argument, never a baked-in constant); init
+        functions get ``tree=None``.
+        """
         if given is None:
             raise ConfigError("train.init(params) needs params: a pytree, or an init function fn(rng) -> params")
-        make = given if callable(given) else (lambda rng: given)
+        if callable(given):
+            return self._unboxed(lambda rng, _: given(rng)), None
+        return self._unboxed(lambda rng, tree: tree), given
 
-        def fn(rng):
-            tree = make(rng)
+    def _unboxed(self, make: Callable) -> Callable:
+        def fn(rng, tree):
+            tree = make(rng, tree)
             if any(_is_box(x) for x in jax.tree.leaves(tree, is_leaf=_is_box)):
                 self.found_axes = jax.tree.map(
                     lambda x: tuple(getattr(x, "names", ())) if _is_box(x) else (), tree, is_leaf=_is_box
@@ -101,14 +108,14 @@ class NNXAdapter(Adapter):
     def to_user(self, params):
         return nnx.merge(self.graphdef, params, self.rest)
 
-    def params_fn(self, given: Any) -> Callable:
+    def params_source(self, given: Any) -> tuple[Callable, Any]:
         if given is None:
-            return lambda rng: self.model_params
-        if isinstance(given, nnx.Module):
-            return lambda rng: nnx.to_pure_dict(nnx.state(given, nnx.Param))
-        if callable(given):
-            return lambda rng: nnx.to_pure_dict(nnx.state(given(rng), nnx.Param))
-        return lambda rng: given
+            given = self.model_params
+        elif isinstance(given, nnx.Module):
+            given = nnx.to_pure_dict(nnx.state(given, nnx.Param))
+        elif callable(given):
+            return (lambda rng, _: nnx.to_pure_dict(nnx.state(given(rng), nnx.Param))), None
+        return (lambda rng, tree: tree), given
 
 
 def _nnx_axes(params: nnx.State) -> Any:

@@ -145,7 +145,6 @@ class TrainStep:
         self.scaler = loss_scale.loss_scaler_from_config(cfg)
         self.schedule = None if optimizer is not None else make_schedule(cfg)
         self.batch_sharding = NamedSharding(self.mesh, P(DATA))
-        self.replicated_sharding = NamedSharding(self.mesh, P())
         self.layouts = None
         self._eval = None
 
@@ -184,9 +183,7 @@ class TrainStep:
         else:
             mask = default_decay_mask(map_layouts(lambda lay: lay.layer_shape, layouts))
             self.tx = make_optimizer(self.config, decay_mask=None if self.config.optimizer.decay_norms_and_biases else mask)
-        local = map_layouts(
-            lambda lay: jax.ShapeDtypeStruct(lay.lead + (lay.padded // lay.shards,), self.dtypes.param), layouts
-        )
+        local = map_layouts(lambda lay: jax.ShapeDtypeStruct(lay.local_shape, self.dtypes.param), layouts)
         opt_shapes = jax.eval_shape(self.tx.init, local)
         sharded = self.stage > 0
         self._opt_specs = jax.tree.map(
@@ -225,15 +222,14 @@ class TrainStep:
           rng: a PRNG key (default ``jax.random.key(config.seed)``).
         """
         rng = jax.random.key(self.config.seed) if rng is None else rng
-        make_params = self.adapter.params_fn(params)
-        abstract = jax.eval_shape(make_params, rng)
-        self._setup(abstract)
+        make_params, tree = self.adapter.params_source(params)
+        self._setup(jax.eval_shape(make_params, rng, tree))
         init_state = functools.partial(self._init_state, make_params)
-        return jax.jit(init_state, out_shardings=self.state_sharding)(rng)
+        return jax.jit(init_state, out_shardings=self.state_sharding)(rng, tree)
 
-    def _init_state(self, make_params, rng) -> TrainState:
+    def _init_state(self, make_params, rng, tree) -> TrainState:
         layouts = self.layouts
-        params = jax.tree.map(lambda x: jnp.asarray(x, self.dtypes.param), make_params(rng))
+        params = jax.tree.map(lambda x: jnp.asarray(x, self.dtypes.param), make_params(rng, tree))
         flat = map_layouts(lambda lay, x: zero.flatten(x, lay), layouts, params)
         flat = map_layouts(
             lambda lay, x: lax.with_sharding_constraint(x, NamedSharding(self.mesh, lay.spec)), layouts, flat
@@ -257,7 +253,7 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """One optimizer step on the global batch (host arrays or sharded jax arrays)."""
         state, metrics = self._step(state, self.shard_batch(batch))
-        if bool(self.config.loss_scale.at_min == "error") and self.scaler_enabled:
+        if self.config.loss_scale.at_min == "error" and self.scaler_enabled:
             if bool(state.loss_scale.overflow_at_min):
                 raise LossScaleError(
                     "fp16 gradients overflowed at min_loss_scale="
@@ -397,7 +393,7 @@ class TrainStep:
         if stage in (0, 1):
             acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, dt.accum), state.replicated)
         else:
-            acc0 = map_layouts(lambda lay: jnp.zeros(lay.lead + (lay.padded // lay.shards,), dt.accum), layouts)
+            acc0 = map_layouts(lambda lay: jnp.zeros(lay.local_shape, dt.accum), layouts)
 
         def add(acc, g):
             if stage == 2:

@@ -64,6 +64,11 @@ class LeafLayout:
         return self.lead + (self.padded,)
 
     @property
+    def local_shape(self) -> tuple[int, ...]:
+        """Shape of one device's part of the flat form (the whole of it when replicated)."""
+        return self.lead + (self.padded // self.shards,)
+
+    @property
     def spec(self) -> P:
         """PartitionSpec of the flat form: last axis over ``data`` when sharded."""
         if not self.partitioned:
