@@ -74,8 +74,13 @@ class TrainState(struct.PyTreeNode):
         """The master params in the user's tree and shapes (fp32)."""
         if self.master is None:
             return self.replicated
-        layouts = self.layouts
-        return jax.jit(lambda m: map_layouts(lambda lay, x: zero.unflatten(x, lay), layouts, m))(self.master)
+        return _unflatten_master(self.layout_def, self.master)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unflatten_master(layout_def, master):
+    treedef, leaves = layout_def
+    return map_layouts(lambda lay, x: zero.unflatten(x, lay), jax.tree.unflatten(treedef, leaves), master)
 
 
 class _Dtypes(NamedTuple):
