@@ -318,6 +318,14 @@ class ModelConfig(_Section):
         return self
 
 
+class CheckpointsConfig(_Section):
+    """When ``zjax train`` saves into ``output_dir/checkpoints`` and how many it keeps."""
+
+    every_steps: int = Field(0, ge=0)
+    every_seconds: float | None = Field(None, gt=0)
+    keep: int = Field(3, gt=0)
+
+
 class DataConfig(_Section):
     """Training text and how it is cut into sequences."""
 
@@ -348,6 +356,7 @@ class Config(_Section):
     kernels: Literal["xla", "auto", "pallas", "interpret"] = "xla"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
 
     _ignored: tuple[tuple[str, str], ...] = PrivateAttr(default=())
 
