@@ -151,6 +151,7 @@ class TrainStep:
         self.schedule = None if optimizer is not None else make_schedule(cfg)
         self.batch_sharding = NamedSharding(self.mesh, P(DATA))
         self.layouts = None
+        self.abstract_state = None
         self._eval = None
 
     # -- placement ------------------------------------------------------------------
@@ -227,10 +228,21 @@ class TrainStep:
           rng: a PRNG key (default ``jax.random.key(config.seed)``).
         """
         rng = jax.random.key(self.config.seed) if rng is None else rng
-        make_params, tree = self.adapter.params_source(params)
-        self._setup(jax.eval_shape(make_params, rng, tree))
+        make_params, tree = self.prepare(params, rng)
         init_state = functools.partial(self._init_state, make_params)
         return jax.jit(init_state, out_shardings=self.state_sharding)(rng, tree)
+
+    def prepare(self, params: Any = None, rng: Any = None):
+        """Fixes layouts and shardings from the params' shapes without creating anything.
+
+        ``init`` calls it; call it yourself before restoring a checkpoint instead of
+        initializing (same arguments as ``init``). Returns ``(make_params, tree)``.
+        """
+        rng = jax.random.key(self.config.seed) if rng is None else rng
+        make_params, tree = self.adapter.params_source(params)
+        self._setup(jax.eval_shape(make_params, rng, tree))
+        self.abstract_state = jax.eval_shape(functools.partial(self._init_state, make_params), rng, tree)
+        return make_params, tree
 
     def _init_state(self, make_params, rng, tree) -> TrainState:
         layouts = self.layouts

@@ -1,0 +1,372 @@
+"""Checkpoints that never lose a run: async Orbax saves, verified commits, any-mesh restore.
+
+A checkpoint holds the TrainState in a *portable* form that does not depend on the
+mesh or the ZeRO stage: fp32 master params and optimizer moments in the user's
+shapes (ZeRO's flat, padded shards are undone on save and redone on restore), the
+loss-scale state, the step and the PRNG key, plus JSON run state (``extra``, e.g.
+the data position) and a snapshot of the config. Restoring onto another device
+count, stage or compute dtype is therefore a reshard plus a re-flatten, bit-exact.
+
+A step counts only once zjax has written ``zjax_manifest.json`` into it, after
+Orbax finished writing every file; the manifest lists each file's size and CRC32.
+A step without a manifest, or whose files no longer match it, is skipped with a
+warning naming what is wrong, and old steps are deleted only after a newer one is
+committed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from zjax import zero
+from zjax.errors import ConfigError
+from zjax.zero import DATA, map_layouts
+
+logger = logging.getLogger("zjax")
+
+MANIFEST = "zjax_manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """No intact checkpoint to restore, or one that does not fit the model."""
+
+
+class Checkpointer:
+    """Saves and restores TrainStates under ``directory``, one sub-directory per step.
+
+    Args:
+      directory: where steps are written (created if missing).
+      keep: committed steps kept; older ones are deleted once a newer one is committed.
+      every_steps: ``should_save(step)`` is true every this many steps (None: never).
+      every_seconds: ``should_save`` is also true when this long passed since the last save.
+
+    Example:
+      >>> ckpt = Checkpointer("/tmp/run/checkpoints", keep=2)  # doctest: +SKIP
+      >>> ckpt.save(100, state, extra={"data_step": 100}); ckpt.wait()  # doctest: +SKIP
+      >>> state, extra = ckpt.restore(train)  # doctest: +SKIP
+    """
+
+    def __init__(self, directory, keep: int = 3, every_steps: int | None = None, every_seconds: float | None = None):
+        if keep < 1:
+            raise ConfigError(f"keep={keep}: keep at least 1 checkpoint")
+        self.directory = Path(directory).absolute()
+        self.keep = keep
+        self.every_steps = every_steps or None
+        self.every_seconds = every_seconds
+        self._last_save_time = time.monotonic()
+        self._pending: int | None = None
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=True, create=True),
+        )
+
+    # -- saving -----------------------------------------------------------------------
+
+    def should_save(self, step: int) -> bool:
+        """True when ``every_steps`` or ``every_seconds`` says step ``step`` is due."""
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_seconds) and time.monotonic() - self._last_save_time >= self.every_seconds
+
+    def save(self, step: int, state, extra: dict | None = None, config: Any = None) -> None:
+        """Starts an asynchronous save of ``state`` as ``step``; training goes on meanwhile.
+
+        Args:
+          step: the step number (a directory name).
+          state: a ``TrainState``.
+          extra: JSON-able run state restored next to the state (e.g. the data position).
+          config: optional ``Config`` stored as a snapshot.
+        """
+        self._commit_pending()
+        self._remove_uncommitted(step)
+        portable = to_portable(state)
+        meta = {
+            "devices": int(state.step.sharding.mesh.size),
+            "config": config.model_dump(mode="json") if config is not None else None,
+            "extra": extra or {},
+        }
+        self._manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(portable), meta=ocp.args.JsonSave(meta))
+        )
+        self._pending = step
+        self._last_save_time = time.monotonic()
+
+    def wait(self) -> None:
+        """Blocks until pending saves are committed; re-raises a background save's error."""
+        self._commit_pending()
+
+    def close(self) -> None:
+        self._commit_pending()
+        self._manager.close()
+
+    def _commit_pending(self) -> None:
+        if self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            _write_manifest(self.directory / str(step))
+            for old in self.committed_steps()[: -self.keep]:
+                shutil.rmtree(self.directory / str(old), ignore_errors=True)
+        _sync("zjax_checkpoint_commit")
+        self._manager.reload()
+
+    def _remove_uncommitted(self, step: int) -> None:
+        """A step left without a manifest (killed mid-save) is rewritten from scratch."""
+        path = self.directory / str(step)
+        if path.exists() and not (path / MANIFEST).exists():
+            if jax.process_index() == 0:
+                shutil.rmtree(path)
+            _sync("zjax_checkpoint_clean")
+            self._manager.reload()
+
+    # -- finding steps ----------------------------------------------------------------
+
+    def committed_steps(self) -> list[int]:
+        """Steps with a manifest, oldest first (not yet verified)."""
+        if not self.directory.exists():
+            return []
+        steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and (p / MANIFEST).exists()]
+        return sorted(steps)
+
+    def latest_step(self) -> int | None:
+        """The newest step that is committed and intact, or None."""
+        for step in reversed(self._candidate_steps()):
+            problem = verify_step(self.directory / str(step))
+            if problem is None:
+                return step
+            logger.warning("checkpoint step %d in %s is damaged, skipped: %s", step, self.directory, problem)
+        return None
+
+    def _candidate_steps(self) -> list[int]:
+        if not self.directory.exists():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    # -- restoring --------------------------------------------------------------------
+
+    def restore(self, train, step: int | None = None) -> tuple[Any, dict]:
+        """Restores onto ``train``'s mesh, ZeRO stage and precision.
+
+        Args:
+          train: a ``TrainStep``; if it was neither initialized nor prepared, its model
+            (``make_train_step(..., model=...)``) fixes the parameter shapes.
+          step: a step to restore (it must be intact); None = the newest intact one.
+
+        Returns:
+          ``(state, extra)``.
+        """
+        self._commit_pending()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no intact checkpoint in {self.directory}")
+        else:
+            problem = verify_step(self.directory / str(step))
+            if problem is not None:
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {problem}")
+        if train.layouts is None:
+            train.prepare()
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        target = portable_target(train)
+        _check_shapes(self.directory / str(step), target)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+        return from_portable(train, restored), meta.get("extra", {})
+
+
+# -- the portable form ----------------------------------------------------------------
+
+
+def to_portable(state) -> dict:
+    """The state in user shapes, independent of mesh and stage (one jitted program)."""
+    mesh = state.step.sharding.mesh
+    layouts = state.layouts
+    treedef = jax.tree.structure(layouts, is_leaf=zero.is_layout)
+    out_shapes = jax.eval_shape(lambda s: _portable(s, layouts, treedef), state)
+    shardings = jax.tree.map(lambda x: _portable_sharding(mesh, x.shape), out_shapes)
+    return jax.jit(lambda s: _portable(s, layouts, treedef), out_shardings=shardings)(state)
+
+
+def _portable(state, layouts, treedef) -> dict:
+    def unflatten(tree):
+        return map_layouts(lambda lay, x: zero.unflatten(x, lay), layouts, tree)
+
+    if state.master is not None:
+        params = unflatten(state.master)
+    else:
+        params = state.replicated
+    return {
+        "step": state.step,
+        "params": jax.tree.map(lambda x: x.astype(jnp.float32), params),
+        "opt_state": _map_param_subtrees(unflatten, state.opt_state, treedef),
+        "loss_scale": state.loss_scale,
+        "rng": jax.random.key_data(state.rng),
+    }
+
+
+def portable_target(train) -> dict:
+    """Abstract portable tree with shardings on ``train``'s mesh (an Orbax restore target)."""
+    layouts = train.layouts
+    treedef = jax.tree.structure(layouts, is_leaf=zero.is_layout)
+    shapes = jax.eval_shape(lambda s: _portable(s, layouts, treedef), train.abstract_state)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_portable_sharding(train.mesh, x.shape)), shapes
+    )
+
+
+def from_portable(train, portable: dict):
+    """The TrainState for ``train``'s placement, from a restored portable tree."""
+    layouts = train.layouts
+    treedef = jax.tree.structure(layouts, is_leaf=zero.is_layout)
+
+    def flatten(tree):
+        return map_layouts(lambda lay, x: zero.flatten(x, lay), layouts, tree)
+
+    def build(p):
+        return train.abstract_state.replace(
+            step=p["step"],
+            replicated=jax.tree.map(lambda x: x.astype(train.replicated_dtype), p["params"])
+            if train.keeps_replicated else None,
+            master=flatten(p["params"]) if train.keeps_master else None,
+            opt_state=_map_param_subtrees(flatten, p["opt_state"], treedef),
+            loss_scale=p["loss_scale"],
+            rng=jax.random.wrap_key_data(p["rng"]),
+        )
+
+    return jax.jit(build, out_shardings=train.state_sharding)(portable)
+
+
+def _map_param_subtrees(fn, tree, treedef):
+    """Applies ``fn`` to every subtree of ``tree`` shaped like the params (optimizer moments)."""
+    if treedef.num_leaves <= 1:
+        return tree
+
+    def is_params(node):
+        return jax.tree.structure(node) == treedef
+
+    return jax.tree.map(lambda n: fn(n) if is_params(n) else n, tree, is_leaf=is_params)
+
+
+def _portable_sharding(mesh, shape) -> NamedSharding:
+    """Split the largest axis that the data axis divides; replicate what it divides nowhere."""
+    n = mesh.shape[DATA]
+    dims = sorted((d for d in range(len(shape)) if shape[d] % n == 0 and shape[d] >= n), key=lambda d: -shape[d])
+    spec = [None] * len(shape)
+    if dims and n > 1:
+        spec[dims[0]] = DATA
+    return NamedSharding(mesh, P(*spec))
+
+
+# -- verification -----------------------------------------------------------------------
+
+
+def _write_manifest(path: Path) -> None:
+    files = {}
+    for root, _, names in os.walk(path):
+        for name in names:
+            if name == MANIFEST:
+                continue
+            full = Path(root) / name
+            files[str(full.relative_to(path))] = {"size": full.stat().st_size, "crc32": _crc32(full)}
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=0))
+    os.replace(tmp, path / MANIFEST)  # atomic: the step is committed exactly when this lands
+
+
+def verify_step(path: Path) -> str | None:
+    """None when every file of the step matches its manifest, else what is wrong."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return "no manifest (the save never finished)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest ({err})"
+    for rel, want in files.items():
+        full = path / rel
+        if not full.exists():
+            return f"missing file {rel}"
+        if full.stat().st_size != want["size"]:
+            return f"file {rel} has {full.stat().st_size} bytes, expected {want['size']}"
+        if _crc32(full) != want["crc32"]:
+            return f"file {rel} does not match its checksum"
+    return None
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _check_shapes(path: Path, target) -> None:
+    """Fails naming the first entry whose saved shape differs from what this model needs."""
+    saved = ocp.PyTreeCheckpointer().metadata(path / "state").item_metadata.tree
+    saved_leaves = jax.tree.leaves(saved)
+    wanted = jax.tree_util.tree_leaves_with_path(target)
+    if len(saved_leaves) != len(wanted):
+        raise CheckpointError(
+            f"checkpoint {path} holds {len(saved_leaves)} arrays but this model and optimizer need "
+            f"{len(wanted)}: it was saved from another model or optimizer"
+        )
+    for saved_leaf, (key, want) in zip(saved_leaves, wanted):
+        if tuple(saved_leaf.shape) != tuple(want.shape):
+            what = jax.tree_util.keystr(key)
+            hint = "another model" if what.startswith("['params']") else "another optimizer or device count"
+            raise CheckpointError(
+                f"{what} has shape {tuple(saved_leaf.shape)} in checkpoint {path} but {tuple(want.shape)} here: "
+                f"it was saved from {hint}"
+            )
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def load_params(directory, step: int | None = None) -> Any:
+    """The master params of a checkpoint as host numpy arrays, without any mesh.
+
+    Args:
+      directory: a checkpoint directory (as given to ``Checkpointer``).
+      step: a step, or None for the newest intact one.
+    """
+    directory = Path(directory).absolute()
+    ckpt_steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
+    if step is None:
+        step = next((s for s in ckpt_steps if verify_step(directory / str(s)) is None), None)
+        if step is None:
+            raise CheckpointError(f"no intact checkpoint in {directory}")
+    problem = verify_step(directory / str(step))
+    if problem is not None:
+        raise CheckpointError(f"checkpoint step {step} in {directory} is damaged: {problem}")
+    handler = ocp.PyTreeCheckpointer()
+    path = directory / str(step) / "state"
+    params_meta = handler.metadata(path).item_metadata.tree["params"]
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta)
+    restored = handler.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            item={"params": params_meta}, restore_args={"params": restore_args}, partial_restore=True
+        ),
+    )
+    return restored["params"]
