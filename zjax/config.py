@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from zjax import deepspeed
 from zjax.errors import ConfigError
+from zjax.remat import check_policy
 
 logger = logging.getLogger("zjax")
 
@@ -278,9 +279,18 @@ class ScheduleConfig(_Section):
 
 
 class RematConfig(_Section):
-    """Which activations the backward pass recomputes instead of storing."""
+    """Which activations the backward pass recomputes instead of storing (see ``zjax.remat``)."""
 
-    policy: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    policy: Literal[
+        "none", "full", "full_offload", "selective", "selective_offload", "dots", "dots_no_batch", "custom"
+    ] = "none"
+    names: dict[str, Literal["save", "remat", "offload"]] = Field(default_factory=dict)
+    extra_names: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> RematConfig:
+        check_policy(self.policy, self.names, self.extra_names)
+        return self
 
 
 class ModelConfig(_Section):

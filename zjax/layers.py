@@ -1,9 +1,9 @@
 """Scanning a stack of identical layers: the one place where remat and ZeRO-3 hook in.
 
 Model code calls ``scan_layers(fn, carry, stacked_params)``. The train step sets,
-while it traces, how the backward pass treats each layer (the remat policy) and
-whether layer parameters arrive still sharded (ZeRO-3, gathered here one layer at a
-time). Outside a train step ``scan_layers`` is a plain ``lax.scan``.
+while it traces, how the backward pass treats each layer (the remat policy, see
+``zjax.remat``) and whether layer parameters arrive still sharded (ZeRO-3, gathered
+here one layer at a time). Outside a train step ``scan_layers`` is a plain ``lax.scan``.
 """
 from __future__ import annotations
 
@@ -13,61 +13,68 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from zjax import zero
-from zjax.errors import ConfigError
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# The function behind the public jax.ad_checkpoint.print_saved_residuals, as data.
+from jax._src.ad_checkpoint import saved_residuals as _saved_residuals
+from zjax.remat import LAYER_INPUT, RematPolicy, remat_policy
 
 
 @dataclasses.dataclass(frozen=True)
 class _LayerContext:
-    policy: str = "none"
+    policy: RematPolicy = RematPolicy()
     zero3: bool = False
+    # When a list, scan_layers appends what one layer saves for the backward pass.
+    residuals: list | None = None
 
 
 _CONTEXT = contextvars.ContextVar("zjax_layer_context", default=_LayerContext())
 
 
 @contextlib.contextmanager
-def layer_context(policy: str = "none", zero3: bool = False):
-    """Sets the remat policy and ZeRO-3 mode seen by ``scan_layers`` while tracing."""
-    if policy not in REMAT_POLICIES:
-        raise ConfigError(f"remat.policy={policy!r} is not a policy; use one of {sorted(REMAT_POLICIES)}")
-    token = _CONTEXT.set(_LayerContext(policy, zero3))
+def layer_context(policy: Any = "none", zero3: bool = False, residuals: list | None = None):
+    """Sets the remat policy and ZeRO-3 mode seen by ``scan_layers`` while tracing.
+
+    Args:
+      policy: a policy name from ``zjax.remat.POLICIES``, or the ``remat`` config
+        block (needed for ``custom``: it carries ``names``), or a ``RematPolicy``.
+      zero3: whether stacked parameters arrive as ZeRO-3 shards to gather per layer.
+      residuals: a list that each ``scan_layers`` call appends to, once per trace, with
+        ``(n_layers, saved_residuals of one layer)`` (what ``zjax.remat.remat_report`` reads).
+    """
+    token = _CONTEXT.set(_LayerContext(remat_policy(policy), zero3, residuals))
     try:
         yield
     finally:
         _CONTEXT.reset(token)
 
 
-def checkpoint_policy(name: str, zero3: bool):
-    """The jax.checkpoint policy for ``name``; None means no checkpoint at all.
+def checkpoint_policy(policy: Any, zero3: bool):
+    """The jax.checkpoint policy for ``policy`` (a name or ``RematPolicy``); None means no checkpoint.
 
     Under ZeRO-3 a layer is always checkpointed and the gathered parameters are
     never saveable, whatever the policy: they are gathered again in the backward
     pass, which is what makes ZeRO-3 save memory.
     """
-    base = REMAT_POLICIES[name]
+    base = remat_policy(policy).jax_policy()
     if not zero3:
         return base
     base = base or jax.checkpoint_policies.everything_saveable
 
-    def policy(prim, *args, **params):
+    def policy_fn(prim, *args, **params):
         if zero.is_param_gather(prim, params):
             return False
         return base(prim, *args, **params)
 
-    return policy
+    return policy_fn
 
 
 def scan_layers(fn: Callable[[Any, Any], Any], carry: Any, stacked_params: Any) -> Any:
     """Applies ``fn`` once per layer: ``carry = fn(carry, params_of_layer_i)``.
+
+    Each layer's input is tagged ``layer_input`` (``checkpoint_name``), so a remat
+    policy can name it (``full_offload`` keeps it in host memory).
 
     Args:
       fn: one layer, ``(carry, layer_params) -> carry``; it receives plain arrays of
@@ -82,11 +89,16 @@ def scan_layers(fn: Callable[[Any, Any], Any], carry: Any, stacked_params: Any) 
     ctx = _CONTEXT.get()
 
     def layer(c, p):
+        c = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), c)
         return fn(c, zero.materialize_layer(p))
 
     policy = checkpoint_policy(ctx.policy, ctx.zero3)
     if policy is not None:
         layer = jax.checkpoint(layer, policy=policy)
+    if ctx.residuals is not None:
+        first = jax.tree.map(lambda x: x[0], stacked_params)
+        n_layers = jax.tree.leaves(stacked_params)[0].shape[0]
+        ctx.residuals.append((n_layers, _saved_residuals(layer, carry, first)))
 
     def body(c, p):
         return layer(c, p), None

@@ -7,6 +7,7 @@ together, and the wall time between two fetches gives their tokens per second.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from zjax.checkpoint import Checkpointer
 from zjax.config import Config
 from zjax.data import TextCorpus
 from zjax.errors import ConfigError
@@ -40,12 +42,23 @@ def train_run(cfg: Config) -> dict:
     corpus = TextCorpus.stdlib(cfg.data.val_fraction, max_bytes=MAX_CORPUS_BYTES, seed=cfg.seed)
     model = make_gpt(cfg.model, seed=cfg.seed)
     train = make_train_step(cfg, gpt_loss, model=model)
-    state = train.init()
     batch_size, seq_len = train.global_batch_size, cfg.data.seq_len
     tokens_per_step = batch_size * seq_len
     params = count_params(cfg.model)
 
-    log = _MetricsLog(cfg)
+    ckpt = _checkpointer(cfg)
+    start = 0
+    if ckpt is not None and ckpt.latest_step() is not None:
+        train.prepare()
+        state, extra = ckpt.restore(train)
+        start = int(extra["step"])
+        print(f"resumed from step {start} of {ckpt.directory}")
+    else:
+        state = train.init()
+    if start >= cfg.steps:
+        print(f"{ckpt.directory} already holds step {start}; raise steps to train further")
+        return {"params": params, "steps": start}
+    log = _MetricsLog(cfg, keep_through=start)
     val_batches = [
         train.shard_batch(corpus.batch("val", k, batch_size, seq_len, seed=cfg.seed)) for k in range(cfg.eval_batches)
     ]
@@ -55,24 +68,30 @@ def train_run(cfg: Config) -> dict:
         log.write({"step": step, "val_loss": loss})
         return loss
 
-    val_loss_start = evaluate(state, 0)
-    bar = tqdm(total=cfg.steps, desc="train", unit="step", dynamic_ncols=True)
-    bar.set_postfix(val_loss=f"{val_loss_start:.3f}")
+    def save(state, step: int) -> None:
+        if ckpt is not None:
+            ckpt.save(step, state, extra={"step": step}, config=cfg)
+
+    val_loss_start = evaluate(state, 0) if start == 0 else None
+    stop = _StopSignal()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     pending: list[dict] = []
     timed_tokens, timed_seconds = 0, 0.0
     since = time.perf_counter()
-    for k in range(cfg.steps):
+    step = start
+    for k in range(start, cfg.steps):
         state, metrics = train(state, corpus.batch("train", k, batch_size, seq_len, seed=cfg.seed))
         pending.append(metrics)
         bar.update(1)
         step = k + 1
         eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps
-        # Step 1 is fetched on its own so compilation stays out of the later rates.
-        if step == 1 or step % cfg.log_every == 0 or step == cfg.steps or eval_now:
+        save_now = ckpt is not None and ckpt.should_save(step) and step != cfg.steps
+        # The first step is fetched on its own so compilation stays out of the later rates.
+        if step == start + 1 or step % cfg.log_every == 0 or step == cfg.steps or eval_now or save_now or stop.seen:
             host = jax.device_get(pending)
             seconds = time.perf_counter() - since
             rate = len(host) * tokens_per_step / seconds
-            if step > 1:
+            if step > start + 1:
                 timed_tokens += len(host) * tokens_per_step
                 timed_seconds += seconds
             for i, m in enumerate(host):
@@ -82,9 +101,25 @@ def train_run(cfg: Config) -> dict:
             pending = []
             if eval_now:
                 bar.write(f"step {step}: val_loss {evaluate(state, step):.4f}")
+            if save_now:
+                save(state, step)
             since = time.perf_counter()
+        if stop.seen:
+            break
     bar.close()
+    stop.restore()
+    if stop.seen and step < cfg.steps:
+        save(state, step)
+        if ckpt is not None:
+            ckpt.close()
+        log.close()
+        where = ckpt.directory if ckpt is not None else "nowhere (no output_dir)"
+        print(f"stopped by {stop.seen} after step {step}; saved to {where}")
+        return {"params": params, "steps": step, "stopped": stop.seen}
     val_loss_end = evaluate(state, cfg.steps)
+    save(state, cfg.steps)
+    if ckpt is not None:
+        ckpt.close()
     log.close()
 
     summary = {
@@ -96,23 +131,66 @@ def train_run(cfg: Config) -> dict:
     }
     print(
         f"{params:,} params, {cfg.steps} steps on {train.data_size} devices (ZeRO-{cfg.zero.stage}, "
-        f"{cfg.precision.compute_dtype}): val loss {val_loss_start:.4f} -> {val_loss_end:.4f}, "
+        f"{cfg.precision.compute_dtype}): val loss {_fmt(val_loss_start)} -> {val_loss_end:.4f}, "
         f"{summary['tokens_per_s']:,.0f} tokens/s after step 1, {time.perf_counter() - started:.1f} s wall"
     )
     return summary
 
 
-class _MetricsLog:
-    """``config.yaml`` and ``metrics.jsonl`` in ``cfg.output_dir``; nothing when it is unset."""
+def _checkpointer(cfg: Config) -> Checkpointer | None:
+    if cfg.output_dir is None:
+        return None
+    c = cfg.checkpoints
+    return Checkpointer(Path(cfg.output_dir) / "checkpoints", keep=c.keep, every_steps=c.every_steps,
+                        every_seconds=c.every_seconds)
 
-    def __init__(self, cfg: Config):
+
+class _StopSignal:
+    """Turns SIGTERM and SIGINT into a flag: the loop finishes its step, saves and exits."""
+
+    def __init__(self):
+        self.seen = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.seen = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _fmt(x) -> str:
+    return "(resumed)" if x is None else f"{x:.4f}"
+
+
+class _MetricsLog:
+    """``config.yaml`` and ``metrics.jsonl`` in ``cfg.output_dir``; nothing when it is unset.
+
+    A resumed run keeps the lines up to the step it resumes from and appends after
+    them, so an interrupted-and-resumed run's file reads like one uninterrupted run.
+    """
+
+    def __init__(self, cfg: Config, keep_through: int = 0):
         self.file = None
         if cfg.output_dir is None:
             return
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-        self.file = open(out / "metrics.jsonl", "w")
+        path = out / "metrics.jsonl"
+        kept = []
+        if keep_through and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if record["step"] <= keep_through:
+                    kept.append(line)
+        self.file = open(path, "w")
+        self.file.writelines(line + "\n" for line in kept)
+        self.file.flush()
 
     def write(self, record: dict) -> None:
         if self.file is not None:

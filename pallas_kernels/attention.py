@@ -1,0 +1,344 @@
+"""Flash attention as Pallas kernels: online softmax forward, recompute-in-blocks backward.
+
+Layout is ``jax.nn.dot_product_attention``'s: q ``[batch, q_len, heads, head_dim]``,
+k and v ``[batch, kv_len, kv_heads, head_dim]`` with ``kv_heads`` dividing ``heads``
+(query head ``h`` reads kv head ``h // (heads // kv_heads)``). Lengths are padded to
+whole blocks and the padding masked out. One program handles one (batch, head, block);
+it walks the blocks of the other sequence in a loop, so the largest score tile is
+``[block_q, block_kv]`` and no ``[q_len, kv_len]`` array exists.
+
+The forward kernel saves the float32 log-sum-exp of every query row; the backward pass
+is two kernels that recompute the probabilities block by block: one over query blocks
+(``dq``), one over key blocks (``dk``, ``dv`` per query head, summed over each group of
+query heads outside the kernel).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.dispatch import resolve_impl, round_up
+
+# Finite, so that exp(masked - running_max) is 0, never nan.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+class BlockSizes(NamedTuple):
+    """Rows of queries and of keys one program holds at a time (powers of two >= 16 on GPU)."""
+
+    block_q: int = 128
+    block_kv: int = 128
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                    segment_ids: jax.Array | None = None, scale: float | None = None,
+                    impl: str = "auto", block_sizes: BlockSizes | tuple | None = None) -> jax.Array:
+    """Softmax attention ``softmax(q k^T * scale + mask) v`` without the score matrix.
+
+    Args:
+      q: ``[batch, q_len, heads, head_dim]``.
+      k: ``[batch, kv_len, kv_heads, head_dim]``; ``kv_heads`` divides ``heads``.
+      v: like ``k``.
+      causal: query ``t`` sees keys ``s <= t`` (positions counted from 0 in both, as in
+        ``jax.nn.dot_product_attention``).
+      segment_ids: int ``[batch, len]`` for queries and keys alike (needs
+        ``q_len == kv_len``); a query sees only keys of its own segment.
+      scale: multiplies the scores; default ``1 / sqrt(head_dim)``.
+      impl: ``"auto" | "pallas" | "interpret" | "xla"`` (see ``pallas_kernels.dispatch``).
+      block_sizes: ``BlockSizes(block_q, block_kv)`` or a pair; default 128 each, cut
+        down to the (padded) sequence length.
+
+    Returns:
+      ``[batch, q_len, heads, head_dim]`` in ``q``'s dtype. A query that sees no key
+      gets zeros.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> q = jax.random.normal(jax.random.key(0), (1, 5, 2, 16))
+      >>> out = flash_attention(q, q, q, causal=True, impl="interpret")
+      >>> ref = jax.nn.dot_product_attention(q, q, q, is_causal=True)
+      >>> bool(jnp.allclose(out, ref, atol=1e-5))
+      True
+    """
+    _check_shapes(q, k, v, segment_ids)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    impl = resolve_impl("flash_attention", impl, _unsupported(q, block_sizes))
+    if impl == "xla":
+        return attention_reference(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale)
+    block_q, block_kv = _block_sizes(q.shape[1], k.shape[1], block_sizes)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
+        has_segments = False
+    else:
+        segment_ids = segment_ids.astype(jnp.int32)
+        has_segments = True
+    return _flash(q, k, v, segment_ids, causal, scale, block_q, block_kv, has_segments,
+                  impl == "interpret")
+
+
+def attention_reference(q, k, v, *, causal=False, segment_ids=None, scale=None):
+    """The jnp attention the kernel is tested against: float32 scores and softmax."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = jnp.ones((1, q_len, kv_len), bool)
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((q_len, kv_len), bool))[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    mask = mask[:, None, None]
+    scores = jnp.where(mask, scores, _MASKED)
+    probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(q.shape).astype(q.dtype)
+
+
+def _check_shapes(q, k, v, segment_ids):
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"flash_attention: q {q.shape}, k {k.shape}, v {v.shape}; need q "
+                         "[batch, q_len, heads, head_dim] and k, v both "
+                         "[batch, kv_len, kv_heads, head_dim]")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"flash_attention: q {q.shape} and k {k.shape} differ in batch or "
+                         "head_dim")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"flash_attention: kv_heads={k.shape[2]} must divide "
+                         f"heads={q.shape[2]}")
+    if segment_ids is not None and (segment_ids.shape != q.shape[:2] or q.shape[1] != k.shape[1]):
+        raise ValueError(f"flash_attention: segment_ids {segment_ids.shape} must be "
+                         f"[batch, len] = {q.shape[:2]} with q_len == kv_len "
+                         f"(kv_len is {k.shape[1]})")
+
+
+def _unsupported(q, block_sizes) -> str | None:
+    d = q.shape[-1]
+    if d < 16 or d & (d - 1):
+        return f"head_dim {d} is not a power of two >= 16 (Triton dot shapes)"
+    for b in block_sizes or ():
+        if b < 16 or b & (b - 1):
+            return f"block size {b} in block_sizes={tuple(block_sizes)} is not a power of two >= 16"
+    return None
+
+
+def _block_sizes(q_len, kv_len, block_sizes) -> tuple[int, int]:
+    block_q, block_kv = BlockSizes(*(block_sizes or ()))
+    return (min(block_q, max(16, pl.next_power_of_2(q_len))),
+            min(block_kv, max(16, pl.next_power_of_2(kv_len))))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _flash(q, k, v, segment_ids, causal, scale, block_q, block_kv, has_segments, interpret):
+    return _flash_fwd(q, k, v, segment_ids, causal, scale, block_q, block_kv, has_segments,
+                      interpret)[0]
+
+
+def _flash_fwd(q, k, v, segment_ids, causal, scale, block_q, block_kv, has_segments, interpret):
+    batch, q_len, heads, head_dim = q.shape
+    groups = heads // k.shape[2]
+    qp, kp, vp, q_seg, kv_seg = _padded_inputs(q, k, v, segment_ids, block_q, block_kv)
+    q_pad, kv_pad = qp.shape[1], kp.shape[1]
+    kernel = functools.partial(
+        _forward_kernel, scale=scale, causal=causal, has_segments=has_segments,
+        block_q=block_q, block_kv=block_kv, kv_len=k.shape[1], kv_blocks=kv_pad // block_kv)
+    kv_full = pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, h // groups, 0))
+    q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    out, lse = pl.pallas_call(
+        kernel,
+        grid=(batch, heads, q_pad // block_q),
+        in_specs=[pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+                  pl.BlockSpec((None, kv_pad), lambda b, h, i: (b, 0)),
+                  q_block, kv_full, kv_full],
+        out_specs=[q_block, pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)],
+        interpret=interpret,
+        name="zjax_flash_attention_fwd",
+    )(q_seg, kv_seg, qp, kp, vp)
+    out = out[:, :q_len]
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _flash_bwd(causal, scale, block_q, block_kv, has_segments, interpret, residuals, dout):
+    q, k, v, segment_ids, out, lse = residuals
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    qp, kp, vp, q_seg, kv_seg = _padded_inputs(q, k, v, segment_ids, block_q, block_kv)
+    q_pad, kv_pad = qp.shape[1], kp.shape[1]
+    dop = _pad_len(dout, block_q)
+    # delta_t = sum_d dO * O: the row term of the softmax gradient, O(len) memory.
+    delta = _pad_len(jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32),
+                                out.astype(jnp.float32)), block_q, axis=2)
+    common = dict(scale=scale, causal=causal, has_segments=has_segments, block_q=block_q,
+                  block_kv=block_kv, kv_len=kv_len)
+
+    q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    row_block = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
+    kv_full = pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, h // groups, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, kv_blocks=kv_pad // block_kv, **common),
+        grid=(batch, heads, q_pad // block_q),
+        in_specs=[pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+                  pl.BlockSpec((None, kv_pad), lambda b, h, i: (b, 0)),
+                  q_block, kv_full, kv_full, q_block, row_block, row_block],
+        out_specs=q_block,
+        out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
+        interpret=interpret,
+        name="zjax_flash_attention_dq",
+    )(q_seg, kv_seg, qp, kp, vp, dop, lse, delta)
+
+    q_full = pl.BlockSpec((None, q_pad, None, head_dim), lambda b, h, j: (b, 0, h, 0))
+    row_full = pl.BlockSpec((None, None, q_pad), lambda b, h, j: (b, h, 0))
+    kv_block = pl.BlockSpec((None, block_kv, None, head_dim),
+                            lambda b, h, j: (b, j, h // groups, 0))
+    per_head = pl.BlockSpec((None, block_kv, None, head_dim), lambda b, h, j: (b, j, h, 0))
+    per_head_shape = jax.ShapeDtypeStruct((batch, kv_pad, heads, head_dim), jnp.float32)
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, q_blocks=q_pad // block_q, **common),
+        grid=(batch, heads, kv_pad // block_kv),
+        in_specs=[pl.BlockSpec((None, q_pad), lambda b, h, j: (b, 0)),
+                  pl.BlockSpec((None, block_kv), lambda b, h, j: (b, j)),
+                  q_full, kv_block, kv_block, q_full, row_full, row_full],
+        out_specs=[per_head, per_head],
+        out_shape=[per_head_shape, per_head_shape],
+        interpret=interpret,
+        name="zjax_flash_attention_dkv",
+    )(q_seg, kv_seg, qp, kp, vp, dop, lse, delta)
+    # Query heads of one group share a kv head: add their contributions up.
+    dk = dk[:, :kv_len].reshape(batch, kv_len, kv_heads, groups, head_dim).sum(3)
+    dv = dv[:, :kv_len].reshape(batch, kv_len, kv_heads, groups, head_dim).sum(3)
+    return dq[:, :q_len], dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _padded_inputs(q, k, v, segment_ids, block_q, block_kv):
+    # Padded queries get segment -1 and padded keys -2: padding never matches anything.
+    return (_pad_len(q, block_q), _pad_len(k, block_kv), _pad_len(v, block_kv),
+            _pad_len(segment_ids, block_q, value=-1),
+            _pad_len(segment_ids, block_kv, value=-2) if segment_ids.shape[1] == k.shape[1]
+            else jnp.zeros((k.shape[0], round_up(k.shape[1], block_kv)), jnp.int32))
+
+
+def _pad_len(x, block, value=0, axis=1):
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, round_up(x.shape[axis], block) - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _mask(q_pos, kv_pos, q_seg, kv_seg, *, causal, has_segments, kv_len):
+    mask = kv_pos[None, :] < kv_len
+    if causal:
+        mask = mask & (q_pos[:, None] >= kv_pos[None, :])
+    if has_segments:
+        mask = mask & (q_seg[:, None] == kv_seg[None, :])
+    return mask
+
+
+def _dot_t(a, b):
+    """``a @ b.T`` accumulated in float32."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _t_dot(a, b):
+    """``a.T @ b`` accumulated in float32."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot(a, b):
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _forward_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
+                    causal, has_segments, block_q, block_kv, kv_len, kv_blocks):
+    i = pl.program_id(2)
+    q = q_ref[...]
+    q_seg = q_seg_ref[...]
+    q_pos = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+
+    def visit(j, carry):
+        running_max, denom, acc = carry
+        keys = pl.ds(j * block_kv, block_kv)
+        kv_pos = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+        mask = _mask(q_pos, kv_pos, q_seg, kv_seg_ref[keys], causal=causal,
+                     has_segments=has_segments, kv_len=kv_len)
+        s = jnp.where(mask, _dot_t(q, k_ref[keys, :]) * scale, _MASKED)
+        new_max = jnp.maximum(running_max, s.max(axis=1))
+        p = jnp.where(mask, jnp.exp(s - new_max[:, None]), 0.0)
+        correction = jnp.exp(running_max - new_max)
+        denom = denom * correction + p.sum(axis=1)
+        v = v_ref[keys, :]
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        return new_max, denom, acc
+
+    init = (jnp.full((block_q,), _MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+            jnp.zeros((block_q, q.shape[1]), jnp.float32))
+    running_max, denom, acc = jax.lax.fori_loop(0, _kv_stop(i, causal, block_q, block_kv,
+                                                            kv_blocks), visit, init)
+    seen = denom > 0
+    o_ref[...] = (acc / jnp.where(seen, denom, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, running_max + jnp.log(jnp.where(seen, denom, 1.0)), _MASKED)
+
+
+def _dq_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+               *, scale, causal, has_segments, block_q, block_kv, kv_len, kv_blocks):
+    i = pl.program_id(2)
+    q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
+    q_seg = q_seg_ref[...]
+    q_pos = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+
+    def visit(j, dq):
+        keys = pl.ds(j * block_kv, block_kv)
+        kv_pos = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+        mask = _mask(q_pos, kv_pos, q_seg, kv_seg_ref[keys], causal=causal,
+                     has_segments=has_segments, kv_len=kv_len)
+        k, v = k_ref[keys, :], v_ref[keys, :]
+        p = jnp.where(mask, jnp.exp(_dot_t(q, k) * scale - lse[:, None]), 0.0)
+        ds = p * (_dot_t(do, v) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = jax.lax.fori_loop(0, _kv_stop(i, causal, block_q, block_kv, kv_blocks), visit,
+                           jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, scale, causal, has_segments, block_q, block_kv, kv_len, q_blocks):
+    j = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]
+    kv_seg = kv_seg_ref[...]
+    kv_pos = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+
+    def visit(i, carry):
+        dk, dv = carry
+        rows = pl.ds(i * block_q, block_q)
+        q_pos = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+        mask = _mask(q_pos, kv_pos, q_seg_ref[rows], kv_seg, causal=causal,
+                     has_segments=has_segments, kv_len=kv_len)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        p = jnp.where(mask, jnp.exp(_dot_t(q, k) * scale - lse_ref[rows][:, None]), 0.0)
+        dv = dv + _t_dot(p.astype(do.dtype), do)
+        ds = p * (_dot_t(do, v) - delta_ref[rows][:, None])
+        return dk + _t_dot(ds.astype(q.dtype), q), dv
+
+    # Causal: query blocks that end before this key block starts see none of it.
+    start = (j * block_kv) // block_q if causal else 0
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(start, q_blocks, visit, (zeros, zeros))
+    dk_ref[...] = dk * scale
+    dv_ref[...] = dv
+
+
+def _kv_stop(i, causal, block_q, block_kv, kv_blocks):
+    """Key blocks a query block visits: all, or (causal) those starting at or before its last row."""
+    if not causal:
+        return kv_blocks
+    return jnp.minimum(kv_blocks, ((i + 1) * block_q + block_kv - 1) // block_kv)

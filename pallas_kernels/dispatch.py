@@ -1,0 +1,108 @@
+"""Choosing how a kernel runs (``impl``) and running it once per batch shard.
+
+Every kernel takes ``impl``:
+
+- ``"pallas"``: the Pallas kernel compiled for the real backend (Triton on GPU). On a
+  backend the kernel was not written for, or a shape it cannot serve, it raises.
+- ``"interpret"``: the same kernel in Pallas interpret mode; runs anywhere (CPU tests).
+- ``"xla"``: a plain ``jax.numpy`` reference.
+- ``"auto"``: ``"pallas"`` where the backend and shape are supported, ``"xla"``
+  otherwise; the fallback is logged once per kernel and reason on ``logging.getLogger("zjax")``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Sequence
+
+import jax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+IMPLS = ("auto", "pallas", "interpret", "xla")
+
+# Pallas kernels here are written against the generic (Triton-style) Pallas model; none
+# has run on Mosaic, so TPUs take the XLA path under "auto".
+PALLAS_BACKENDS = ("gpu",)
+
+logger = logging.getLogger("zjax")
+_logged: set[tuple[str, str]] = set()
+
+
+def backend() -> str:
+    """The default backend as ``"cpu"``, ``"gpu"`` or ``"tpu"``."""
+    name = jax.default_backend()
+    return "gpu" if name in ("cuda", "rocm") else name
+
+
+def resolve_impl(kernel: str, impl: str, unsupported: str | None = None) -> str:
+    """The implementation ``kernel`` runs with: ``"pallas"``, ``"interpret"`` or ``"xla"``.
+
+    Args:
+      kernel: the public kernel's name, used in errors and log lines.
+      impl: what the caller asked for, one of ``IMPLS``.
+      unsupported: why the real Pallas kernel cannot serve this call's shapes, or None.
+
+    Raises:
+      ValueError: for an unknown ``impl``, or ``"pallas"`` where it cannot run.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{kernel}: impl={impl!r} is not an implementation; use one of {IMPLS}")
+    here = backend()
+    if impl == "pallas":
+        if here not in PALLAS_BACKENDS:
+            raise ValueError(
+                f"{kernel}: impl='pallas' needs a backend in {PALLAS_BACKENDS}, but the "
+                f"default backend is {here!r}; use impl='interpret' (the same kernel in "
+                "Pallas interpret mode) or impl='xla'")
+        if unsupported:
+            raise ValueError(f"{kernel}: impl='pallas' cannot serve this call: {unsupported}; "
+                             "use impl='xla' or impl='auto'")
+    if impl == "auto":
+        reason = (f"backend {here!r} has no validated Pallas lowering" if here not in PALLAS_BACKENDS
+                  else unsupported)
+        if reason is None:
+            return "pallas"
+        if (kernel, reason) not in _logged:
+            _logged.add((kernel, reason))
+            logger.info("%s: impl='auto' uses the XLA reference (%s)", kernel, reason)
+        return "xla"
+    return impl
+
+
+def shard_over_batch(fn: Callable, mesh: Mesh, axis: str | Sequence[str] = "data", *,
+                     batched: Sequence[bool]) -> Callable:
+    """``fn`` run once per shard of the batch axis, so a kernel never gathers its inputs.
+
+    A Pallas call inside ``jit`` on sharded inputs would all-gather them and run
+    replicated; under ``shard_map`` each device runs the kernel on its own rows.
+
+    Args:
+      fn: a kernel call with only positional array arguments (bind the rest with
+        ``functools.partial``); its outputs are batched along their leading axis.
+      mesh: the device mesh.
+      axis: the mesh axis (or axes) the leading (batch) dimension is sharded over.
+      batched: per positional argument, whether its leading axis is the batch
+        (``True``) or it is replicated, like a norm's scale (``False``).
+
+    Returns:
+      A function with ``fn``'s signature.
+
+    Example:
+      >>> import jax, numpy as np, jax.numpy as jnp
+      >>> from pallas_kernels import rms_norm
+      >>> mesh = jax.make_mesh((len(jax.devices()),), ("data",),
+      ...     axis_types=(jax.sharding.AxisType.Auto,))
+      >>> norm = shard_over_batch(functools.partial(rms_norm, impl="xla"), mesh,
+      ...     batched=(True, False))
+      >>> norm(jnp.ones((len(jax.devices()) * 2, 4, 8)), jnp.ones(8)).shape[1:]
+      (4, 8)
+    """
+    specs = tuple(P(axis) if b else P() for b in batched)
+    # check_vma=False: interpret-mode Pallas calls carry no varying-axes annotations.
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(axis), check_vma=False)
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= n``."""
+    return -(-n // multiple) * multiple
