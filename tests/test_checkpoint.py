@@ -130,3 +130,19 @@ def test_keep_deletes_old_steps_only_after_a_newer_commit(tmp_path):
     ckpt.wait()
     assert ckpt.committed_steps() == [3, 4]
     assert sorted(os.listdir(tmp_path)) == ["3", "4"]
+
+
+def test_safetensors_export_round_trip_is_bit_exact(saved, tmp_path):
+    from safetensors.numpy import load_file
+
+    from zjax.cli import main
+    from zjax.export import load_safetensors
+
+    directory, portable = saved[0], saved[1]
+    out = tmp_path / "model.safetensors"
+    main(["export", str(directory), "--to", str(out)])
+    assert "blocks.attn.wq" in load_file(str(out))
+    assert identical(load_safetensors(out), portable["params"])
+    train = make(2)
+    state = train.init(str(out))
+    assert identical(host(state.params), portable["params"])

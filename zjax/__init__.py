@@ -8,18 +8,22 @@ mixed-precision, ZeRO training step::
     state = train.init(params_or_init_fn)
     state, metrics = train(state, batch)
 """
+from zjax.checkpoint import Checkpointer, load_params
 from zjax.config import Config, load_config
-from zjax.errors import ConfigError, LossScaleError
+from zjax.errors import CheckpointError, ConfigError, LossScaleError
 from zjax.layers import scan_layers
 from zjax.train import TrainState, TrainStep, make_train_step
 
 __all__ = [
+    "CheckpointError",
+    "Checkpointer",
     "Config",
     "ConfigError",
     "LossScaleError",
     "TrainState",
     "TrainStep",
     "load_config",
+    "load_params",
     "make_train_step",
     "scan_layers",
 ]

@@ -7,6 +7,7 @@ which logical axes each parameter has.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Callable
 
 import jax
@@ -48,6 +49,17 @@ def _split_loss(out: Any):
     return out, {}
 
 
+def _read_if_file(given: Any) -> Any:
+    """A ``.safetensors`` path becomes its params tree; anything else passes through."""
+    if isinstance(given, (str, os.PathLike)):
+        if not str(given).endswith(".safetensors"):
+            raise ConfigError(f"train.init({str(given)!r}): a params file must be .safetensors")
+        from zjax.export import load_safetensors
+
+        return load_safetensors(given)
+    return given
+
+
 def _is_box(x: Any) -> bool:
     return isinstance(x, meta.AxisMetadata)
 
@@ -76,6 +88,7 @@ class Adapter:
         """
         if given is None:
             raise ConfigError("train.init(params) needs params: a pytree, or an init function fn(rng) -> params")
+        given = _read_if_file(given)
         if callable(given):
             return self._unboxed(lambda rng, _: given(rng)), None
         return self._unboxed(lambda rng, tree: tree), given
@@ -109,6 +122,7 @@ class NNXAdapter(Adapter):
         return nnx.merge(self.graphdef, params, self.rest)
 
     def params_source(self, given: Any) -> tuple[Callable, Any]:
+        given = _read_if_file(given)
         if given is None:
             given = self.model_params
         elif isinstance(given, nnx.Module):

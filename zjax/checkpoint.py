@@ -32,16 +32,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zjax import zero
-from zjax.errors import ConfigError
+from zjax.errors import CheckpointError, ConfigError
 from zjax.zero import DATA, map_layouts
 
 logger = logging.getLogger("zjax")
 
 MANIFEST = "zjax_manifest.json"
-
-
-class CheckpointError(RuntimeError):
-    """No intact checkpoint to restore, or one that does not fit the model."""
 
 
 class Checkpointer:

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from zjax.errors import ConfigError
+from zjax.errors import CheckpointError, ConfigError
 
 SIMULATED_CPU_DEVICES = 8
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
         args.command(args)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     return 0
@@ -67,6 +67,13 @@ def explain(args: argparse.Namespace) -> None:
             print(f"#   {key}: {reason}")
 
 
+def export(args: argparse.Namespace) -> None:
+    from zjax.export import export_safetensors
+
+    path = export_safetensors(args.directory, args.to, step=args.step)
+    print(f"wrote {path}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zjax", description="DeepSpeed for JAX: ZeRO training from one config.", epilog=EPILOG
@@ -80,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_config_args(run)
     run.set_defaults(command=train)
+
+    out = commands.add_parser(
+        "export", help="write a checkpoint's params to a safetensors file",
+        description="Stream the fp32 master params of a checkpoint into a .safetensors file, "
+        "one tensor at a time.",
+    )
+    out.add_argument("directory", metavar="DIR", help="a run's output_dir or its checkpoints directory")
+    out.add_argument("--to", required=True, metavar="FILE", help="the .safetensors file to write")
+    out.add_argument("--step", type=int, default=None, help="the step to export (default: newest intact)")
+    out.set_defaults(command=export)
 
     config = commands.add_parser("config", help="inspect a config")
     config_commands = config.add_subparsers(required=True, metavar="COMMAND")

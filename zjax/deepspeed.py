@@ -35,7 +35,16 @@ IGNORED: dict[str, str] = {
     "csv_monitor": _MONITOR,
     "comms_logger": "collectives are compiled into the XLA program; see them in the HLO or a jax.profiler trace",
     "amp": "Apex AMP does not exist in JAX; use bf16 or fp16",
-    "activation_checkpointing": "set remat.policy instead; this block is not mapped yet (issue 4)",
+    "activation_checkpointing.partition_activations": (
+        "saved activations are already per device: each data-parallel device keeps only its own "
+        "micro-batch's, and zjax does not split them further over the tensor axis"
+    ),
+    "activation_checkpointing.number_checkpoints": "zjax checkpoints every scanned layer; the count is model.n_layers",
+    "activation_checkpointing.contiguous_memory_optimization": "XLA owns the layout of activation buffers",
+    "activation_checkpointing.synchronize_checkpoint_boundary": (
+        "there are no CUDA streams to synchronize; XLA orders the compiled program"
+    ),
+    "activation_checkpointing.profile": "use zjax.remat.remat_report or jax.profiler instead",
     "checkpoint": "DeepSpeed's checkpoint options do not apply to zjax checkpoints",
     "aio": _OFFLOAD,
     "autotuning": "zjax has no autotuner; set sizes explicitly",
@@ -363,6 +372,18 @@ def _set_peak_lr(lr: float, out: _Translation) -> None:
     out.set("optimizer.lr", lr, "scheduler.params.warmup_max_lr")
 
 
+def _map_activation_checkpointing(key: str, block: Any, out: _Translation) -> None:
+    """DeepSpeed checkpoints each layer, keeping its input: ``full``; on the host with ``cpu_checkpointing``."""
+    _check_keys(key, block, ("cpu_checkpointing",))
+    to_host = _bool(f"{key}.cpu_checkpointing", block.get("cpu_checkpointing", False))
+    if to_host:
+        out.set("remat.policy", "full_offload", f"{key}.cpu_checkpointing")
+    else:
+        # The block alone only says how checkpoints behave; a remat.policy of the same layer wins.
+        out.default("remat.policy", "full")
+    _ignore_rest(key, block, ("cpu_checkpointing",), out)
+
+
 def _map_data_types(key: str, block: Any, out: _Translation) -> None:
     _check_keys(key, block, ("grad_accum_dtype",))
     if "grad_accum_dtype" in block:
@@ -391,6 +412,7 @@ _HANDLERS: dict[str, Callable[[str, Any, _Translation], None]] = {
     "optimizer": _map_optimizer,
     "scheduler": _map_scheduler,
     "data_types": _map_data_types,
+    "activation_checkpointing": _map_activation_checkpointing,
     "communication_data_type": _map_communication_dtype,
     "steps_per_print": _map_steps_per_print,
 }

@@ -10,3 +10,7 @@ class ConfigError(ValueError):
 
 class LossScaleError(FloatingPointError):
     """fp16 gradients overflowed at the minimum loss scale (``loss_scale.at_min: error``)."""
+
+
+class CheckpointError(RuntimeError):
+    """No intact checkpoint to restore, or one that does not fit the model."""

@@ -1,0 +1,101 @@
+"""Params out of a checkpoint into safetensors, one tensor at a time; and back in.
+
+``export_safetensors`` writes the header from the checkpoint's metadata, then reads
+and writes each parameter in turn, so peak host memory stays near the largest
+tensor (the ``safetensors`` package writes only from a dict held whole in memory;
+it reads our files). Names join the params' dict keys with dots: ``blocks.attn.wq``.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from zjax.checkpoint import Checkpointer
+from zjax.errors import CheckpointError, ConfigError
+
+_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32", "int64": "I64"}
+
+
+def export_safetensors(directory, out_path, step: int | None = None) -> Path:
+    """Streams the master params of a checkpoint step into ``out_path``.
+
+    Args:
+      directory: a run's ``output_dir`` or its ``checkpoints`` directory.
+      out_path: the ``.safetensors`` file to write.
+      step: a step, or None for the newest intact one.
+
+    Returns:
+      The path written.
+    """
+    ckpt = Checkpointer(_checkpoint_dir(directory))
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no intact checkpoint in {ckpt.directory}")
+    state_dir = ckpt.directory / str(step) / "state"
+    handler = ocp.PyTreeCheckpointer()
+    params_meta = handler.metadata(state_dir).item_metadata.tree["params"]
+    entries = [(_name(path), meta) for path, meta in jax.tree_util.tree_leaves_with_path(params_meta)]
+
+    header, offset = {"__metadata__": {"format": "np", "step": str(step)}}, 0
+    for name, meta in entries:
+        size = int(np.prod(meta.shape)) * np.dtype(meta.dtype).itemsize
+        header[name] = {"dtype": _DTYPES[np.dtype(meta.dtype).name], "shape": list(meta.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
+    out_path = Path(out_path)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for path, meta in jax.tree_util.tree_leaves_with_path(params_meta):
+            f.write(np.ascontiguousarray(_read_one(handler, state_dir, path, params_meta)).tobytes())
+    tmp.replace(out_path)
+    return out_path
+
+
+def load_safetensors(path) -> dict:
+    """A safetensors file as a nested dict of numpy arrays (keys split at dots)."""
+    from safetensors.numpy import load_file
+
+    tree: dict[str, Any] = {}
+    for name, array in load_file(str(path)).items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = array
+    return tree
+
+
+def _read_one(handler, state_dir: Path, path, params_meta) -> np.ndarray:
+    """Restores the single leaf at ``path`` as a host array."""
+    item = jax.tree_util.tree_map_with_path(lambda p, m: m if p == path else None, params_meta)
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    out = handler.restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(item={"params": item}, restore_args={"params": args}, partial_restore=True),
+    )
+    return jax.tree.leaves(out["params"])[0]
+
+
+def _name(path) -> str:
+    keys = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", None)))
+        if "." in str(key):
+            raise ConfigError(f"parameter key {key!r} contains a dot; safetensors names join keys with dots")
+        keys.append(str(key))
+    return ".".join(keys)
+
+
+def _checkpoint_dir(directory) -> Path:
+    directory = Path(directory)
+    return directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
