@@ -23,7 +23,6 @@ CASES = {
     "q37-kv50-d128": (1, 37, 50, 2, 1, 128, False, False, (16, 32), jnp.float32),
     "len257-causal": (1, 257, 257, 2, 2, 32, True, False, (64, 64), jnp.float32),
     "bf16-len100-gqa-causal-segments": (2, 100, 100, 4, 2, 32, True, True, (16, 32), jnp.bfloat16),
-    "bf16-len7-d64": (1, 7, 7, 2, 1, 64, False, False, None, jnp.bfloat16),
 }
 
 
@@ -80,20 +79,13 @@ def test_matches_reference_and_jax_nn(case):
     assert_close(out, upstream, out_tol, "output vs jax.nn.dot_product_attention")
 
 
-def test_block_sizes_do_not_change_the_result():
-    q, k, v, segment_ids, _ = inputs(1, 50, 50, 2, 1, 32, True, jnp.float32)
-    run = jax.jit(lambda q, k, v, s, blocks: flash_attention(
-        q, k, v, causal=True, segment_ids=s, impl="interpret", block_sizes=blocks),
-        static_argnums=4)
-    np.testing.assert_allclose(run(q, k, v, segment_ids, (16, 64)),
-                               run(q, k, v, segment_ids, (64, 16)), atol=2e-6)
-
-
 def test_packed_documents_do_not_see_each_other():
     q, k, v, _, _ = inputs(1, 16, 16, 2, 2, 32, False, jnp.float32)
     segment_ids = jnp.array([[0] * 8 + [1] * 8])
-    packed = flash_attention(q, k, v, causal=True, segment_ids=segment_ids, impl="interpret")
-    second = flash_attention(q[:, 8:], k[:, 8:], v[:, 8:], causal=True, impl="interpret")
+    attend = jax.jit(lambda q, k, v, s: flash_attention(q, k, v, causal=True, segment_ids=s,
+                                                          impl="interpret"))
+    packed = attend(q, k, v, segment_ids)
+    second = attend(q[:, 8:], k[:, 8:], v[:, 8:], segment_ids[:, 8:])
     np.testing.assert_allclose(packed[:, 8:], second, atol=1e-6)
 
 
