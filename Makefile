@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
+	rm -rf runs/demo
 	$(VENV)/bin/zjax train configs/demo.yaml output_dir=runs/demo
 
 test: $(VENV)/.installed
