@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import resolve_impl, round_up
+from pallas_kernels.dispatch import match_cotangent, pallas_call, resolve_impl, round_up
 
 # Finite, so that exp(masked - running_max) is 0, never nan.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -149,7 +149,7 @@ def _flash_fwd(q, k, v, segment_ids, causal, scale, block_q, block_kv, has_segme
         block_q=block_q, block_kv=block_kv, kv_len=k.shape[1], kv_blocks=kv_pad // block_kv)
     kv_full = pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, h // groups, 0))
     q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
-    out, lse = pl.pallas_call(
+    out, lse = pallas_call(
         kernel,
         grid=(batch, heads, q_pad // block_q),
         in_specs=[pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
@@ -182,7 +182,7 @@ def _flash_bwd(causal, scale, block_q, block_kv, has_segments, interpret, residu
     q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
     row_block = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
     kv_full = pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, h // groups, 0))
-    dq = pl.pallas_call(
+    dq = pallas_call(
         functools.partial(_dq_kernel, kv_blocks=kv_pad // block_kv, **common),
         grid=(batch, heads, q_pad // block_q),
         in_specs=[pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
@@ -200,7 +200,7 @@ def _flash_bwd(causal, scale, block_q, block_kv, has_segments, interpret, residu
                             lambda b, h, j: (b, j, h // groups, 0))
     per_head = pl.BlockSpec((None, block_kv, None, head_dim), lambda b, h, j: (b, j, h, 0))
     per_head_shape = jax.ShapeDtypeStruct((batch, kv_pad, heads, head_dim), jnp.float32)
-    dk, dv = pl.pallas_call(
+    dk, dv = pallas_call(
         functools.partial(_dkv_kernel, q_blocks=q_pad // block_q, **common),
         grid=(batch, heads, kv_pad // block_kv),
         in_specs=[pl.BlockSpec((None, q_pad), lambda b, h, j: (b, 0)),
@@ -214,7 +214,8 @@ def _flash_bwd(causal, scale, block_q, block_kv, has_segments, interpret, residu
     # Query heads of one group share a kv head: add their contributions up.
     dk = dk[:, :kv_len].reshape(batch, kv_len, kv_heads, groups, head_dim).sum(3)
     dv = dv[:, :kv_len].reshape(batch, kv_len, kv_heads, groups, head_dim).sum(3)
-    return dq[:, :q_len], dk.astype(k.dtype), dv.astype(v.dtype), None
+    return (match_cotangent(dq[:, :q_len], q), match_cotangent(dk.astype(k.dtype), k),
+            match_cotangent(dv.astype(v.dtype), v), None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

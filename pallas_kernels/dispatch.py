@@ -106,3 +106,35 @@ def shard_over_batch(fn: Callable, mesh: Mesh, axis: str | Sequence[str] = "data
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is ``>= n``."""
     return -(-n // multiple) * multiple
+
+
+def pallas_call(kernel: Callable, *, out_shape, **kwargs) -> Callable:
+    """``pl.pallas_call`` that also runs inside ``jax.shard_map(check_vma=True)``.
+
+    There a Pallas call must say over which mesh axes its outputs vary: the inputs are
+    cast to the union of their varying axes and every output is declared to vary over
+    it too. Outside ``shard_map`` that union is empty and nothing changes.
+    """
+    from jax.experimental import pallas as pl
+
+    def call(*args):
+        varying = frozenset().union(*(jax.typeof(a).mat.varying for a in args))
+        args = [_vary(a, varying) for a in args]
+        mat = jax.typeof(args[0]).mat
+        shapes = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=mat), out_shape
+        )
+        return pl.pallas_call(kernel, out_shape=shapes, **kwargs)(*args)
+
+    return call
+
+
+def match_cotangent(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """Sums a cotangent over the mesh axes its primal does not vary over (inside shard_map)."""
+    extra = jax.typeof(ct).mat.varying - jax.typeof(primal).mat.varying
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def _vary(x: jax.Array, varying: frozenset) -> jax.Array:
+    missing = varying - jax.typeof(x).mat.varying
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x

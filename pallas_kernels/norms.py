@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import resolve_impl, round_up
+from pallas_kernels.dispatch import match_cotangent, pallas_call, resolve_impl, round_up
 
 # Rows per block: about 64K float32 elements, a comfortable Triton block.
 _BLOCK_ELEMENTS = 1 << 16
@@ -35,8 +35,8 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6, impl: str = "aut
 
     Example:
       >>> import jax.numpy as jnp
-      >>> rms_norm(jnp.array([[3.0, 4.0]]), jnp.ones(2), eps=0.0, impl="interpret")
-      Array([[0.8485281, 1.1313709]], dtype=float32)
+      >>> rms_norm(jnp.array([[2.0, -2.0]]), jnp.full(2, 3.0), eps=0.0, impl="interpret")
+      Array([[ 3., -3.]], dtype=float32)
     """
     _check_param("rms_norm", "scale", scale, x)
     impl = resolve_impl("rms_norm", impl, _unsupported(x))
@@ -121,7 +121,7 @@ def _norm_fwd(x, scale, bias, eps, centered, interpret):
     row_spec = pl.BlockSpec((block, d), lambda i: (i, 0))
     stat_spec = pl.BlockSpec((block, 1), lambda i: (i, 0))
     param_spec = pl.BlockSpec((1, d), lambda i: (0, 0))
-    y, mean, rstd = pl.pallas_call(
+    y, mean, rstd = pallas_call(
         functools.partial(_forward_kernel, eps=eps, centered=centered),
         grid=(padded // block,),
         in_specs=[row_spec, param_spec, param_spec],
@@ -146,7 +146,7 @@ def _norm_bwd(eps, centered, interpret, residuals, dy):
     stat_spec = pl.BlockSpec((block, 1), lambda i: (i, 0))
     param_spec = pl.BlockSpec((1, d), lambda i: (0, 0))
     partial_spec = pl.BlockSpec((1, d), lambda i: (i, 0))
-    dx, dscale, dbias = pl.pallas_call(
+    dx, dscale, dbias = pallas_call(
         functools.partial(_backward_kernel, centered=centered),
         grid=(blocks,),
         in_specs=[row_spec, row_spec, param_spec, stat_spec, stat_spec],
@@ -157,8 +157,9 @@ def _norm_bwd(eps, centered, interpret, residuals, dy):
         interpret=interpret,
         name="zjax_layer_norm_bwd" if centered else "zjax_rms_norm_bwd",
     )(x2, dy2, scale.reshape(1, d), mean, rstd)
-    return (dx[:rows].reshape(dy.shape), dscale.sum(0).astype(scale.dtype),
-            dbias.sum(0).astype(bias.dtype))
+    return (match_cotangent(dx[:rows].reshape(dy.shape), x2),
+            match_cotangent(dscale.sum(0).astype(scale.dtype), scale),
+            match_cotangent(dbias.sum(0).astype(bias.dtype), bias))
 
 
 def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps, centered):

@@ -100,3 +100,15 @@ def test_bad_arguments_are_named(kwargs, match):
     args["v"] = args["k"]
     with pytest.raises(ValueError, match=match):
         flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_memory_grows_linearly_with_length():
+    def temp_bytes(seq):
+        shape = jax.ShapeDtypeStruct((1, seq, 2, 32), jnp.float32)
+        grad = jax.grad(lambda q, k, v: flash_attention(q, k, v, causal=True,
+                                                        impl="interpret").sum(), argnums=(0, 1, 2))
+        return jax.jit(grad).lower(shape, shape, shape).compile().memory_analysis().temp_size_in_bytes
+
+    short, long = temp_bytes(256), temp_bytes(1024)
+    assert long < 5 * short                # 4x the length: linear is 4x, quadratic 16x
+    assert long < 2 * 1024 * 1024 * 4      # less than the [heads, len, len] fp32 scores

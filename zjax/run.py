@@ -40,7 +40,7 @@ def train_run(cfg: Config) -> dict:
     if cfg.data.dataset != "stdlib":
         raise ConfigError(f"data.dataset={cfg.data.dataset!r} is not available; use data.dataset=stdlib")
     corpus = TextCorpus.stdlib(cfg.data.val_fraction, max_bytes=MAX_CORPUS_BYTES, seed=cfg.seed)
-    model = make_gpt(cfg.model, seed=cfg.seed)
+    model = make_gpt(cfg.model, seed=cfg.seed, kernels=cfg.kernels)
     train = make_train_step(cfg, gpt_loss, model=model)
     batch_size, seq_len = train.global_batch_size, cfg.data.seq_len
     tokens_per_step = batch_size * seq_len

@@ -130,10 +130,6 @@ class TrainStep:
     def __init__(self, config, loss_fn, *, model=None, optimizer=None, logical_axes=None, devices=None):
         self.config: Config = config if isinstance(config, Config) else load_config(config)
         cfg = self.config
-        if cfg.kernels != "xla":
-            raise ConfigError(
-                f"kernels={cfg.kernels!r}: the Pallas kernels are not implemented yet; use kernels: xla"
-            )
         self.mesh = make_mesh(cfg.mesh, devices)
         self.data_size = self.mesh.shape[DATA]
         self.global_batch_size, self.micro_batch_size, self.grad_accum_steps = cfg.batch.resolve(self.data_size)
@@ -206,12 +202,15 @@ class TrainStep:
             layout_def=self.layout_def,
         )
         self.state_sharding = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.state_specs)
+        # check_vma=False: Pallas kernels in interpret mode cannot run under vma checks
+        # (jax 0.10.2), and nothing here relies on them: gathers have explicit VJPs and
+        # every reduction is written out (tests/test_zero_equivalence.py proves the grads).
         step = jax.shard_map(
             self._local_step,
             mesh=self.mesh,
             in_specs=(self.state_specs, P(DATA)),
             out_specs=(self.state_specs, P()),
-            check_vma=True,
+            check_vma=False,
         )
         self._step = jax.jit(step, donate_argnums=0)
 
@@ -388,7 +387,7 @@ class TrainStep:
                 return lax.psum(lw, DATA) / lax.psum(w, DATA)
 
             self._eval = jax.jit(
-                jax.shard_map(local, mesh=self.mesh, in_specs=(self.state_specs, P(DATA)), out_specs=P(), check_vma=True)
+                jax.shard_map(local, mesh=self.mesh, in_specs=(self.state_specs, P(DATA)), out_specs=P(), check_vma=False)
             )
         return self._eval(state, self.shard_batch(batch))
 

@@ -21,8 +21,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+import pallas_kernels
 from zjax.errors import ConfigError
 from zjax.layers import scan_layers
+
+KERNELS = ("xla", "auto", "pallas", "interpret")
 
 ACTIVATION_NAMES = (
     "attn_norm",
@@ -49,6 +52,8 @@ class GPT(nnx.Module):
         max_seq_len, rope_theta, tie_embeddings, norm_eps``.
       rngs: initialisation randomness.
       param_dtype: dtype the parameters are created in.
+      kernels: ``xla`` (plain XLA), or ``auto``/``pallas``/``interpret``: RMSNorm and
+        attention through ``pallas_kernels`` with that ``impl``.
 
     Example:
       >>> from types import SimpleNamespace
@@ -60,8 +65,11 @@ class GPT(nnx.Module):
       (2, 8, 256)
     """
 
-    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32, kernels: str = "xla"):
         _check_config(cfg)
+        if kernels not in KERNELS:
+            raise ConfigError(f"kernels={kernels!r} is not a kernel choice; use one of {', '.join(KERNELS)}")
+        self.kernels = kernels
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = cfg.max_seq_len
         self.head_dim = cfg.d_model // cfg.n_heads
@@ -92,17 +100,18 @@ class GPT(nnx.Module):
                              f"{self.max_seq_len}; raise max_seq_len or shorten the batch")
         x = jnp.take(self.embedding[...], tokens, axis=0)
         rope = rotary_angles(seq_len, self.head_dim, self.rope_theta)
-        mask = attention_mask(seq_len, segment_ids)
+        # the fused attention masks by segment ids itself; XLA attention needs the mask
+        mask = attention_mask(seq_len, segment_ids) if self.kernels == "xla" else segment_ids
 
         # The stacked state goes to scan_layers untouched: the train step may hand it
         # placeholder leaves that only scan_layers knows how to turn into arrays.
         block_def, block_state = nnx.split(self.blocks)
 
         def layer(h, layer_state):
-            return nnx.merge(block_def, layer_state)(h, rope, mask)
+            return nnx.merge(block_def, layer_state)(h, rope, mask, self.kernels)
 
         x = scan_layers(layer, x, block_state)
-        x = self.final_norm(x)
+        x = self.final_norm(x, self.kernels)
         if self.tie_embeddings:
             return jnp.einsum("btd,vd->btv", x, self.embedding[...],
                               preferred_element_type=jnp.float32)
@@ -140,9 +149,9 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
     return loss, {"weight": weight}
 
 
-def make_gpt(cfg_model: Any, seed: int = 0, param_dtype=jnp.float32) -> GPT:
+def make_gpt(cfg_model: Any, seed: int = 0, param_dtype=jnp.float32, kernels: str = "xla") -> GPT:
     """A ``GPT`` initialised from integer ``seed``."""
-    return GPT(cfg_model, rngs=nnx.Rngs(seed), param_dtype=param_dtype)
+    return GPT(cfg_model, rngs=nnx.Rngs(seed), param_dtype=param_dtype, kernels=kernels)
 
 
 def logical_axes(module: nnx.Module) -> dict:
@@ -187,9 +196,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x, rope, mask):
-        x = x + self.attn(checkpoint_name(self.attn_norm(x), "attn_norm"), rope, mask)
-        return x + self.mlp(checkpoint_name(self.mlp_norm(x), "mlp_norm"))
+    def __call__(self, x, rope, mask, kernels="xla"):
+        x = x + self.attn(checkpoint_name(self.attn_norm(x, kernels), "attn_norm"), rope, mask, kernels)
+        return x + self.mlp(checkpoint_name(self.mlp_norm(x, kernels), "mlp_norm"))
 
 
 class Attention(nnx.Module):
@@ -209,12 +218,20 @@ class Attention(nnx.Module):
                          param_dtype)
         self.wo = _param(rngs, (q_width, cfg.d_model), ("heads", "embed"), out_std, param_dtype)
 
-    def __call__(self, x, rope, mask):
+    def __call__(self, x, rope, mask, kernels="xla"):
+        """``mask``: the [B, T, T] attention mask for XLA; segment ids (or None) for kernels."""
         batch, seq_len, _ = x.shape
         groups = self.n_heads // self.n_kv_heads
         q = checkpoint_name(x @ self.wq[...], "q_proj")
         k = checkpoint_name(x @ self.wk[...], "k_proj")
         v = checkpoint_name(x @ self.wv[...], "v_proj")
+        if kernels != "xla":
+            q = apply_rotary(q.reshape(batch, seq_len, self.n_heads, self.head_dim), rope)
+            k = apply_rotary(k.reshape(batch, seq_len, self.n_kv_heads, self.head_dim), rope)
+            v = v.reshape(batch, seq_len, self.n_kv_heads, self.head_dim)
+            out = pallas_kernels.flash_attention(q, k, v, causal=True, segment_ids=mask, impl=kernels)
+            out = checkpoint_name(out.reshape(batch, seq_len, -1), "attn_out")
+            return checkpoint_name(out @ self.wo[...], "attn_proj")
         q = apply_rotary(q.reshape(batch, seq_len, self.n_kv_heads, groups, self.head_dim), rope)
         k = apply_rotary(k.reshape(batch, seq_len, self.n_kv_heads, self.head_dim), rope)
         v = v.reshape(batch, seq_len, self.n_kv_heads, self.head_dim)
@@ -253,7 +270,9 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",),
                                eager_sharding=False)
 
-    def __call__(self, x):
+    def __call__(self, x, kernels="xla"):
+        if kernels != "xla":
+            return pallas_kernels.rms_norm(x, self.scale[...], eps=self.eps, impl=kernels)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
