@@ -304,7 +304,7 @@ class TrainStep:
 
     def _local_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """The per-device program (inside shard_map over ``data``)."""
-        with layer_context(self.config.remat.policy, zero3=self.stage == 3):
+        with layer_context(self.config.remat, zero3=self.stage == 3):
             grads, loss, weight = self._accumulate(state, batch)
         layouts, dt = self.layouts, self.dtypes
         sharded = self.stage > 0
