@@ -21,6 +21,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/zero.py
+	$(PY) benchmarks/remat.py
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/checkpoint.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
