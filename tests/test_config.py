@@ -194,8 +194,8 @@ def test_deepspeed_zero_stage_maps_and_tuning_keys_are_ignored_with_reasons():
     assert "XLA schedules and fuses collectives" in reasons["zero_optimization.overlap_comm"]
     assert "zero_optimization.reduce_bucket_size" in reasons
     assert "zero_optimization.stage3_prefetch_bucket_size" in reasons
-    assert reasons["zero_optimization.offload_optimizer"] == "host offload is not implemented yet (issue 4)"
-    assert reasons["zero_optimization.offload_param"] == "host offload is not implemented yet (issue 4)"
+    assert (cfg.zero.offload_optimizer, cfg.zero.offload_param) == ("cpu", "cpu")
+    assert "zero_optimization.offload_optimizer" not in reasons
 
 
 def test_deepspeed_fp16_dynamic_scaling():

@@ -199,6 +199,13 @@ def to_portable(state) -> dict:
 
 
 def _portable(state, layouts, treedef) -> dict:
+    # host-offloaded fields (ZeRO-Offload) are brought to device memory first
+    state = jax.tree.map(
+        lambda x: jax.device_put(x, x.sharding.with_memory_kind("device"))
+        if getattr(getattr(x, "sharding", None), "memory_kind", None) == "pinned_host" else x,
+        state,
+    )
+
     def unflatten(tree):
         return map_layouts(lambda lay, x: zero.unflatten(x, lay), layouts, tree)
 

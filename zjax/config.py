@@ -195,9 +195,25 @@ class BatchConfig(_Section):
 
 
 class ZeroConfig(_Section):
-    """ZeRO stage: 0 replicates, 1 shards optimizer state, 2 also gradients, 3 also params."""
+    """ZeRO stage: 0 replicates, 1 shards optimizer state, 2 also gradients, 3 also params.
+
+    ``offload_optimizer: cpu`` keeps optimizer moments and master params in host
+    memory between steps (ZeRO-Offload); ``offload_param: cpu`` keeps ZeRO-3's
+    parameter shards there (ZeRO-Infinity's parameter offload, stage 3 only).
+    """
 
     stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+
+    @model_validator(mode="after")
+    def _params_offload_needs_stage3(self) -> ZeroConfig:
+        if self.offload_param != "none" and self.stage != 3:
+            raise ValueError(
+                f"offload_param={self.offload_param!r} needs stage 3 (only ZeRO-3 keeps parameter shards); "
+                f"got stage={self.stage}: use zero.stage: 3 or offload_param: none"
+            )
+        return self
 
 
 class PrecisionConfig(_Section):

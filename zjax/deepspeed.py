@@ -14,7 +14,8 @@ from typing import Any
 from zjax.errors import ConfigError
 
 _COLLECTIVES = "XLA schedules and fuses collectives; zjax issues one collective per tensor"
-_OFFLOAD = "host offload is not implemented yet (issue 4)"
+_OFFLOAD = "zjax offloads to host memory only through offload_optimizer/offload_param.device: cpu"
+_OFFLOAD_TUNING = "XLA moves the offloaded arrays itself; there are no buffers or pools to tune"
 _MONITOR = "metric monitors are not wired into zjax yet; metrics go to the log"
 _LR_ONLY = "zjax cycles only the learning rate; momentum stays at optimizer.b1"
 _FP32_MASTER = "zjax keeps float32 master params; there is no 16-bit copy to manage"
@@ -69,8 +70,6 @@ IGNORED: dict[str, str] = {
     "zero_optimization.gather_16bit_weights_on_model_save": _FP32_MASTER,
     "zero_optimization.elastic_checkpoint": "zjax checkpoints are not DeepSpeed's partitioned ZeRO checkpoints",
     "zero_optimization.load_from_fp32_weights": _FP32_MASTER,
-    "zero_optimization.offload_optimizer": _OFFLOAD,
-    "zero_optimization.offload_param": _OFFLOAD,
     "zero_optimization.cpu_offload": _OFFLOAD,
     "zero_optimization.cpu_offload_params": _OFFLOAD,
     "zero_optimization.cpu_offload_use_pin_memory": _OFFLOAD,
@@ -216,8 +215,8 @@ class _Translation:
         """Record a value that holds only where no key of this layer sets ``zjax_key``."""
         self.defaults[zjax_key] = value
 
-    def ignore(self, ds_key: str) -> None:
-        self.ignored.append((ds_key, IGNORED[ds_key]))
+    def ignore(self, ds_key: str, reason: str | None = None) -> None:
+        self.ignored.append((ds_key, reason or IGNORED[ds_key]))
 
     def apply(self, layer: dict) -> dict:
         """Write the values into ``layer``; a zjax key of the same layer must agree."""
@@ -243,10 +242,27 @@ def _map_batch(key: str, value: Any, out: _Translation) -> None:
 
 
 def _map_zero(key: str, block: Any, out: _Translation) -> None:
-    _check_keys(key, block, ("stage",))
+    mapped = ("stage", "offload_optimizer", "offload_param")
+    _check_keys(key, block, mapped)
     if "stage" in block:
         out.set("zero.stage", _int("zero_optimization.stage", block["stage"]), "zero_optimization.stage")
-    _ignore_rest(key, block, ("stage",), out)
+    for name in mapped[1:]:
+        if name in block:
+            _map_offload(f"{key}.{name}", block[name], f"zero.{name}", out)
+    _ignore_rest(key, block, mapped, out)
+
+
+def _map_offload(key: str, block: Any, target: str, out: _Translation) -> None:
+    """``offload_*: {device: cpu|none, pin_memory, buffer_count, ...}``: only ``device`` acts."""
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{key}={block!r} must be a block, e.g. {key}: {{device: cpu}}")
+    device = block.get("device", "none")
+    if device not in ("cpu", "none"):
+        raise ConfigError(f"{key}.device={device!r}: zjax offloads to host memory only; use device: cpu or none")
+    out.set(target, device, f"{key}.device")
+    for name in block:
+        if name != "device":
+            out.ignore(f"{key}.{name}", _OFFLOAD_TUNING)
 
 
 def _map_fp16(key: str, block: Any, out: _Translation) -> None:

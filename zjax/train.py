@@ -201,7 +201,7 @@ class TrainStep:
             rng=P(),
             layout_def=self.layout_def,
         )
-        self.state_sharding = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.state_specs)
+        self.state_sharding = self._place(self.state_specs)
         # check_vma=False: Pallas kernels in interpret mode cannot run under vma checks
         # (jax 0.10.2), and nothing here relies on them: gathers have explicit VJPs and
         # every reduction is written out (tests/test_zero_equivalence.py proves the grads).
@@ -212,7 +212,35 @@ class TrainStep:
             out_specs=(self.state_specs, P()),
             check_vma=False,
         )
-        self._step = jax.jit(step, donate_argnums=0)
+        self._step = jax.jit(
+            lambda state, batch: step(self._to_device(state), batch),
+            donate_argnums=0,
+            out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())),
+        )
+
+    def _place(self, specs: TrainState) -> TrainState:
+        """Shardings of the state; offloaded fields live in ``pinned_host`` memory between steps."""
+        zero_cfg = self.config.zero
+
+        def on(kind):
+            return lambda spec: NamedSharding(self.mesh, spec, memory_kind=kind)
+
+        host_master = "pinned_host" if "cpu" in (zero_cfg.offload_optimizer, zero_cfg.offload_param) else None
+        host_opt = "pinned_host" if zero_cfg.offload_optimizer == "cpu" else None
+        placed = jax.tree.map(on(None), specs)
+        return placed.replace(
+            master=jax.tree.map(on(host_master), specs.master),
+            opt_state=jax.tree.map(on(host_opt), specs.opt_state),
+        )
+
+    def _to_device(self, state: TrainState) -> TrainState:
+        """Inside jit: brings host-offloaded fields into device memory for the step."""
+        def fetch(x, sharding):
+            if sharding.memory_kind == "pinned_host":
+                return jax.device_put(x, sharding.with_memory_kind("device"))
+            return x
+
+        return jax.tree.map(fetch, state, self.state_sharding)
 
     # -- init -------------------------------------------------------------------------
 
@@ -386,9 +414,10 @@ class TrainStep:
                     lw, w = self._weighted_loss(to_params(diff), batch, jax.random.fold_in(state.rng, 2**31 - 1))
                 return lax.psum(lw, DATA) / lax.psum(w, DATA)
 
-            self._eval = jax.jit(
-                jax.shard_map(local, mesh=self.mesh, in_specs=(self.state_specs, P(DATA)), out_specs=P(), check_vma=False)
+            local_eval = jax.shard_map(
+                local, mesh=self.mesh, in_specs=(self.state_specs, P(DATA)), out_specs=P(), check_vma=False
             )
+            self._eval = jax.jit(lambda state, batch: local_eval(self._to_device(state), batch))
         return self._eval(state, self.shard_batch(batch))
 
     def _accumulate(self, state: TrainState, batch: Any):
