@@ -52,8 +52,8 @@ class GPT(nnx.Module):
         max_seq_len, rope_theta, tie_embeddings, norm_eps``.
       rngs: initialisation randomness.
       param_dtype: dtype the parameters are created in.
-      kernels: ``xla`` (plain XLA), or ``auto``/``pallas``/``interpret``: RMSNorm and
-        attention through ``pallas_kernels`` with that ``impl``.
+      kernels: ``xla`` (plain XLA), or ``auto``/``pallas``/``interpret``: RMSNorm,
+        attention and the loss's cross-entropy through ``pallas_kernels`` with that ``impl``.
 
     Example:
       >>> from types import SimpleNamespace
@@ -94,6 +94,11 @@ class GPT(nnx.Module):
 
         ``segment_ids [B, T]`` keeps packed documents from attending to each other.
         """
+        return jnp.einsum("btd,dv->btv", self.hidden(tokens, segment_ids), self.output_weights(),
+                          preferred_element_type=jnp.float32)
+
+    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """The final-normed hidden states ``[B, T, d_model]`` (what the output projection reads)."""
         seq_len = tokens.shape[1]
         if seq_len > self.max_seq_len:
             raise ValueError(f"tokens have length {seq_len}, longer than model.max_seq_len="
@@ -111,12 +116,11 @@ class GPT(nnx.Module):
             return nnx.merge(block_def, layer_state)(h, rope, mask, self.kernels)
 
         x = scan_layers(layer, x, block_state)
-        x = self.final_norm(x, self.kernels)
-        if self.tie_embeddings:
-            return jnp.einsum("btd,vd->btv", x, self.embedding[...],
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", x, self.lm_head[...],
-                          preferred_element_type=jnp.float32)
+        return self.final_norm(x, self.kernels)
+
+    def output_weights(self) -> jax.Array:
+        """The ``[d_model, vocab]`` output projection (the embedding, transposed, when tied)."""
+        return self.embedding[...].T if self.tie_embeddings else self.lm_head[...]
 
 
 def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
@@ -141,9 +145,15 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
     if segment_ids is not None:
         counted = counted * (segment_ids[:, 1:] == segment_ids[:, :-1])
         segment_ids = segment_ids[:, :-1]
-    logits = model(inputs, segment_ids=segment_ids)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    if model.kernels == "xla":
+        logits = model(inputs, segment_ids=segment_ids)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    else:
+        # vocabulary in chunks: full float32 logits never exist at once
+        nll = pallas_kernels.softmax_cross_entropy(
+            model.hidden(inputs, segment_ids=segment_ids), model.output_weights(), targets, impl=model.kernels
+        )
     weight = counted.sum()
     loss = (nll * counted).sum() / jnp.maximum(weight, 1.0)
     return loss, {"weight": weight}
