@@ -9,6 +9,8 @@ from pallas_kernels.attention import BlockSizes, attention_reference, flash_atte
 from pallas_kernels.cross_entropy import cross_entropy_reference, softmax_cross_entropy
 from pallas_kernels.dispatch import IMPLS, resolve_impl, shard_over_batch
 from pallas_kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from pallas_kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
+from pallas_kernels.unscale import unscale_and_check, unscale_and_check_reference
 
 __all__ = [
     "BlockSizes",
@@ -16,6 +18,8 @@ __all__ = [
     "attention_reference",
     "cross_entropy_reference",
     "flash_attention",
+    "geglu",
+    "geglu_reference",
     "layer_norm",
     "layer_norm_reference",
     "resolve_impl",
@@ -23,4 +27,8 @@ __all__ = [
     "rms_norm_reference",
     "shard_over_batch",
     "softmax_cross_entropy",
+    "swiglu",
+    "swiglu_reference",
+    "unscale_and_check",
+    "unscale_and_check_reference",
 ]
