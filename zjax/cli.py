@@ -1,4 +1,5 @@
-"""``zjax`` command line: ``zjax train CONFIG [key=value ...]`` and ``zjax config explain``.
+"""``zjax`` command line: ``zjax train CONFIG [key=value ...]``, ``zjax config explain``,
+``zjax plan`` and ``zjax report``.
 
 On CPU, zjax simulates 8 devices unless XLA_FLAGS sets a count, so ZeRO sharding runs
 on a laptop. XLA reads the flag when JAX creates its CPU backend on first use, so
@@ -10,10 +11,12 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from zjax.errors import CheckpointError, ConfigError
 
 SIMULATED_CPU_DEVICES = 8
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 EPILOG = (
@@ -74,6 +77,24 @@ def export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def plan(args: argparse.Namespace) -> None:
+    import json
+
+    from zjax.plan import format_plan, plan as make_plan
+
+    result = make_plan(args.config, args.overrides, params=args.params, devices=args.devices)
+    print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
+
+
+def report(args: argparse.Namespace) -> None:
+    import json
+
+    from zjax.report import format_report, report as make_report
+
+    result = make_report()
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zjax", description="DeepSpeed for JAX: ZeRO training from one config.", epilog=EPILOG
@@ -97,6 +118,30 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--to", required=True, metavar="FILE", help="the .safetensors file to write")
     out.add_argument("--step", type=int, default=None, help="the step to export (default: newest intact)")
     out.set_defaults(command=export)
+
+    mem = commands.add_parser(
+        "plan", help="per-device memory of every ZeRO stage, predicted and compiled", epilog=EPILOG,
+        description="Per-device memory of ZeRO stages 0-3 in the ZeRO paper's accounting and zjax's; "
+        "without --params the reference GPT's step is compiled for each stage and its memory_analysis "
+        "shown against the prediction.",
+    )
+    mem.add_argument("config", metavar="CONFIG", nargs="?", default=str(DEFAULT_CONFIG),
+                     help="a zjax YAML or a DeepSpeed JSON config (default: configs/base.yaml)")
+    mem.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. zero.stage=1 remat.policy=full"
+    )
+    mem.add_argument("--params", type=float, default=None, metavar="N",
+                     help="plan for N parameters instead of the config's model (analytic, nothing compiled)")
+    mem.add_argument("--devices", type=int, default=None, metavar="N",
+                     help="data-parallel devices (default: the visible devices)")
+    mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    mem.set_defaults(command=plan)
+
+    info = commands.add_parser(
+        "report", help="versions, backend, devices, kernel support (like ds_report)", epilog=EPILOG,
+    )
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(command=report)
 
     config = commands.add_parser("config", help="inspect a config")
     config_commands = config.add_subparsers(required=True, metavar="COMMAND")

@@ -32,6 +32,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import pallas_kernels
 from zjax import adapters, loss_scale, zero
 from zjax.config import Config, load_config
 from zjax.errors import ConfigError, LossScaleError
@@ -336,10 +337,12 @@ class TrainStep:
             grads, loss, weight = self._accumulate(state, batch)
         layouts, dt = self.layouts, self.dtypes
         sharded = self.stage > 0
-        grads = jax.tree.map(lambda g: g.astype(jnp.float32) / (weight * state.loss_scale.scale), grads)
-
-        local_bad = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))
-        finite = (lax.psum(local_bad, DATA) if sharded else local_bad) == 0
+        # one pass: divide by loss scale x total weight and check every element is finite
+        grads, local_finite = pallas_kernels.unscale_and_check(
+            jax.tree.map(lambda g: g.astype(jnp.float32), grads), weight * state.loss_scale.scale,
+            impl=self.config.kernels,
+        )
+        finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if sharded else local_finite
         sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
         grad_norm = jnp.sqrt(lax.psum(sq, DATA) if sharded else sq)
         clip = self.config.gradient_clipping
