@@ -24,7 +24,7 @@ from zjax.remat import LAYER_INPUT, RematPolicy, remat_policy
 @dataclasses.dataclass(frozen=True)
 class _LayerContext:
     policy: RematPolicy = RematPolicy()
-    zero3: bool = False
+    sharded_params: bool = False
     # When a list, scan_layers appends what one layer saves for the backward pass.
     residuals: list | None = None
 
@@ -33,24 +33,25 @@ _CONTEXT = contextvars.ContextVar("zjax_layer_context", default=_LayerContext())
 
 
 @contextlib.contextmanager
-def layer_context(policy: Any = "none", zero3: bool = False, residuals: list | None = None):
+def layer_context(policy: Any = "none", sharded_params: bool = False, residuals: list | None = None):
     """Sets the remat policy and ZeRO-3 mode seen by ``scan_layers`` while tracing.
 
     Args:
       policy: a policy name from ``zjax.remat.POLICIES``, or the ``remat`` config
         block (needed for ``custom``: it carries ``names``), or a ``RematPolicy``.
-      zero3: whether stacked parameters arrive as ZeRO-3 shards to gather per layer.
+      sharded_params: whether stacked parameters arrive as ``zero.ShardedParam``
+        (ZeRO-2 and ZeRO-3), opened one layer at a time.
       residuals: a list that each ``scan_layers`` call appends to, once per trace, with
         ``(n_layers, saved_residuals of one layer)`` (what ``zjax.remat.remat_report`` reads).
     """
-    token = _CONTEXT.set(_LayerContext(remat_policy(policy), zero3, residuals))
+    token = _CONTEXT.set(_LayerContext(remat_policy(policy), sharded_params, residuals))
     try:
         yield
     finally:
         _CONTEXT.reset(token)
 
 
-def checkpoint_policy(policy: Any, zero3: bool):
+def checkpoint_policy(policy: Any, sharded_params: bool):
     """The jax.checkpoint policy for ``policy`` (a name or ``RematPolicy``); None means no checkpoint.
 
     Under ZeRO-3 a layer is always checkpointed and the gathered parameters are
@@ -58,12 +59,12 @@ def checkpoint_policy(policy: Any, zero3: bool):
     pass, which is what makes ZeRO-3 save memory.
     """
     base = remat_policy(policy).jax_policy()
-    if not zero3:
+    if not sharded_params:
         return base
     base = base or jax.checkpoint_policies.everything_saveable
 
     def policy_fn(prim, *args, **params):
-        if zero.is_param_gather(prim, params):
+        if zero.is_zero_param(prim, params):
             return False
         return base(prim, *args, **params)
 
@@ -92,7 +93,7 @@ def scan_layers(fn: Callable[[Any, Any], Any], carry: Any, stacked_params: Any) 
         c = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), c)
         return fn(c, zero.materialize_layer(p))
 
-    policy = checkpoint_policy(ctx.policy, ctx.zero3)
+    policy = checkpoint_policy(ctx.policy, ctx.sharded_params)
     if policy is not None:
         layer = jax.checkpoint(layer, policy=policy)
     if ctx.residuals is not None:

@@ -333,7 +333,7 @@ class TrainStep:
 
     def _local_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """The per-device program (inside shard_map over ``data``)."""
-        with layer_context(self.config.remat, zero3=self.stage == 3):
+        with layer_context(self.config.remat, sharded_params=self.stage >= 2):
             grads, loss, weight = self._accumulate(state, batch)
         layouts, dt = self.layouts, self.dtypes
         sharded = self.stage > 0
@@ -384,12 +384,17 @@ class TrainStep:
         return new_state, metrics
 
     def _compute_params(self, state: TrainState):
-        """The differentiable inputs of the loss and how to turn them into the user's params."""
+        """The differentiable inputs of the loss and how to turn them into the user's params.
+
+        Stages 2 and 3 differentiate with respect to this device's flat shard, so every
+        parameter's gradient is reduce-scattered as soon as its (layer's) backward pass
+        has produced it: ZeRO-3 gathers the shard, ZeRO-2 reads the replicated copy.
+        """
         layouts, dt = self.layouts, self.dtypes
         if self.stage == 3:
             def to_params(d):
                 return map_layouts(
-                    lambda lay, s: zero.Zero3Param(s, lay, dt.compute, dt.reduce)
+                    lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
                     if lay.stacked
                     else zero.gather_for_compute(s, lay, dt.compute, dt.reduce),
                     layouts,
@@ -397,9 +402,22 @@ class TrainStep:
                 )
 
             return state.master, to_params
+        compute = jax.tree.map(lambda x: x.astype(dt.compute), state.replicated)
+        if self.stage == 2:
+            def to_params(d):
+                return map_layouts(
+                    lambda lay, s, full: zero.ShardedParam(s, lay, dt.compute, dt.reduce, full=full)
+                    if lay.stacked
+                    else zero.take_for_compute(s, full, lay, dt.reduce),
+                    layouts,
+                    d,
+                    compute,
+                )
+
+            shards = map_layouts(lambda lay, x: zero.local_slice(zero.flatten(x, lay), lay), layouts, compute)
+            return shards, to_params
         # Marked varying so that the gradient stays local until we reduce it.
-        diff = jax.tree.map(lambda x: lax.pcast(x.astype(dt.compute), DATA, to="varying"), state.replicated)
-        return diff, lambda d: d
+        return jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), compute), lambda d: d
 
     def _weighted_loss(self, params, batch, key):
         """(loss * weight, weight) of one micro-batch, in float32."""
@@ -412,7 +430,7 @@ class TrainStep:
         """The (weighted) mean loss on a global batch, without updating anything."""
         if self._eval is None:
             def local(state, batch):
-                with layer_context("none", zero3=self.stage == 3):
+                with layer_context("none", sharded_params=self.stage >= 2):
                     diff, to_params = self._compute_params(state)
                     lw, w = self._weighted_loss(to_params(diff), batch, jax.random.fold_in(state.rng, 2**31 - 1))
                 return lax.psum(lw, DATA) / lax.psum(w, DATA)
@@ -443,18 +461,13 @@ class TrainStep:
         else:
             acc0 = map_layouts(lambda lay: jnp.zeros(lay.local_shape, dt.accum), layouts)
 
-        def add(acc, g):
-            if stage == 2:
-                g = map_layouts(
-                    lambda lay, x: zero.reduce_scatter_grads(zero.flatten(x.astype(dt.reduce), lay), lay), layouts, g
-                )
-            return jax.tree.map(lambda a, x: a + x.astype(dt.accum), acc, g)
-
         def body(carry, xs):
             acc, loss_sum, w_sum = carry
             mb, i = xs
+            # stages 2-3: g is already this device's reduce-scattered shard
             g, (lw, w) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
-            return (add(acc, g), loss_sum + lw, w_sum + w), None
+            acc = jax.tree.map(lambda a, x: a + x.astype(dt.accum), acc, g)
+            return (acc, loss_sum + lw, w_sum + w), None
 
         carry0 = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), (acc0, jnp.float32(0), jnp.float32(0)))
         (acc, loss_sum, w_sum), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))

@@ -8,8 +8,9 @@ at a time and ZeRO-3 can gather one layer at a time.
 
 The collectives are explicit (inside ``jax.shard_map`` over ``data``):
 ``reduce_scatter_grads`` for gradients, ``all_gather_params`` for updated params,
-and ``gather_for_compute`` for ZeRO-3's just-in-time parameter gathering, whose
-backward pass is a reduce-scatter.
+``gather_for_compute`` for ZeRO-3's just-in-time parameter gathering, whose
+backward pass is a reduce-scatter, and ``take_for_compute``, ZeRO-2's reduce-scatter
+of each layer's gradient inside the backward pass.
 """
 from __future__ import annotations
 
@@ -163,6 +164,19 @@ def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_
     return _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard)
 
 
+def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_dtype) -> jax.Array:
+    """ZeRO-2's parameter use: the replicated compute copy ``full`` goes forward as it is;
+    the backward pass reduce-scatters its cotangent into ``shard``'s layout, so a layer's
+    full gradient exists only while that layer's backward runs.
+    """
+    return _take_op(lay, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard, full)
+
+
+def _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype):
+    flat = flatten(ct.astype(reduce_dtype), lay)
+    return lax.psum_scatter(flat, DATA, scatter_dimension=flat.ndim - 1, tiled=True).astype(shard_dtype)
+
+
 @functools.lru_cache(maxsize=None)
 def _gather_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype):
     @jax.custom_vjp
@@ -173,43 +187,61 @@ def _gather_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype):
     def fwd(shard):
         return gather(shard), None
 
-    def bwd(_, ct):
-        flat = flatten(ct.astype(reduce_dtype), lay)
-        return (lax.psum_scatter(flat, DATA, scatter_dimension=flat.ndim - 1, tiled=True).astype(master_dtype),)
+    def zero_param_bwd(_, ct):
+        return (_reduce_scatter_cotangent(ct, lay, reduce_dtype, master_dtype),)
 
-    gather.defvjp(fwd, bwd)
+    gather.defvjp(fwd, zero_param_bwd)
     return gather
 
 
-def is_param_gather(prim, params) -> bool:
-    """True for the custom_vjp call that ``gather_for_compute`` traces to."""
-    if prim.name != "custom_vjp_call":
-        return False
-    jaxpr = params.get("call_jaxpr")
-    eqns = getattr(getattr(jaxpr, "jaxpr", jaxpr), "eqns", ())
-    return any(e.primitive.name == "all_gather" for e in eqns)
+@functools.lru_cache(maxsize=None)
+def _take_op(lay: LeafLayout, reduce_dtype, shard_dtype):
+    @jax.custom_vjp
+    def take(shard, full):
+        return full
+
+    def fwd(shard, full):
+        return full, None
+
+    def zero_param_bwd(_, ct):
+        return _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype), None
+
+    take.defvjp(fwd, zero_param_bwd)
+    return take
+
+
+def is_zero_param(prim, params) -> bool:
+    """True for the custom_vjp call of ``gather_for_compute`` or ``take_for_compute``.
+
+    Their outputs are parameters the remat policy must never save: ZeRO-3 gathers
+    them again, ZeRO-2 reads them again from the replicated copy.
+    """
+    return prim.name == "custom_vjp_call" and "zero_param_bwd" in str(params.get("bwd"))
 
 
 @jax.tree_util.register_pytree_node_class
-class Zero3Param:
-    """A stacked parameter still sharded over ``data``; ``scan_layers`` gathers it per layer.
+class ShardedParam:
+    """A stacked parameter whose gradient goes to a ``data`` shard; ``scan_layers`` opens it per layer.
 
-    Model code never looks inside: it passes the stacked tree to ``scan_layers``,
-    which hands the layer function plain arrays of the user's per-layer shape.
+    ZeRO-3 (``full`` is None): the shard is all there is; each layer gathers it.
+    ZeRO-2: ``full`` is the replicated compute copy; each layer reads it and its
+    backward reduce-scatters into the shard. Model code never looks inside: it passes
+    the stacked tree to ``scan_layers``, which hands the layer function plain arrays.
     """
 
-    def __init__(self, shard, layout: LeafLayout, compute_dtype, reduce_dtype):
+    def __init__(self, shard, layout: LeafLayout, compute_dtype, reduce_dtype, full=None):
         self.shard = shard
+        self.full = full
         self.layout = layout
         self.compute_dtype = compute_dtype
         self.reduce_dtype = reduce_dtype
 
     def tree_flatten(self):
-        return (self.shard,), (self.layout, self.compute_dtype, self.reduce_dtype)
+        return (self.shard, self.full), (self.layout, self.compute_dtype, self.reduce_dtype)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(children[0], *aux)
+        return cls(children[0], *aux, full=children[1])
 
     @property
     def shape(self):
@@ -223,20 +255,22 @@ class Zero3Param:
 
     def _misuse(self) -> TypeError:
         return TypeError(
-            f"a ZeRO-3 stacked parameter of shape {self.layout.shape} was used as an array; parameters "
+            f"a ZeRO-2/3 stacked parameter of shape {self.layout.shape} was used as an array; parameters "
             "whose first logical axis is 'layers' must go through zjax.scan_layers(fn, carry, stacked), "
             "which gathers one layer at a time (or drop 'layers' from their logical axes)"
         )
 
     def gather_layer(self) -> jax.Array:
-        """The gathered parameter of one layer (call on a per-layer slice)."""
-        return gather_for_compute(self.shard, self.layout.per_layer(), self.compute_dtype, self.reduce_dtype)
+        """The parameter of one layer (call on a per-layer slice)."""
+        if self.full is None:
+            return gather_for_compute(self.shard, self.layout.per_layer(), self.compute_dtype, self.reduce_dtype)
+        return take_for_compute(self.shard, self.full, self.layout.per_layer(), self.reduce_dtype)
 
 
 def materialize_layer(layer_params: Any) -> Any:
-    """Replaces every Zero3Param of one layer's slice by its gathered array."""
+    """Replaces every ShardedParam of one layer's slice by its array."""
     return jax.tree.map(
-        lambda p: p.gather_layer() if isinstance(p, Zero3Param) else p,
+        lambda p: p.gather_layer() if isinstance(p, ShardedParam) else p,
         layer_params,
-        is_leaf=lambda p: isinstance(p, Zero3Param),
+        is_leaf=lambda p: isinstance(p, ShardedParam),
     )
