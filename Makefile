@@ -1,6 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 
 .PHONY: demo test install bench clean
 
@@ -19,11 +20,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
+BENCHMARKS := zero remat kernels checkpoint
+
+# Runs every benchmark and writes what they print, with date and machine, to benchmarks/RESULTS.md.
 bench: $(VENV)/.installed
-	$(PY) benchmarks/zero.py
-	$(PY) benchmarks/remat.py
-	$(PY) benchmarks/kernels.py
-	$(PY) benchmarks/checkpoint.py
+	{ echo "# Benchmark results"; echo; echo "\`make bench\` on $$(date -u +%Y-%m-%d), $$(uname -m), $$(nproc) cores, $$($(PY) -c 'import jax; print("jax", jax.__version__)')"; \
+	  for b in $(BENCHMARKS); do echo; echo "## benchmarks/$$b.py"; echo; echo '```'; $(PY) benchmarks/$$b.py 2>&1 | grep -v '^WARNING'; echo '```'; done; } \
+	  | tee benchmarks/RESULTS.md.tmp && mv benchmarks/RESULTS.md.tmp benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
