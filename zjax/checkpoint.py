@@ -140,17 +140,7 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         """The newest step that is committed and intact, or None."""
-        for step in reversed(self._candidate_steps()):
-            problem = verify_step(self.directory / str(step))
-            if problem is None:
-                return step
-            logger.warning("checkpoint step %d in %s is damaged, skipped: %s", step, self.directory, problem)
-        return None
-
-    def _candidate_steps(self) -> list[int]:
-        if not self.directory.exists():
-            return []
-        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        return newest_intact_step(self.directory)
 
     # -- restoring --------------------------------------------------------------------
 
@@ -166,14 +156,7 @@ class Checkpointer:
           ``(state, extra)``.
         """
         self._commit_pending()
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise CheckpointError(f"no intact checkpoint in {self.directory}")
-        else:
-            problem = verify_step(self.directory / str(step))
-            if problem is not None:
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged: {problem}")
+        step = intact_step(self.directory, step)
         if train.layouts is None:
             train.prepare()
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -278,6 +261,31 @@ def _portable_sharding(mesh, shape) -> NamedSharding:
 # -- verification -----------------------------------------------------------------------
 
 
+def newest_intact_step(directory: Path) -> int | None:
+    """The newest step under ``directory`` whose files match its manifest; warns about damaged ones."""
+    if not directory.exists():
+        return None
+    for step in sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True):
+        problem = verify_step(directory / str(step))
+        if problem is None:
+            return step
+        logger.warning("checkpoint step %d in %s is damaged, skipped: %s", step, directory, problem)
+    return None
+
+
+def intact_step(directory: Path, step: int | None = None) -> int:
+    """``step`` if it is intact, or the newest intact step when None; else ``CheckpointError``."""
+    if step is None:
+        step = newest_intact_step(directory)
+        if step is None:
+            raise CheckpointError(f"no intact checkpoint in {directory}")
+        return step
+    problem = verify_step(directory / str(step))
+    if problem is not None:
+        raise CheckpointError(f"checkpoint step {step} in {directory} is damaged: {problem}")
+    return step
+
+
 def _write_manifest(path: Path) -> None:
     files = {}
     for root, _, names in os.walk(path):
@@ -354,14 +362,7 @@ def load_params(directory, step: int | None = None) -> Any:
       step: a step, or None for the newest intact one.
     """
     directory = Path(directory).absolute()
-    ckpt_steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True)
-    if step is None:
-        step = next((s for s in ckpt_steps if verify_step(directory / str(s)) is None), None)
-        if step is None:
-            raise CheckpointError(f"no intact checkpoint in {directory}")
-    problem = verify_step(directory / str(step))
-    if problem is not None:
-        raise CheckpointError(f"checkpoint step {step} in {directory} is damaged: {problem}")
+    step = intact_step(directory, step)
     handler = ocp.PyTreeCheckpointer()
     path = directory / str(step) / "state"
     params_meta = handler.metadata(path).item_metadata.tree["params"]

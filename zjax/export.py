@@ -16,8 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from zjax.checkpoint import Checkpointer
-from zjax.errors import CheckpointError, ConfigError
+from zjax.checkpoint import intact_step
+from zjax.errors import ConfigError
 
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32", "int64": "I64"}
 
@@ -33,11 +33,9 @@ def export_safetensors(directory, out_path, step: int | None = None) -> Path:
     Returns:
       The path written.
     """
-    ckpt = Checkpointer(_checkpoint_dir(directory))
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no intact checkpoint in {ckpt.directory}")
-    state_dir = ckpt.directory / str(step) / "state"
+    directory = _checkpoint_dir(directory).absolute()
+    step = intact_step(directory, step)
+    state_dir = directory / str(step) / "state"
     handler = ocp.PyTreeCheckpointer()
     params_meta = handler.metadata(state_dir).item_metadata.tree["params"]
     entries = [(_name(path), meta) for path, meta in jax.tree_util.tree_leaves_with_path(params_meta)]

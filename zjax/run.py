@@ -49,7 +49,6 @@ def train_run(cfg: Config) -> dict:
     ckpt = _checkpointer(cfg)
     start = 0
     if ckpt is not None and ckpt.latest_step() is not None:
-        train.prepare()
         state, extra = ckpt.restore(train)
         start = int(extra["step"])
         print(f"resumed from step {start} of {ckpt.directory}")
