@@ -28,7 +28,13 @@ EPILOG = (
 def main(argv: list[str] | None = None) -> int:
     """Runs the ``zjax`` command; returns 0, or exits with status 2 on a config error."""
     simulate_cpu_devices()
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow an option (``train CFG --local-processes 2 steps=5``)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
         args.command(args)
@@ -49,8 +55,13 @@ def simulate_cpu_devices(environ=os.environ) -> None:
 
 def train(args: argparse.Namespace) -> None:
     from zjax.config import load_config
+    from zjax.distributed import initialize, launch_local
 
     cfg = load_config(args.config, args.overrides)
+    if args.local_processes is not None:
+        sys.exit(launch_local(["train", args.config, *args.overrides], args.local_processes))
+    # Before anything touches a device: a multi-host job joins its peers here.
+    initialize()
     from zjax.run import train_run
 
     train_run(cfg)
@@ -107,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
         "steps=N and output_dir=DIR are config keys like any other.",
     )
     _add_config_args(run)
+    run.add_argument("--local-processes", type=int, default=None, metavar="P",
+                     help="run as P local processes joined on 127.0.0.1, the simulated devices split "
+                     "between them (tests multi-host behaviour on one machine)")
     run.set_defaults(command=train)
 
     out = commands.add_parser(

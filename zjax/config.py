@@ -353,11 +353,31 @@ class CheckpointsConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Training text and how it is cut into sequences."""
+    """Training tokens and how they are cut into sequences (``zjax.pipeline`` reads them)."""
 
-    dataset: str = "stdlib"
+    dataset: Literal["stdlib", "text_dir", "tokens"] = "stdlib"
+    path: str | None = None
+    eos_id: int | None = Field(None, ge=0)
     seq_len: int = Field(128, gt=0)
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    prefetch: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.dataset != "stdlib" and self.path is None:
+            what = "a directory of text files" if self.dataset == "text_dir" else "a .npy file of token ids"
+            raise ValueError(f"dataset={self.dataset!r} reads data.path, which is null; set data.path to {what}")
+        if self.dataset == "stdlib" and self.path is not None:
+            raise ValueError(
+                f"path={self.path!r} is not read by dataset='stdlib'; use data.dataset: text_dir (a directory "
+                "of text files) or tokens (a .npy file), or data.path: null"
+            )
+        if self.eos_id is not None and self.dataset != "tokens":
+            raise ValueError(
+                f"eos_id={self.eos_id} only applies to dataset='tokens' (got dataset={self.dataset!r}); "
+                "set data.eos_id: null or use data.dataset: tokens"
+            )
+        return self
 
 
 class Config(_Section):

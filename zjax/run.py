@@ -46,12 +46,14 @@ def train_run(cfg: Config) -> dict:
     tokens_per_step = batch_size * seq_len
     params = count_params(cfg.model)
 
+    lead = jax.process_index() == 0
     ckpt = _checkpointer(cfg)
     start = 0
     if ckpt is not None and ckpt.latest_step() is not None:
         state, extra = ckpt.restore(train)
         start = int(extra["step"])
-        print(f"resumed from step {start} of {ckpt.directory}")
+        if lead:
+            print(f"resumed from step {start} of {ckpt.directory}")
     else:
         state = train.init()
     if start >= cfg.steps:
@@ -73,7 +75,7 @@ def train_run(cfg: Config) -> dict:
 
     val_loss_start = evaluate(state, 0) if start == 0 else None
     stop = _StopSignal()
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not lead)
     pending: list[dict] = []
     timed_tokens, timed_seconds = 0, 0.0
     since = time.perf_counter()
@@ -85,8 +87,10 @@ def train_run(cfg: Config) -> dict:
         step = k + 1
         eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps
         save_now = ckpt is not None and ckpt.should_save(step) and step != cfg.steps
+        # Every process must take the same branch: a signal or a timed save seen by one is done by all.
+        stopping, save_now = _agree(stop.seen is not None, save_now)
         # The first step is fetched on its own so compilation stays out of the later rates.
-        if step == start + 1 or step % cfg.log_every == 0 or step == cfg.steps or eval_now or save_now or stop.seen:
+        if step == start + 1 or step % cfg.log_every == 0 or step == cfg.steps or eval_now or save_now or stopping:
             host = jax.device_get(pending)
             seconds = time.perf_counter() - since
             rate = len(host) * tokens_per_step / seconds
@@ -103,18 +107,20 @@ def train_run(cfg: Config) -> dict:
             if save_now:
                 save(state, step)
             since = time.perf_counter()
-        if stop.seen:
+        if stopping:
             break
     bar.close()
     stop.restore()
-    if stop.seen and step < cfg.steps:
+    if stopping and step < cfg.steps:
         save(state, step)
         if ckpt is not None:
             ckpt.close()
         log.close()
         where = ckpt.directory if ckpt is not None else "nowhere (no output_dir)"
-        print(f"stopped by {stop.seen} after step {step}; saved to {where}")
-        return {"params": params, "steps": step, "stopped": stop.seen}
+        reason = stop.seen or "a signal to another process"
+        if lead:
+            print(f"stopped by {reason} after step {step}; saved to {where}")
+        return {"params": params, "steps": step, "stopped": reason}
     val_loss_end = evaluate(state, cfg.steps)
     save(state, cfg.steps)
     if ckpt is not None:
@@ -128,12 +134,23 @@ def train_run(cfg: Config) -> dict:
         "val_loss_end": val_loss_end,
         "tokens_per_s": timed_tokens / timed_seconds if timed_seconds else float("nan"),
     }
-    print(
-        f"{params:,} params, {cfg.steps} steps on {train.data_size} devices (ZeRO-{cfg.zero.stage}, "
-        f"{cfg.precision.compute_dtype}): val loss {_fmt(val_loss_start)} -> {val_loss_end:.4f}, "
-        f"{summary['tokens_per_s']:,.0f} tokens/s after step 1, {time.perf_counter() - started:.1f} s wall"
-    )
+    if lead:
+        print(
+            f"{params:,} params, {cfg.steps} steps on {train.data_size} devices (ZeRO-{cfg.zero.stage}, "
+            f"{cfg.precision.compute_dtype}): val loss {_fmt(val_loss_start)} -> {val_loss_end:.4f}, "
+            f"{summary['tokens_per_s']:,.0f} tokens/s after step 1, {time.perf_counter() - started:.1f} s wall"
+        )
     return summary
+
+
+def _agree(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, true when it is true in any process (one small host all-gather per call)."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    seen = multihost_utils.process_allgather(np.asarray(flags, np.int32))
+    return tuple(bool(x) for x in np.asarray(seen).reshape(-1, len(flags)).any(axis=0))
 
 
 def _checkpointer(cfg: Config) -> Checkpointer | None:
@@ -172,7 +189,7 @@ class _MetricsLog:
 
     def __init__(self, cfg: Config, keep_through: int = 0):
         self.file = None
-        if cfg.output_dir is None:
+        if cfg.output_dir is None or jax.process_index() != 0:
             return
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
