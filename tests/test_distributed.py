@@ -1,6 +1,7 @@
 """Multi-process training on one machine: ``zjax.distributed`` and ``zjax train --local-processes``."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,8 +27,8 @@ def cli_env():
     return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
 
 
-def test_two_processes_train_like_one(tmp_path):
-    overrides = ["steps=10", "zero.stage=3", "log_every=1"]
+def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
+    overrides = ["steps=10", "zero.stage=3", "log_every=1", "checkpoints.every_steps=5", "checkpoints.keep=2"]
     proc = subprocess.run([*ZJAX, "train", "configs/tiny.yaml", "--local-processes", "2", *overrides,
                            f"output_dir={tmp_path / 'two'}"], cwd=ROOT, env=cli_env(), capture_output=True,
                           text=True, timeout=240)
@@ -38,6 +39,12 @@ def test_two_processes_train_like_one(tmp_path):
     assert len(two) == len(one) == 10
     assert two == pytest.approx(one, rel=1e-5)
     assert two[-1] < two[0]
+
+    # The two-process run's step-5 checkpoint (params and data iterator) resumes on one process.
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "10")
+    train_run(zjax.load_config("configs/tiny.yaml", [*overrides, f"output_dir={tmp_path / 'resumed'}"]))
+    assert losses(tmp_path / "resumed") == pytest.approx(one, rel=1e-5)
 
 
 def test_a_killed_process_stops_the_run_with_a_clear_error(tmp_path):

@@ -1,4 +1,4 @@
-"""``train_run``: the training loop behind ``zjax train`` — the reference GPT on stdlib bytes.
+"""``train_run``: the training loop behind ``zjax train`` — the reference GPT on the config's data.
 
 Fetching metrics from the device waits for the step, so the loop only does it every
 ``log_every`` steps: the device metrics of the steps in between are kept and written
@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from zjax.checkpoint import Checkpointer
 from zjax.config import Config
-from zjax.data import TextCorpus
-from zjax.errors import ConfigError
 from zjax.models.gpt import count_params, gpt_loss, make_gpt
+from zjax.pipeline import make_loader, token_datasets
 from zjax.train import METRICS, make_train_step
 
 # Enough text for a demo while keeping start-up to a few seconds.
@@ -37,21 +36,23 @@ def train_run(cfg: Config) -> dict:
       ``tokens_per_s`` is the mean after the first step (which includes compilation).
     """
     started = time.perf_counter()
-    if cfg.data.dataset != "stdlib":
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r} is not available; use data.dataset=stdlib")
-    corpus = TextCorpus.stdlib(cfg.data.val_fraction, max_bytes=MAX_CORPUS_BYTES, seed=cfg.seed)
+    datasets = token_datasets(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.seed, max_bytes=MAX_CORPUS_BYTES)
     model = make_gpt(cfg.model, seed=cfg.seed, kernels=cfg.kernels)
     train = make_train_step(cfg, gpt_loss, model=model)
-    batch_size, seq_len = train.global_batch_size, cfg.data.seq_len
-    tokens_per_step = batch_size * seq_len
+    batch_size = train.global_batch_size
+    tokens_per_step = batch_size * cfg.data.seq_len
     params = count_params(cfg.model)
 
     lead = jax.process_index() == 0
     ckpt = _checkpointer(cfg)
     start = 0
+    # Each process reads only its rows of every global batch (zjax.pipeline).
+    loader = make_loader(datasets["train"], batch_size, seed=cfg.seed, prefetch=cfg.data.prefetch)
     if ckpt is not None and ckpt.latest_step() is not None:
         state, extra = ckpt.restore(train)
         start = int(extra["step"])
+        # The saved iterator state is checked against this run's data, seed and batch size.
+        loader.restore(extra.get("data", {**loader.state(), "next_batch": start}))
         if lead:
             print(f"resumed from step {start} of {ckpt.directory}")
     else:
@@ -60,9 +61,8 @@ def train_run(cfg: Config) -> dict:
         print(f"{ckpt.directory} already holds step {start}; raise steps to train further")
         return {"params": params, "steps": start}
     log = _MetricsLog(cfg, keep_through=start)
-    val_batches = [
-        train.shard_batch(corpus.batch("val", k, batch_size, seq_len, seed=cfg.seed)) for k in range(cfg.eval_batches)
-    ]
+    val = make_loader(datasets["val"], batch_size, shuffle=False, prefetch=0)
+    val_batches = [val.global_batch(val.local_batch(k), train.batch_sharding) for k in range(cfg.eval_batches)]
 
     def evaluate(state, step: int) -> float:
         loss = float(np.mean(jax.device_get([train.evaluate(state, b) for b in val_batches])))
@@ -71,7 +71,7 @@ def train_run(cfg: Config) -> dict:
 
     def save(state, step: int) -> None:
         if ckpt is not None:
-            ckpt.save(step, state, extra={"step": step}, config=cfg)
+            ckpt.save(step, state, extra={"step": step, "data": loader.state()}, config=cfg)
 
     val_loss_start = evaluate(state, 0) if start == 0 else None
     stop = _StopSignal()
@@ -81,7 +81,7 @@ def train_run(cfg: Config) -> dict:
     since = time.perf_counter()
     step = start
     for k in range(start, cfg.steps):
-        state, metrics = train(state, corpus.batch("train", k, batch_size, seq_len, seed=cfg.seed))
+        state, metrics = train(state, loader.global_batch(next(loader), train.batch_sharding))
         pending.append(metrics)
         bar.update(1)
         step = k + 1
@@ -110,6 +110,7 @@ def train_run(cfg: Config) -> dict:
         if stopping:
             break
     bar.close()
+    loader.close()
     stop.restore()
     if stopping and step < cfg.steps:
         save(state, step)
