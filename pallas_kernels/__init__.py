@@ -2,12 +2,14 @@
 
 Every kernel takes ``impl="auto" | "pallas" | "interpret" | "xla"`` (see
 ``pallas_kernels.dispatch``); ``shard_over_batch`` runs a kernel once per batch shard.
-Pallas kernels: ``rms_norm``, ``layer_norm``, ``flash_attention``.
-``softmax_cross_entropy`` is a chunked XLA loop with a custom VJP.
+Pallas kernels (Triton-style, for GPU): ``rms_norm``, ``layer_norm``,
+``flash_attention``, ``swiglu``, ``geglu``, ``softmax_cross_entropy`` (its ``"xla"``
+impl is a chunked XLA loop) and ``unscale_and_check``. On TPU only ``flash_attention``
+has a kernel: the upstream Mosaic one. They have run in Pallas interpret mode only.
 """
 from pallas_kernels.attention import BlockSizes, attention_reference, flash_attention
 from pallas_kernels.cross_entropy import cross_entropy_reference, softmax_cross_entropy
-from pallas_kernels.dispatch import IMPLS, resolve_impl, shard_over_batch
+from pallas_kernels.dispatch import IMPLS, KERNEL_BACKENDS, resolve_impl, shard_over_batch
 from pallas_kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
 from pallas_kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
 from pallas_kernels.unscale import unscale_and_check, unscale_and_check_reference
@@ -15,6 +17,7 @@ from pallas_kernels.unscale import unscale_and_check, unscale_and_check_referenc
 __all__ = [
     "BlockSizes",
     "IMPLS",
+    "KERNEL_BACKENDS",
     "attention_reference",
     "cross_entropy_reference",
     "flash_attention",

@@ -11,6 +11,12 @@ The forward kernel saves the float32 log-sum-exp of every query row; the backwar
 is two kernels that recompute the probabilities block by block: one over query blocks
 (``dq``), one over key blocks (``dk``, ``dv`` per query head, summed over each group of
 query heads outside the kernel).
+
+On TPU, ``impl="pallas"`` (and ``"auto"``) runs the upstream Mosaic kernel,
+``jax.experimental.pallas.ops.tpu.flash_attention``, through ``_tpu_flash_attention``:
+it takes ``[batch, heads, len, head_dim]``, needs as many kv heads as query heads
+(grouped kv heads are repeated), and key blocks that are multiples of 128 lanes, so
+lengths are padded to whole blocks and padded keys are put in a segment of their own.
 """
 from __future__ import annotations
 
@@ -22,10 +28,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import dispatch
 from pallas_kernels.dispatch import match_cotangent, pallas_call, resolve_impl, round_up
 
 # Finite, so that exp(masked - running_max) is 0, never nan.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The upstream TPU kernel's key blocks and (above it) head_dim are multiples of 128 lanes.
+_TPU_LANES = 128
 
 
 class BlockSizes(NamedTuple):
@@ -50,8 +59,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         ``q_len == kv_len``); a query sees only keys of its own segment.
       scale: multiplies the scores; default ``1 / sqrt(head_dim)``.
       impl: ``"auto" | "pallas" | "interpret" | "xla"`` (see ``pallas_kernels.dispatch``).
-      block_sizes: ``BlockSizes(block_q, block_kv)`` or a pair; default 128 each, cut
-        down to the (padded) sequence length.
+      block_sizes: ``BlockSizes(block_q, block_kv)`` or a pair; default 128 each. On
+        GPU (and in interpret mode) they are cut down to the (padded) sequence length
+        and must be powers of two >= 16; on TPU they must be multiples of 128.
 
     Returns:
       ``[batch, q_len, heads, head_dim]`` in ``q``'s dtype. A query that sees no key
@@ -67,9 +77,13 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     """
     _check_shapes(q, k, v, segment_ids)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    impl = resolve_impl("flash_attention", impl, _unsupported(q, block_sizes))
+    here = dispatch.backend()
+    impl = resolve_impl("flash_attention", impl, _unsupported(q, block_sizes, here))
     if impl == "xla":
         return attention_reference(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale)
+    if impl == "pallas" and here == "tpu":
+        return _tpu_flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
+                                    block_sizes=block_sizes)
     block_q, block_kv = _block_sizes(q.shape[1], k.shape[1], block_sizes)
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
@@ -117,7 +131,13 @@ def _check_shapes(q, k, v, segment_ids):
                          f"(kv_len is {k.shape[1]})")
 
 
-def _unsupported(q, block_sizes) -> str | None:
+def _unsupported(q, block_sizes, backend) -> str | None:
+    if backend == "tpu":
+        for b in block_sizes or ():
+            if b % _TPU_LANES:
+                return (f"block size {b} in block_sizes={tuple(block_sizes)} is not a multiple "
+                        f"of {_TPU_LANES} (the TPU kernel's lanes)")
+        return None
     d = q.shape[-1]
     if d < 16 or d & (d - 1):
         return f"head_dim {d} is not a power of two >= 16 (Triton dot shapes)"
@@ -131,6 +151,50 @@ def _block_sizes(q_len, kv_len, block_sizes) -> tuple[int, int]:
     block_q, block_kv = BlockSizes(*(block_sizes or ()))
     return (min(block_q, max(16, pl.next_power_of_2(q_len))),
             min(block_kv, max(16, pl.next_power_of_2(kv_len))))
+
+
+def _tpu_flash_attention(q, k, v, *, causal, segment_ids, scale, block_sizes=None):
+    """Our layout and semantics through the upstream TPU (Mosaic) flash attention kernel.
+
+    Called by ``flash_attention`` on TPU; tests call it directly on CPU under
+    ``pltpu.force_tpu_interpret_mode()``. The upstream kernel has its own custom VJP.
+    Arguments as in ``flash_attention`` (``scale`` already resolved to a float).
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu
+
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    block_q, block_kv = BlockSizes(*(block_sizes or ()))
+    q_pad, kv_pad = round_up(q_len, block_q), round_up(kv_len, block_kv)
+    # Zero columns change no score and give output columns that are sliced off.
+    d_pad = head_dim if head_dim <= _TPU_LANES else round_up(head_dim, _TPU_LANES)
+
+    def to_upstream(x, length):
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - head_dim)))
+        return x.transpose(0, 2, 1, 3)
+
+    # Grouped kv heads: the kernel wants one kv head per query head; autodiff of the
+    # repeat sums each group's gradients back onto its kv head.
+    k = jnp.repeat(k, heads // kv_heads, axis=2)
+    v = jnp.repeat(v, heads // kv_heads, axis=2)
+    segments = None
+    if segment_ids is not None or kv_pad != kv_len:
+        q_seg = (jnp.zeros((batch, q_len), jnp.int32) if segment_ids is None
+                 else segment_ids.astype(jnp.int32))
+        kv_seg = jnp.zeros((batch, kv_len), jnp.int32) if segment_ids is None else q_seg
+        # Ids below every real one: padded keys match no query, padded queries no key.
+        lowest = jnp.min(q_seg)
+        segments = tpu.SegmentIds(
+            q=jnp.pad(q_seg, ((0, 0), (0, q_pad - q_len)), constant_values=lowest - 1),
+            kv=jnp.pad(kv_seg, ((0, 0), (0, kv_pad - kv_len)), constant_values=lowest - 2))
+    blocks = tpu.BlockSizes(
+        block_q=block_q, block_k_major=block_kv, block_k=block_kv, block_b=1,
+        block_q_major_dkv=block_q, block_k_major_dkv=block_kv, block_k_dkv=block_kv,
+        block_q_dkv=block_q, block_k_major_dq=block_kv, block_k_dq=block_kv, block_q_dq=block_q)
+    out = tpu.flash_attention(to_upstream(q, q_pad), to_upstream(k, kv_pad),
+                              to_upstream(v, kv_pad), segment_ids=segments, causal=causal,
+                              sm_scale=scale, block_sizes=blocks)
+    return out[:, :, :q_len, :head_dim].transpose(0, 2, 1, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))

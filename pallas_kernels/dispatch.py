@@ -2,8 +2,11 @@
 
 Every kernel takes ``impl``:
 
-- ``"pallas"``: the Pallas kernel compiled for the real backend (Triton on GPU). On a
-  backend the kernel was not written for, or a shape it cannot serve, it raises.
+- ``"pallas"``: the Pallas kernel compiled for the real backend: the Triton-style
+  kernels here on GPU; on TPU, ``flash_attention`` uses the upstream Mosaic kernel
+  (``jax.experimental.pallas.ops.tpu.flash_attention``) and the other kernels have no
+  TPU kernel. On a backend the kernel has no lowering for, or a shape it cannot serve,
+  it raises.
 - ``"interpret"``: the same kernel in Pallas interpret mode; runs anywhere (CPU tests).
 - ``"xla"``: a plain ``jax.numpy`` reference.
 - ``"auto"``: ``"pallas"`` where the backend and shape are supported, ``"xla"``
@@ -21,9 +24,19 @@ from jax.sharding import PartitionSpec as P
 
 IMPLS = ("auto", "pallas", "interpret", "xla")
 
-# Pallas kernels here are written against the generic (Triton-style) Pallas model; none
-# has run on Mosaic, so TPUs take the XLA path under "auto".
+# The kernels here are written against the generic (Triton-style) Pallas model; none has
+# been lowered for Mosaic, so on TPU they take the XLA path under "auto". Only flash
+# attention has a TPU kernel: the upstream Mosaic one.
 PALLAS_BACKENDS = ("gpu",)
+KERNEL_BACKENDS = {
+    "flash_attention": ("gpu", "tpu"),
+    "rms_norm": PALLAS_BACKENDS,
+    "layer_norm": PALLAS_BACKENDS,
+    "swiglu": PALLAS_BACKENDS,
+    "geglu": PALLAS_BACKENDS,
+    "softmax_cross_entropy": PALLAS_BACKENDS,
+    "unscale_and_check": PALLAS_BACKENDS,
+}
 
 logger = logging.getLogger("zjax")
 _logged: set[tuple[str, str]] = set()
@@ -38,10 +51,14 @@ def backend() -> str:
 def resolve_impl(kernel: str, impl: str, unsupported: str | None = None) -> str:
     """The implementation ``kernel`` runs with: ``"pallas"``, ``"interpret"`` or ``"xla"``.
 
+    ``"pallas"`` means the kernel for the default backend (``backend()``); the caller
+    picks between its GPU and TPU kernels where it has both.
+
     Args:
       kernel: the public kernel's name, used in errors and log lines.
       impl: what the caller asked for, one of ``IMPLS``.
-      unsupported: why the real Pallas kernel cannot serve this call's shapes, or None.
+      unsupported: why the real Pallas kernel for the default backend cannot serve
+        this call's shapes, or None.
 
     Raises:
       ValueError: for an unknown ``impl``, or ``"pallas"`` where it cannot run.
@@ -49,17 +66,18 @@ def resolve_impl(kernel: str, impl: str, unsupported: str | None = None) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{kernel}: impl={impl!r} is not an implementation; use one of {IMPLS}")
     here = backend()
+    backends = KERNEL_BACKENDS.get(kernel, PALLAS_BACKENDS)
     if impl == "pallas":
-        if here not in PALLAS_BACKENDS:
+        if here not in backends:
             raise ValueError(
-                f"{kernel}: impl='pallas' needs a backend in {PALLAS_BACKENDS}, but the "
+                f"{kernel}: impl='pallas' needs a backend in {backends}, but the "
                 f"default backend is {here!r}; use impl='interpret' (the same kernel in "
                 "Pallas interpret mode) or impl='xla'")
         if unsupported:
             raise ValueError(f"{kernel}: impl='pallas' cannot serve this call: {unsupported}; "
                              "use impl='xla' or impl='auto'")
     if impl == "auto":
-        reason = (f"backend {here!r} has no validated Pallas lowering" if here not in PALLAS_BACKENDS
+        reason = (f"no Pallas kernel for backend {here!r}" if here not in backends
                   else unsupported)
         if reason is None:
             return "pallas"

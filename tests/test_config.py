@@ -160,11 +160,12 @@ def test_inconsistent_batch_names_the_numbers(sizes, words):
 
 
 def test_mesh_shape_fills_minus_one_and_checks_the_device_count():
-    assert resolve_mesh_shape(MeshConfig(), 8) == {"data": 8, "tensor": 1}
-    assert resolve_mesh_shape(MeshConfig(data=-1, tensor=2), 8) == {"data": 4, "tensor": 2}
-    with pytest.raises(ConfigError, match=r"mesh \{data: 3, tensor: 1\} needs 3 devices but 8 are available"):
+    assert resolve_mesh_shape(MeshConfig(), 8) == {"replica": 1, "data": 8, "tensor": 1}
+    assert resolve_mesh_shape(MeshConfig(data=-1, tensor=2), 8) == {"replica": 1, "data": 4, "tensor": 2}
+    assert resolve_mesh_shape(MeshConfig(replica=2), 8) == {"replica": 2, "data": 4, "tensor": 1}
+    with pytest.raises(ConfigError, match=r"mesh \{replica: 1, data: 3, tensor: 1\} needs 3 devices but 8 are available"):
         resolve_mesh_shape(MeshConfig(data=3), 8)
-    with pytest.raises(ConfigError, match=r"mesh \{data: -1, tensor: 3\}.*not divisible by 3"):
+    with pytest.raises(ConfigError, match=r"mesh \{replica: 1, data: -1, tensor: 3\}.*not divisible by 3"):
         resolve_mesh_shape(MeshConfig(tensor=3), 8)
 
 

@@ -22,7 +22,7 @@ def losses_on(devices, stage):
 def test_same_losses_on_1_2_and_8_devices():
     devices = jax.devices()
     train8, on8 = losses_on(devices, 3)
-    assert train8.mesh.shape == {"data": 8, "tensor": 1}
+    assert train8.mesh.shape == {"replica": 1, "data": 8, "tensor": 1}
     for n in (1, 2):
         train_n, on_n = losses_on(devices[:n], 3)
         assert train_n.mesh.shape["data"] == n

@@ -19,7 +19,8 @@ def test_report_json_has_versions_and_every_kernel(capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out["versions"]) >= {"python", "zjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint"}
     assert "not installed" not in out["versions"].values()
-    assert set(out["kernels"]) == {"rms_norm", "layer_norm", "flash_attention", "softmax_cross_entropy"}
+    assert set(out["kernels"]) == {"rms_norm", "layer_norm", "flash_attention", "swiglu", "geglu",
+                                   "softmax_cross_entropy", "unscale_and_check"}
     assert out["distributed"].startswith("available, not initialized")
 
 

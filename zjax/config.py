@@ -88,8 +88,14 @@ class _Section(BaseModel):
 
 
 class MeshConfig(_Section):
-    """Device-mesh size per axis; -1 takes every device the other axes leave."""
+    """Device-mesh size per axis; -1 takes every device the other axes leave.
 
+    ``replica`` is the outermost axis: full replicas (e.g. TPU slices or nodes joined
+    over the data-center network) that each run ZeRO over their own ``data`` devices
+    and average gradients with one all-reduce of the ZeRO shards.
+    """
+
+    replica: int = 1
     data: int = -1
     tensor: int = 1
 
@@ -115,7 +121,7 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> dict[str, int]:
 
     Example:
       >>> resolve_mesh_shape(MeshConfig(tensor=2), 8)
-      {'data': 4, 'tensor': 2}
+      {'replica': 1, 'data': 4, 'tensor': 2}
     """
     sizes = mesh_cfg.model_dump()
     fixed = math.prod(size for size in sizes.values() if size != -1)
@@ -152,7 +158,7 @@ class BatchConfig(_Section):
         """Derive the missing sizes and check the given ones agree.
 
         Args:
-          data_size: devices along the ``data`` mesh axis.
+          data_size: devices the batch is split over (``replica`` x ``data`` mesh axes).
 
         Returns:
           ``(global_batch_size, micro_batch_size_per_device, grad_accum_steps)``.

@@ -1,13 +1,21 @@
-"""The device mesh built from the config: ``data`` (ZeRO and data parallelism) x ``tensor``."""
+"""The device mesh built from the config: ``replica`` x ``data`` (ZeRO) x ``tensor``.
+
+``replica`` is outermost so that, on hardware with a slow outer network, each replica
+is a group of well-connected devices: on multi-slice TPUs the mesh comes from
+``mesh_utils.create_hybrid_device_mesh`` with the slices along ``replica``; elsewhere
+devices are taken in ``jax.devices()`` order, which groups each process's devices, so a
+replica spans whole processes (hosts).
+"""
 from __future__ import annotations
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from zjax.config import resolve_mesh_shape
 from zjax.errors import ConfigError
 
-AXES = ("data", "tensor")
+AXES = ("replica", "data", "tensor")
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -24,6 +32,14 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
             f"mesh.tensor={shape['tensor']}: tensor parallelism is not implemented yet; "
             "use mesh.tensor: 1 (all devices on the data axis)"
         )
-    return jax.make_mesh(
-        tuple(shape[a] for a in AXES), AXES, devices=devices, axis_types=(AxisType.Auto,) * len(AXES)
-    )
+    sizes = tuple(shape[a] for a in AXES)
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    if len(slices) > 1:
+        if shape["replica"] != len(slices):
+            raise ConfigError(
+                f"mesh.replica={shape['replica']} but the devices span {len(slices)} slices; "
+                f"use mesh.replica: {len(slices)} (one replica per slice; ZeRO runs inside each)"
+            )
+        grid = mesh_utils.create_hybrid_device_mesh((1, *sizes[1:]), (len(slices), 1, 1), devices)
+        return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    return jax.make_mesh(sizes, AXES, devices=devices, axis_types=(AxisType.Auto,) * len(AXES))

@@ -11,7 +11,6 @@ import platform
 
 PACKAGES = ("zjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 # The kernels with a Pallas path; softmax_cross_entropy is XLA everywhere.
-PALLAS_KERNELS = ("rms_norm", "layer_norm", "flash_attention")
 
 
 def report() -> dict:
@@ -45,12 +44,11 @@ def kernel_support() -> dict[str, str]:
 
     here = dispatch.backend()
     out = {}
-    for kernel in PALLAS_KERNELS:
-        if here in dispatch.PALLAS_BACKENDS:
+    for kernel in dispatch.KERNEL_BACKENDS:
+        if here in dispatch.KERNEL_BACKENDS[kernel]:
             out[kernel] = "pallas (shapes it cannot serve fall back to xla)"
         else:
-            out[kernel] = f"xla (backend {here!r} has no validated Pallas lowering)"
-    out["softmax_cross_entropy"] = "xla (a chunked XLA loop on every backend)"
+            out[kernel] = f"xla (no Pallas kernel for backend {here!r})"
     return out
 
 

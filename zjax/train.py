@@ -39,7 +39,7 @@ from zjax.errors import ConfigError, LossScaleError
 from zjax.layers import layer_context
 from zjax.mesh import make_mesh
 from zjax.optim import default_decay_mask, make_optimizer, make_schedule
-from zjax.zero import DATA, map_layouts
+from zjax.zero import BATCH_AXES, DATA, REPLICA, map_layouts
 
 METRICS = ("loss", "grad_norm", "lr", "loss_scale", "skipped")
 
@@ -133,7 +133,10 @@ class TrainStep:
         cfg = self.config
         self.mesh = make_mesh(cfg.mesh, devices)
         self.data_size = self.mesh.shape[DATA]
-        self.global_batch_size, self.micro_batch_size, self.grad_accum_steps = cfg.batch.resolve(self.data_size)
+        self.replica_size = self.mesh.shape[REPLICA]
+        self.global_batch_size, self.micro_batch_size, self.grad_accum_steps = cfg.batch.resolve(
+            self.replica_size * self.data_size
+        )
         self.stage = cfg.zero.stage
         p = cfg.precision
         self.dtypes = _Dtypes(
@@ -146,7 +149,7 @@ class TrainStep:
         self._user_optimizer = optimizer
         self.scaler = loss_scale.loss_scaler_from_config(cfg)
         self.schedule = None if optimizer is not None else make_schedule(cfg)
-        self.batch_sharding = NamedSharding(self.mesh, P(DATA))
+        self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
         self.layouts = None
         self.abstract_state = None
         self._eval = None
@@ -209,7 +212,7 @@ class TrainStep:
         step = jax.shard_map(
             self._local_step,
             mesh=self.mesh,
-            in_specs=(self.state_specs, P(DATA)),
+            in_specs=(self.state_specs, P(BATCH_AXES)),
             out_specs=(self.state_specs, P()),
             check_vma=False,
         )
@@ -332,10 +335,10 @@ class TrainStep:
         return jax.tree.map(place, batch)
 
     def _local_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-        """The per-device program (inside shard_map over ``data``)."""
+        """The per-device program (inside shard_map over the mesh)."""
         with layer_context(self.config.remat, sharded_params=self.stage >= 2):
             grads, loss, weight = self._accumulate(state, batch)
-        layouts, dt = self.layouts, self.dtypes
+        layouts = self.layouts
         sharded = self.stage > 0
         # one pass: divide by loss scale x total weight and check every element is finite
         grads, local_finite = pallas_kernels.unscale_and_check(
@@ -433,10 +436,10 @@ class TrainStep:
                 with layer_context("none", sharded_params=self.stage >= 2):
                     diff, to_params = self._compute_params(state)
                     lw, w = self._weighted_loss(to_params(diff), batch, jax.random.fold_in(state.rng, 2**31 - 1))
-                return lax.psum(lw, DATA) / lax.psum(w, DATA)
+                return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
 
             local_eval = jax.shard_map(
-                local, mesh=self.mesh, in_specs=(self.state_specs, P(DATA)), out_specs=P(), check_vma=False
+                local, mesh=self.mesh, in_specs=(self.state_specs, P(BATCH_AXES)), out_specs=P(), check_vma=False
             )
             self._eval = jax.jit(lambda state, batch: local_eval(self._to_device(state), batch))
         return self._eval(state, self.shard_batch(batch))
@@ -448,7 +451,8 @@ class TrainStep:
         batch = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
         scale = state.loss_scale.scale
         diff, to_params = self._compute_params(state)
-        step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(DATA))
+        device = lax.axis_index(REPLICA) * self.data_size + lax.axis_index(DATA)
+        step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
 
         def micro_loss(d, mb, key):
             lw, w = self._weighted_loss(to_params(d), mb, key)
@@ -476,6 +480,9 @@ class TrainStep:
             acc = map_layouts(
                 lambda lay, x: zero.reduce_scatter_grads(zero.flatten(x.astype(dt.reduce), lay), lay), layouts, acc
             )
-        total_w = lax.psum(w_sum, DATA)
-        loss = lax.psum(loss_sum, DATA) / total_w
+        if self.replica_size > 1:
+            # ZeRO reduced inside each replica; one all-reduce of the shards averages across replicas.
+            acc = lax.psum(acc, REPLICA)
+        total_w = lax.psum(w_sum, BATCH_AXES)
+        loss = lax.psum(loss_sum, BATCH_AXES) / total_w
         return acc, loss, total_w

@@ -25,6 +25,9 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"
+# Replicas outside ZeRO (slices over DCN); the batch is split over both axes.
+REPLICA = "replica"
+BATCH_AXES = (REPLICA, DATA)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,10 @@ class GPT(nnx.Module):
       rngs: initialisation randomness.
       param_dtype: dtype the parameters are created in.
       kernels: ``xla`` (plain XLA), or ``auto``/``pallas``/``interpret``: RMSNorm,
-        attention and the loss's cross-entropy through ``pallas_kernels`` with that ``impl``.
+        attention, the MLP's SwiGLU gate and the loss's cross-entropy through
+        ``pallas_kernels`` with that ``impl``. The fused SwiGLU keeps the gate and up
+        projections inside the kernel, so ``mlp_gate`` and ``mlp_up`` are not tagged
+        then (a remat policy naming them saves nothing there; ``mlp_hidden`` is).
 
     Example:
       >>> from types import SimpleNamespace
@@ -208,7 +211,7 @@ class Block(nnx.Module):
 
     def __call__(self, x, rope, mask, kernels="xla"):
         x = x + self.attn(checkpoint_name(self.attn_norm(x, kernels), "attn_norm"), rope, mask, kernels)
-        return x + self.mlp(checkpoint_name(self.mlp_norm(x, kernels), "mlp_norm"))
+        return x + self.mlp(checkpoint_name(self.mlp_norm(x, kernels), "mlp_norm"), kernels)
 
 
 class Attention(nnx.Module):
@@ -265,7 +268,13 @@ class MLP(nnx.Module):
         self.w_down = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std,
                              param_dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, kernels="xla"):
+        if kernels != "xla":
+            # The fused kernel never writes the gate and up projections: only its output
+            # can carry a checkpoint name.
+            hidden = pallas_kernels.swiglu(x, self.w_gate[...], self.w_up[...], impl=kernels)
+            return checkpoint_name(checkpoint_name(hidden, "mlp_hidden") @ self.w_down[...],
+                                   "mlp_out")
         gate = checkpoint_name(x @ self.w_gate[...], "mlp_gate")
         up = checkpoint_name(x @ self.w_up[...], "mlp_up")
         hidden = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
