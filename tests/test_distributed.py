@@ -49,8 +49,9 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
 
 def test_a_killed_process_stops_the_run_with_a_clear_error(tmp_path):
     out = tmp_path / "run"
+    # one replica per process: the hybrid mesh (ZeRO inside a host, all-reduce across hosts)
     launcher = subprocess.Popen([*ZJAX, "train", "configs/tiny.yaml", "--local-processes", "2", "steps=100000",
-                                 "log_every=1", f"output_dir={out}"], cwd=ROOT, env=cli_env(),
+                                 "mesh.replica=2", "log_every=1", f"output_dir={out}"], cwd=ROOT, env=cli_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = launcher.stdout.readline()

@@ -1,5 +1,5 @@
 """``zjax`` command line: ``zjax train CONFIG [key=value ...]``, ``zjax config explain``,
-``zjax plan`` and ``zjax report``.
+``zjax plan``, ``zjax profile`` and ``zjax report``.
 
 On CPU, zjax simulates 8 devices unless XLA_FLAGS sets a count, so ZeRO sharding runs
 on a laptop. XLA reads the flag when JAX creates its CPU backend on first use, so
@@ -91,8 +91,17 @@ def export(args: argparse.Namespace) -> None:
 def plan(args: argparse.Namespace) -> None:
     import json
 
-    from zjax.plan import format_plan, plan as make_plan
+    from zjax.plan import fit, format_fit, format_plan, plan as make_plan
 
+    if args.fit is not None:
+        if args.params is not None or args.devices is not None:
+            raise ConfigError(
+                f"--fit={args.fit} compiles the config's model on the visible devices; drop --params/--devices "
+                "(set XLA_FLAGS=--xla_force_host_platform_device_count=N to simulate N CPU devices)"
+            )
+        result = fit(args.config, args.overrides, budget=args.fit)
+        print(json.dumps(result.to_json(), indent=2) if args.json else format_fit(result))
+        return
     result = make_plan(args.config, args.overrides, params=args.params, devices=args.devices)
     print(json.dumps(result.to_json(), indent=2) if args.json else format_plan(result))
 
@@ -104,6 +113,25 @@ def report(args: argparse.Namespace) -> None:
 
     result = make_report()
     print(json.dumps(result, indent=2) if args.json else format_report(result))
+
+
+def profile(args: argparse.Namespace) -> None:
+    import json
+
+    from zjax.profile import format_profile, profile as make_profile, write_png
+
+    result = make_profile(args.config, args.overrides, steps=args.steps, trace_dir=args.trace,
+                          compare=not args.no_compare)
+    print(format_profile(result))
+    out = result["config"]["output_dir"]
+    json_path = args.json or (Path(out) / "profile.json" if out else None)
+    png_path = args.png or (Path(out) / "profile.png" if out else None)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+        print(f"wrote {json_path}")
+    if png_path:
+        print(f"wrote {write_png(result, png_path)}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -148,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="plan for N parameters instead of the config's model (analytic, nothing compiled)")
     mem.add_argument("--devices", type=int, default=None, metavar="N",
                      help="data-parallel devices (default: the visible devices)")
+    mem.add_argument("--fit", default=None, metavar="BYTES",
+                     help="find the cheapest setting (lowest stage, lightest remat, largest micro-batch) whose "
+                     "compiled step fits BYTES per device, e.g. 2e9, 2GB or 512MiB; compiles, runs nothing")
     mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
     mem.set_defaults(command=plan)
 
@@ -156,6 +187,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(command=report)
+
+    prof = commands.add_parser(
+        "profile", help="FLOPs, collectives, memory, step time and MFU of a config's step", epilog=EPILOG,
+        description="Compile and run the reference GPT's step: model and hardware FLOPs, collectives "
+        "against ZeRO's theory, memory breakdown, median step time, tokens/s and MFU; then compile the "
+        "other ZeRO stages and another remat policy and recommend what the numbers support.",
+    )
+    _add_config_args(prof)
+    prof.add_argument("--steps", type=int, default=5, metavar="N", help="timed steps after one warm-up (default 5)")
+    prof.add_argument("--trace", default=None, metavar="DIR",
+                      help="write a jax.profiler trace of a few more steps to DIR (TensorBoard, Perfetto)")
+    prof.add_argument("--json", default=None, metavar="PATH",
+                      help="write the profile as JSON (default: OUTPUT_DIR/profile.json when output_dir is set)")
+    prof.add_argument("--png", default=None, metavar="PATH",
+                      help="write bar charts (default: OUTPUT_DIR/profile.png when output_dir is set)")
+    prof.add_argument("--no-compare", action="store_true",
+                      help="skip compiling the other ZeRO stages and remat policy (and the recommendations)")
+    prof.set_defaults(command=profile)
 
     config = commands.add_parser("config", help="inspect a config")
     config_commands = config.add_subparsers(required=True, metavar="COMMAND")

@@ -1,4 +1,4 @@
-"""Reading collective traffic out of compiled HLO text.
+"""Reading collective traffic and matmul FLOPs out of compiled HLO text.
 
 Counts every all-reduce, reduce-scatter, all-gather and all-to-all, multiplied by the
 trip counts of the ``while`` loops around it, as ring-equivalent bytes per device:
@@ -21,6 +21,14 @@ _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 _KINDS = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all")
+
+# HLO instructions that move or name data without computing: not "compute between start and done".
+_BOOKKEEPING = {
+    "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy", "copy-start", "copy-done",
+    "after-all", "partition-id", "replica-id",
+}
+_NAMED_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
+_PARAM = re.compile(r"([\w.\-]+):\s*[a-z][a-z0-9]*\[([0-9,]*)\]")
 
 
 def shape_bytes(text: str) -> float:
@@ -141,3 +149,99 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
         out[c.kind] += c.ring_bytes
     out["total"] = sum(out[k] for k in _KINDS)
     return out
+
+
+def matmul_flops(text: str) -> float:
+    """FLOPs of every matmul in compiled HLO text, times the trip counts of its loops.
+
+    ``2 x prod(result dims) x prod(contracted lhs dims)`` per ``dot``, or per cuBLAS
+    gemm custom-call (what XLA:GPU turns dots into; its contracting dimensions are in
+    the backend config); per device for a shard_map'd program. Elementwise work and
+    ``convolution`` instructions are not counted.
+    """
+    comps = _computations(text)
+    runs = _multipliers(comps)
+    shapes: dict[str, dict[str, list[int]]] = {}
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            params = line[line.index("(") + 1: line.rindex("->")]
+            shapes[header.group(1)] = {k: _dims(v) for k, v in _PARAM.findall(params)}
+    total = 0.0
+    for name, lines in comps.items():
+        known = shapes.setdefault(name, {})
+        for line in lines:
+            m = _NAMED_INSTR.match(line)
+            if not m:
+                continue
+            inst, result, op, rest = m.groups()
+            found = _SHAPE.search(result)
+            if found:
+                known[inst] = _dims(found.group(2))
+            gemm = op == "custom-call" and re.search(r'custom_call_target="[^"]*(gemm|matmul)', rest)
+            if not found or not (op == "dot" or gemm):
+                continue
+            # An operand is ``%name``, or ``f32[8,16]{1,0} %name`` where the HLO prints shapes.
+            lhs = re.match(r"\s*(?:[a-z][a-z0-9]*\[([0-9,]*)\]\S*\s+)?%?([\w.\-]+)", rest)
+            if gemm:
+                contracting = re.search(r'"lhs_contracting_dimensions":\[([0-9",]*)\]', rest)
+            else:
+                contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+            lhs_dims = None
+            if lhs:
+                lhs_dims = _dims(lhs.group(1)) if lhs.group(1) is not None else known.get(lhs.group(2))
+            if lhs_dims is None or contracting is None:
+                raise ValueError(f"cannot size this dot's operands in the HLO: {line.strip()[:200]}")
+            k = math.prod(lhs_dims[int(i)] for i in contracting.group(1).replace('"', "").split(",") if i)
+            total += 2 * math.prod(known[inst]) * k * runs.get(name, 1)
+    return total
+
+
+def _dims(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d]
+
+
+def collective_schedule(text: str) -> list[tuple[str, bool, int]]:
+    """Each collective of compiled HLO text: ``(kind, async, compute ops between start and done)``.
+
+    An async collective is a ``<kind>-start`` / ``<kind>-done`` pair, or an
+    ``async-start`` wrapping a computation that holds the collective. The compiled
+    module is scheduled, so the instructions printed between start and done are the
+    ones that run while the collective is in flight.
+    """
+    comps = _computations(text)
+    parsed = {name: [m.groups() for line in lines if (m := _NAMED_INSTR.match(line))] for name, lines in comps.items()}
+    wrapped = {}
+    for name, instrs in parsed.items():
+        for _, _, op, rest in instrs:
+            if op == "async-start":
+                called = re.search(r"calls=%?([\w.\-]+)", rest)
+                if called and called.group(1) in parsed:
+                    kinds = [o for _, _, o, _ in parsed[called.group(1)] if o in _KINDS]
+                    if kinds:
+                        wrapped[called.group(1)] = kinds[0]
+    found = []
+    for name, instrs in parsed.items():
+        if name in wrapped:
+            continue
+        for i, (inst, _, op, rest) in enumerate(instrs):
+            if op in _KINDS:
+                found.append((op, False, 0))
+                continue
+            if op == "async-start":
+                called = re.search(r"calls=%?([\w.\-]+)", rest)
+                kind = wrapped.get(called.group(1)) if called else None
+            else:
+                kind = op.removesuffix("-start") if op.endswith("-start") else None
+            if kind not in _KINDS:
+                continue
+            # Not a prefix of a longer name: %all-gather-start must not match %all-gather-start.1.
+            uses = re.compile(rf"%{re.escape(inst)}(?![\w.\-])")
+            between = 0
+            for _, _, later_op, later_rest in instrs[i + 1:]:
+                if later_op.endswith("-done") and uses.search(later_rest):
+                    break
+                if later_op not in _BOOKKEEPING and not later_op.endswith(("-start", "-done")):
+                    between += 1
+            found.append((kind, True, between))
+    return found

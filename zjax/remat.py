@@ -219,7 +219,7 @@ def remat_report(train: Any, state: Any, batch: Any) -> RematReport:
     totals: dict[tuple[str, str], int] = {}
     for n_layers, residuals in found:
         for aval, source in residuals:
-            name = _residual_name(source)
+            name = residual_name(source)
             if name is None:
                 continue
             memory = "pinned_host" if name in policy.offload else "device"
@@ -232,7 +232,7 @@ def remat_report(train: Any, state: Any, batch: Any) -> RematReport:
     )
 
 
-def _residual_name(source: str) -> str | None:
+def residual_name(source: str) -> str | None:
     """The tag of a residual from its ``saved_residuals`` description; None for parameters and constants."""
     if source.startswith("named '"):
         return source.split("'")[1]
