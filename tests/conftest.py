@@ -1,5 +1,12 @@
-"""Every test runs on 8 simulated CPU devices."""
+"""Every test runs on 8 simulated CPU devices, with one compilation cache for the whole run."""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same steps (the tiny GPT per ZeRO stage); a persistent cache,
+# fresh for each run and inherited by the CLI and multi-process subprocesses, compiles
+# each once. Executables from the cache keep memory_analysis() and as_text().
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="zjax-test-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
