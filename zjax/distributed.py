@@ -193,6 +193,8 @@ def launch_local(argv: list[str], processes: int, *, devices: int | None = None,
         COUNT_VAR: str(processes),
         HEARTBEAT_VAR: str(heartbeat_timeout_s),
         "PYTHONUNBUFFERED": "1",
+        # Forwarded through a pipe, every progress-bar refresh becomes a line: refresh rarely.
+        "TQDM_MININTERVAL": "10",
     })
     lock = threading.Lock()
     procs = []
