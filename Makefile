@@ -20,7 +20,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
-BENCHMARKS := zero remat kernels checkpoint
+BENCHMARKS := zero remat kernels checkpoint data
 
 # Runs every benchmark and writes what they print, with date and machine, to benchmarks/RESULTS.md.
 bench: $(VENV)/.installed
