@@ -83,6 +83,13 @@ def test_predicted_within_10_percent_of_compiled_under_remat(policy, tiny_plan):
     assert s.compiled["total"] < none.compiled["total"]
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_predicted_within_10_percent_of_compiled_with_gradient_accumulation(stage):
+    s = compiled_stage_plan(load_config(TINY, {"remat.policy": "full", "zero.stage": stage,
+                                               "batch.grad_accum_steps": 2}))
+    assert 0.9 <= s.compiled["ratio"] <= 1.1, s.compiled
+
+
 def test_parse_bytes_reads_units():
     assert parse_bytes("2e9") == parse_bytes("2GB") == 2_000_000_000
     assert parse_bytes("512MiB") == 512 * 2**20

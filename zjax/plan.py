@@ -7,8 +7,9 @@ Two accountings side by side (Ψ parameters, N data devices):
   stage 2 is 2Ψ + 14Ψ/N, stage 3 is 16Ψ/N;
 - zjax's own: what its ``TrainState`` holds (``zjax.train``'s table; DESIGN.md), the
   gradient buffers its step allocates (a full local accumulator in
-  ``precision.accum_dtype`` for stages 0-1, a sharded one (Ψ/N) for stages 2-3, and
-  the micro-step gradient next to it when ``grad_accum_steps > 1``), and, from the
+  ``precision.accum_dtype`` for stages 0-1, a sharded one (Ψ/N) for stages 2-3, and,
+  when ``grad_accum_steps > 1``, the micro-step gradient of the scanned layers next to
+  it), and, from the
   traced model, the batch, the activations the remat policy keeps and the workspace
   of one layer's backward pass.
 
@@ -17,7 +18,12 @@ The workspace is what XLA's temp holds beyond the buffers above while the peak
 
 - ``layer params and grads``: the largest layer's parameters in the compute dtype
   (ZeRO-3 gathers them, the others read them) and their gradient in the reduce
-  dtype before it is reduced or accumulated;
+  dtype before it is reduced or accumulated; in stages 2-3, which reduce-scatter each
+  parameter's gradient as soon as it is made, only the largest one parameter's;
+- ``unscanned grads`` (stages 2-3): the full gradient of the parameters outside the
+  scanned layers (embedding, final norm), which collects the head's part before the
+  layers' backward and the input embedding's after it, then is reduce-scattered
+  (stages 0-1 count it in the gradient row);
 - ``layer backward``: the backward pass of that layer walks it in reverse, freeing
   each activation after its last use while each cotangent is made and consumed, so
   half of what it reads is live on average: half of the activations it
@@ -32,10 +38,15 @@ the layer terms take float32's bytes.
 For a config whose step can be compiled here, ``plan`` lowers and compiles the
 reference GPT's step for each stage and sets the prediction against
 ``memory_analysis()``: argument plus temp bytes, both per device. Measured on 8 CPU
-devices, stages 0-3 x remat none/full/selective: within 10% on ``configs/tiny.yaml``
-(tests/test_plan.py), in bfloat16, and on two wider, deeper, longer variants; with
-``grad_accum_steps: 2`` up to 13% over. ``fit`` searches the cheapest setting whose
-compiled step fits a budget.
+devices, stages 0-3 x remat none/full/selective x ``grad_accum_steps`` 1, 2 and 4:
+within 10% (0.95-1.09) on ``configs/tiny.yaml`` (tests/test_plan.py) and on a wider,
+deeper, longer variant. The stage 2-3 and accumulation terms were read off XLA's live
+ranges at the peak (``XLA_FLAGS=--xla_dump_to=DIR``'s ``*live-range.txt``). In
+bfloat16 on CPU the prediction is low: ZeRO-2 by 10-12% (remat any, no
+accumulation), and with ``grad_accum_steps: 2`` (remat full) stages 1-3 by 12-21%;
+for ZeRO-2 the live ranges show XLA:CPU upcasting the whole replicated bfloat16
+stack to float32 outside the layer scan, which no term counts.
+``fit`` searches the cheapest setting whose compiled step fits a budget.
 """
 from __future__ import annotations
 
@@ -181,11 +192,15 @@ def compiled_stage_plan(cfg: Config) -> StagePlan:
       >>> s = compiled_stage_plan(load_config("configs/tiny.yaml"))  # doctest: +SKIP
       >>> s.compiled["ratio"]  # predicted / compiled  # doctest: +SKIP
     """
+    import jax
+
     from zjax.models.gpt import count_params
 
     train, state, batch = _abstract_step(cfg)
     psi, stage = count_params(cfg.model), cfg.zero.stage
-    rows = zjax_bytes(cfg, psi, train.data_size, stage, accum_steps=train.grad_accum_steps)
+    layouts = jax.tree.leaves(train.layouts, is_leaf=lambda x: hasattr(x, "stacked"))
+    scanned = sum(math.prod(lay.shape) for lay in layouts if lay.stacked)
+    rows = zjax_bytes(cfg, psi, train.data_size, stage, accum_steps=train.grad_accum_steps, scanned=scanned)
     traced, workspace = traced_bytes(train, batch)
     rows.update(traced)
     s = StagePlan(stage, paper_bytes(psi, train.data_size, stage), rows, workspace,
@@ -204,15 +219,33 @@ def paper_bytes(psi: float, n: int, stage: int) -> dict[str, float]:
     }
 
 
-def zjax_bytes(cfg: Config, psi: float, n: int, stage: int, accum_steps: int = 1) -> dict[str, float | None]:
+def zjax_bytes(cfg: Config, psi: float, n: int, stage: int, accum_steps: int = 1,
+               scanned: float | None = None) -> dict[str, float | None]:
     """What zjax's TrainState holds per device at ``stage``, plus its gradient buffers.
 
     Mirrors ``TrainStep.keeps_replicated`` / ``keeps_master``: stages 0-2 keep the
     params replicated (in the compute dtype when a sharded fp32 master exists, else
     as the fp32 master itself); stage 3, and mixed-precision stages 1-2, keep a sharded
-    fp32 master. Moments are sharded from stage 1. With ``accum_steps > 1`` the
-    accumulator sits next to each micro-step's gradient (compute dtype, full for
-    stages 0-1; the master's dtype, sharded, for stages 2-3). The ``TRACED_ROWS`` are None.
+    fp32 master. Moments are sharded from stage 1.
+
+    With ``accum_steps > 1`` the accumulator (a carry of the micro-batch scan) sits
+    next to the micro-step gradient of the scanned layers (compute dtype, full for
+    stages 0-1; the master's dtype, sharded, for stages 2-3): the backward layer scan
+    builds it whole as its own carry before ``_accumulate`` adds it. The gradient of
+    the other parameters (embedding, final norm) never stands alone: XLA writes its
+    scatter and adds straight into the accumulator's buffer (the compiled buffer
+    assignment of ``configs/tiny.yaml``).
+
+    Args:
+      cfg: the config.
+      psi: the parameter count.
+      n: the number of data devices.
+      stage: the ZeRO stage.
+      accum_steps: micro-batches per step.
+      scanned: parameters in scanned (stacked) layers; default ``psi``, an upper bound.
+
+    Returns:
+      ``ZJAX_ROWS`` in bytes; the ``TRACED_ROWS`` are None.
     """
     p = cfg.precision
     param, compute, accum = (_ITEMSIZE[d] for d in (p.param_dtype, p.compute_dtype, p.accum_dtype))
@@ -224,7 +257,7 @@ def zjax_bytes(cfg: Config, psi: float, n: int, stage: int, accum_steps: int = 1
     grad_shards = n if stage >= 2 else 1
     micro_grads = 0.0
     if accum_steps > 1:
-        micro_grads = psi * (param if stage >= 2 else compute) / grad_shards
+        micro_grads = (psi if scanned is None else scanned) * (param if stage >= 2 else compute) / grad_shards
     rows = {
         "compute params": replicated if keeps_master else 0.0,
         "master params": psi * param / shards if keeps_master else replicated,
@@ -257,8 +290,9 @@ def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, fl
       batch: its global batch (arrays or ShapeDtypeStructs).
 
     Returns:
-      ``({"batch", "activations", "workspace"}, {"layer params and grads", "layer backward"[,
-      "compute copy"]})``, bytes per device (``compute copy``: stage 0 in mixed precision).
+      ``({"batch", "activations", "workspace"}, {"layer params and grads"[, "unscanned grads"],
+      "layer backward"[, "compute copy"]})``, bytes per device (``unscanned grads``: stages 2-3;
+      ``compute copy``: stage 0 in mixed precision).
     """
     import jax
     import numpy as np
@@ -281,10 +315,20 @@ def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, fl
     )
     layouts = jax.tree.leaves(train.layouts, is_leaf=lambda x: hasattr(x, "stacked"))
     stacked = [lay.size for lay in layouts if lay.stacked]
-    workspace = {
-        "layer params and grads": float(sum(stacked) * (compute.itemsize + reduce.itemsize)),
-        "layer backward": (rematerialized + layer_acts) / 2,
-    }
+    if train.stage >= 2:
+        # Each parameter's gradient is reduce-scattered as soon as the layer's backward
+        # makes it (zero.ShardedParam), so one of them is live in full, not the layer's;
+        # the unscanned parameters' full gradient gathers the head's and the input
+        # embedding's parts across every layer's backward before its reduce-scatter.
+        unscanned = sum(math.prod(lay.shape) for lay in layouts if not lay.stacked)
+        workspace = {
+            "layer params and grads": float(sum(stacked) * compute.itemsize
+                                            + max(stacked, default=0) * reduce.itemsize),
+            "unscanned grads": float(unscanned * reduce.itemsize),
+        }
+    else:
+        workspace = {"layer params and grads": float(sum(stacked) * (compute.itemsize + reduce.itemsize))}
+    workspace["layer backward"] = (rematerialized + layer_acts) / 2
     if train.stage == 0 and dt.compute != dt.param:
         # stage 0 keeps fp32 params; the step casts all of them to the compute dtype once
         workspace["compute copy"] = float(sum(math.prod(lay.shape) for lay in layouts) * dt.compute.itemsize)
