@@ -1,16 +1,18 @@
 """Multi-process training on one machine: ``zjax.distributed`` and ``zjax train --local-processes``."""
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import zjax
-from zjax.distributed import initialize
+from zjax.distributed import _supervise, initialize
 from zjax.errors import ConfigError
 from zjax.run import train_run
 
@@ -102,3 +104,13 @@ def test_local_processes_must_divide_the_devices(tmp_path):
                           env=cli_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--local-processes=3 does not divide the 8 simulated devices" in proc.stderr
+
+
+def test_a_process_left_running_after_its_peers_finished_is_stopped():
+    procs = [subprocess.Popen(["true"]), subprocess.Popen(["sleep", "60"])]
+    out = io.StringIO()
+    started = time.monotonic()
+    assert _supervise(procs, grace_s=1, out=out, lock=threading.Lock(), finish_timeout_s=1) == 1
+    assert time.monotonic() - started < 10
+    assert procs[1].returncode is not None
+    assert "error: process 1 of 2 was still running 1 s after process 0 finished" in out.getvalue()

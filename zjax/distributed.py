@@ -224,17 +224,28 @@ def launch_local(argv: list[str], processes: int, *, devices: int | None = None,
             p.wait()
 
 
-def _supervise(procs, grace_s: float, out, lock) -> int:
-    """Waits for every process; on the first failure stops the rest and names the culprit."""
+def _supervise(procs, grace_s: float, out, lock, finish_timeout_s: float = 120.0) -> int:
+    """Waits for every process; on the first failure stops the rest and names the culprit.
+
+    A process still running ``finish_timeout_s`` after another finished cleanly is
+    stuck (its peers are gone, so its collectives cannot complete): it is stopped too.
+    """
+    first_done = None
     while True:
         codes = [p.poll() for p in procs]
         if all(c == 0 for c in codes):
             return 0
         failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
+            first, why = failed[0], f"exited with {_describe(codes[failed[0]])}"
+            break
+        if first_done is None and 0 in codes:
+            first_done = (codes.index(0), time.monotonic())
+        if first_done is not None and time.monotonic() - first_done[1] > finish_timeout_s:
+            first = next(i for i, c in enumerate(codes) if c is None)
+            why = f"was still running {finish_timeout_s:g} s after process {first_done[0]} finished"
             break
         time.sleep(0.1)
-    first = failed[0]
     deadline = time.monotonic() + grace_s
     for p in procs:
         if p.poll() is None:
@@ -247,8 +258,8 @@ def _supervise(procs, grace_s: float, out, lock) -> int:
     for p in procs:
         p.wait()
     with lock:
-        print(f"error: process {first} of {len(procs)} exited with {_describe(procs[first].returncode)}; "
-              f"stopped the others" + (f" (killed {killed} after {grace_s:g} s)" if killed else "")
+        print(f"error: process {first} of {len(procs)} {why}; stopped the others"
+              + (f" (killed {killed} after {grace_s:g} s)" if killed else "")
               + "; a rerun with the same output_dir resumes from the newest intact checkpoint",
               file=out, flush=True)
     return 1
