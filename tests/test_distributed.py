@@ -49,6 +49,18 @@ def test_two_processes_train_like_one_and_resume_on_one(tmp_path):
     assert losses(tmp_path / "resumed") == pytest.approx(one, rel=1e-5)
 
 
+def test_one_replica_per_process_trains_like_one_process(tmp_path):
+    # the hybrid mesh across hosts: ZeRO-3 inside each process, an all-reduce between them
+    overrides = ["steps=4", "zero.stage=3", "log_every=1", "mesh.replica=2"]
+    proc = subprocess.run([*ZJAX, "train", "configs/tiny.yaml", "--local-processes", "2", *overrides,
+                           f"output_dir={tmp_path / 'two'}"], cwd=ROOT, env=cli_env(), capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    train_run(zjax.load_config("configs/tiny.yaml", ["steps=4", "zero.stage=3", "log_every=1",
+                                                     f"output_dir={tmp_path / 'one'}"]))
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+
+
 def test_a_killed_process_stops_the_run_with_a_clear_error(tmp_path):
     out = tmp_path / "run"
     # one replica per process: the hybrid mesh (ZeRO inside a host, all-reduce across hosts)
