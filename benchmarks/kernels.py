@@ -18,10 +18,6 @@ Usage:
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import argparse
 
 import jax

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
-from pallas_kernels.dispatch import match_cotangent, pallas_call, resolve_impl, round_up
+from pallas_kernels.dispatch import (
+    MASKED, block_size, dot_unsupported, match_cotangent, pallas_call, resolve_impl, round_up,
+)
 
-# Finite, so that exp(masked - running_max) is 0, never nan.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 # The upstream TPU kernel's key blocks and (above it) head_dim are multiples of 128 lanes.
 _TPU_LANES = 128
 
@@ -108,7 +108,7 @@ def attention_reference(q, k, v, *, causal=False, segment_ids=None, scale=None):
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     mask = mask[:, None, None]
-    scores = jnp.where(mask, scores, _MASKED)
+    scores = jnp.where(mask, scores, MASKED)
     probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(q.shape).astype(q.dtype)
@@ -138,19 +138,13 @@ def _unsupported(q, block_sizes, backend) -> str | None:
                 return (f"block size {b} in block_sizes={tuple(block_sizes)} is not a multiple "
                         f"of {_TPU_LANES} (the TPU kernel's lanes)")
         return None
-    d = q.shape[-1]
-    if d < 16 or d & (d - 1):
-        return f"head_dim {d} is not a power of two >= 16 (Triton dot shapes)"
-    for b in block_sizes or ():
-        if b < 16 or b & (b - 1):
-            return f"block size {b} in block_sizes={tuple(block_sizes)} is not a power of two >= 16"
-    return None
+    block_q, block_kv = BlockSizes(*(block_sizes or ()))
+    return dot_unsupported(None, head_dim=q.shape[-1], block_q=block_q, block_kv=block_kv)
 
 
 def _block_sizes(q_len, kv_len, block_sizes) -> tuple[int, int]:
     block_q, block_kv = BlockSizes(*(block_sizes or ()))
-    return (min(block_q, max(16, pl.next_power_of_2(q_len))),
-            min(block_kv, max(16, pl.next_power_of_2(kv_len))))
+    return block_size(block_q, q_len), block_size(block_kv, kv_len)
 
 
 def _tpu_flash_attention(q, k, v, *, causal, segment_ids, scale, block_sizes=None):
@@ -335,7 +329,7 @@ def _forward_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
         kv_pos = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
         mask = _mask(q_pos, kv_pos, q_seg, kv_seg_ref[keys], causal=causal,
                      has_segments=has_segments, kv_len=kv_len)
-        s = jnp.where(mask, _dot_t(q, k_ref[keys, :]) * scale, _MASKED)
+        s = jnp.where(mask, _dot_t(q, k_ref[keys, :]) * scale, MASKED)
         new_max = jnp.maximum(running_max, s.max(axis=1))
         p = jnp.where(mask, jnp.exp(s - new_max[:, None]), 0.0)
         correction = jnp.exp(running_max - new_max)
@@ -344,13 +338,13 @@ def _forward_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
         acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
         return new_max, denom, acc
 
-    init = (jnp.full((block_q,), _MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+    init = (jnp.full((block_q,), MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, q.shape[1]), jnp.float32))
     running_max, denom, acc = jax.lax.fori_loop(0, _kv_stop(i, causal, block_q, block_kv,
                                                             kv_blocks), visit, init)
     seen = denom > 0
     o_ref[...] = (acc / jnp.where(seen, denom, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, running_max + jnp.log(jnp.where(seen, denom, 1.0)), _MASKED)
+    lse_ref[...] = jnp.where(seen, running_max + jnp.log(jnp.where(seen, denom, 1.0)), MASKED)
 
 
 def _dq_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,

@@ -28,17 +28,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import match_cotangent, pallas_call, resolve_impl, round_up
+from pallas_kernels.dispatch import (
+    MASKED, block_size, dot_unsupported, match_cotangent, pallas_call, resolve_impl, round_up,
+)
 
 DEFAULT_CHUNK = 8192
 # The kernel's defaults: a [64, 128] float32 logits tile per step, a comfortable Triton
 # block; both are clamped to the call's (padded) shape.
 KERNEL_CHUNK = 128
 KERNEL_BLOCK_ROWS = 64
-_MIN_BLOCK = 16
-_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# Finite, so that exp(masked - lse) is 0, never nan.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def softmax_cross_entropy(hidden: jax.Array, w_vocab: jax.Array, labels: jax.Array,
@@ -84,10 +82,8 @@ def softmax_cross_entropy(hidden: jax.Array, w_vocab: jax.Array, labels: jax.Arr
     rows = math.prod(labels.shape)
     hidden2 = hidden.reshape(rows, d_model)
     labels1 = labels.reshape(rows).astype(jnp.int32)
-    kernel_chunk = int(chunk) if chunk else min(KERNEL_CHUNK, max(_MIN_BLOCK,
-                                                                  pl.next_power_of_2(vocab)))
-    kernel_rows = int(block_rows) if block_rows else min(KERNEL_BLOCK_ROWS, max(
-        _MIN_BLOCK, pl.next_power_of_2(rows)))
+    kernel_chunk = int(chunk) if chunk else block_size(KERNEL_CHUNK, vocab)
+    kernel_rows = int(block_rows) if block_rows else block_size(KERNEL_BLOCK_ROWS, rows)
     impl = resolve_impl("softmax_cross_entropy", impl,
                         _unsupported(hidden, w_vocab, kernel_chunk, kernel_rows))
     if impl == "xla":
@@ -107,14 +103,8 @@ def cross_entropy_reference(hidden, w_vocab, labels):
 
 
 def _unsupported(hidden, w_vocab, chunk, block_rows) -> str | None:
-    dtype = jnp.result_type(hidden, w_vocab)
-    if dtype not in _KERNEL_DTYPES:
-        return f"dtype {dtype} has no Triton dot (use float32, bfloat16 or float16)"
-    d = hidden.shape[-1]
-    for name, n in (("d_model", d), ("chunk", chunk), ("block_rows", block_rows)):
-        if n < _MIN_BLOCK or n & (n - 1):
-            return f"{name}={n} is not a power of two >= {_MIN_BLOCK} (Triton block shapes)"
-    return None
+    return dot_unsupported(jnp.result_type(hidden, w_vocab), d_model=hidden.shape[-1], chunk=chunk,
+                           block_rows=block_rows)
 
 
 # ---------------------------------------------------------------- the Pallas kernel
@@ -198,7 +188,7 @@ def _tile_logits(h, w_ref, c, chunk, vocab, dtype):
     w = w_ref[:, pl.ds(pl.multiple_of(c * chunk, chunk), chunk)].astype(dtype)
     logits = jnp.dot(h.astype(dtype), w, preferred_element_type=jnp.float32)
     ids = c * chunk + jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
-    return jnp.where(ids < vocab, logits, _MASKED), ids, w
+    return jnp.where(ids < vocab, logits, MASKED), ids, w
 
 
 def _forward_kernel(h_ref, labels_ref, w_ref, lse_ref, label_logit_ref, *, chunk, vocab, dtype):
@@ -214,7 +204,7 @@ def _forward_kernel(h_ref, labels_ref, w_ref, lse_ref, label_logit_ref, *, chunk
         return new_max, sum_exp, label_logit
 
     block_rows = h.shape[0]
-    init = (jnp.full((block_rows,), _MASKED, jnp.float32), jnp.zeros((block_rows,), jnp.float32),
+    init = (jnp.full((block_rows,), MASKED, jnp.float32), jnp.zeros((block_rows,), jnp.float32),
             jnp.zeros((block_rows,), jnp.float32))
     running_max, sum_exp, label_logit = jax.lax.fori_loop(0, w_ref.shape[1] // chunk, visit, init)
     lse_ref[...] = running_max + jnp.log(sum_exp)
@@ -251,7 +241,7 @@ def _dw_kernel(h_ref, labels_ref, lse_ref, dloss_ref, w_ref, dw_ref, *, chunk, b
         rows = pl.ds(pl.multiple_of(i * block_rows, block_rows), block_rows)
         h = h_ref[rows, :].astype(dtype)
         logits = jnp.where(ids < vocab, jnp.dot(h, w, preferred_element_type=jnp.float32),
-                           _MASKED)
+                           MASKED)
         dlogits = _dlogits(logits, ids, labels_ref[rows], lse_ref[rows], dloss_ref[rows])
         # h.T @ dlogits, accumulated in float32
         return dw + jax.lax.dot_general(h, dlogits.astype(dtype), (((0,), (0,)), ((), ())),

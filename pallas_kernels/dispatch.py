@@ -19,6 +19,8 @@ import logging
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -121,9 +123,34 @@ def shard_over_batch(fn: Callable, mesh: Mesh, axis: str | Sequence[str] = "data
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(axis), check_vma=False)
 
 
+# What a Triton-style kernel's dot takes: these dtypes, and blocks that are powers of two
+# of at least MIN_BLOCK on every side.
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MIN_BLOCK = 16
+# The score of a masked position: finite, so that exp(MASKED - lse) is 0, never nan.
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def block_size(limit: int, n: int) -> int:
+    """A block side for a dimension of ``n``: ``n`` rounded up to a power of two, at least
+    ``MIN_BLOCK`` and at most ``limit``."""
+    return min(limit, max(MIN_BLOCK, pl.next_power_of_2(n)))
+
+
+def dot_unsupported(dtype, **sides: int) -> str | None:
+    """Why a Triton dot cannot take operands of ``dtype`` (None: not checked) with these
+    block sides, or None when it can."""
+    if dtype is not None and jnp.dtype(dtype) not in KERNEL_DTYPES:
+        return f"dtype {jnp.dtype(dtype)} has no Triton dot (use float32, bfloat16 or float16)"
+    for name, n in sides.items():
+        if n < MIN_BLOCK or n & (n - 1):
+            return f"{name}={n} is not a power of two >= {MIN_BLOCK} (Triton block shapes)"
+    return None
+
+
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is ``>= n``."""
-    return -(-n // multiple) * multiple
+    return pl.cdiv(n, multiple) * multiple
 
 
 def pallas_call(kernel: Callable, *, out_shape, **kwargs) -> Callable:
@@ -133,8 +160,6 @@ def pallas_call(kernel: Callable, *, out_shape, **kwargs) -> Callable:
     cast to the union of their varying axes and every output is declared to vary over
     it too. Outside ``shard_map`` that union is empty and nothing changes.
     """
-    from jax.experimental import pallas as pl
-
     def call(*args):
         varying = frozenset().union(*(jax.typeof(a).mat.varying for a in args))
         args = [_vary(a, varying) for a in args]

@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import match_cotangent, pallas_call, resolve_impl, round_up
+from pallas_kernels.dispatch import (
+    block_size, dot_unsupported, match_cotangent, pallas_call, resolve_impl, round_up,
+)
 
 # Default block sizes (rows, hidden units, model-dimension chunk), each clamped to the
 # call's shape; Triton's dot needs every block dimension to be at least 16.
 _MAX_BLOCKS = (64, 128, 64)
-_MIN_BLOCK = 16
-_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -113,16 +113,12 @@ def _blocks(kernel, x, w_gate, block_sizes):
         raise ValueError(f"{kernel}: block_sizes={block_sizes!r}; use three positive ints "
                          "(rows, f, d_chunk), or None for the defaults")
     dims = (math.prod(x.shape[:-1]), w_gate.shape[1], w_gate.shape[0])
-    return tuple(min(b, max(_MIN_BLOCK, pl.next_power_of_2(n))) for b, n in zip(block_sizes, dims))
+    return tuple(block_size(b, n) for b, n in zip(block_sizes, dims))
 
 
 def _unsupported(x, w_gate, w_up, blocks) -> str | None:
-    dtype = jnp.result_type(x, w_gate, w_up)
-    if dtype not in _KERNEL_DTYPES:
-        return f"dtype {dtype} has no Triton dot (use float32, bfloat16 or float16)"
-    if any(b < _MIN_BLOCK or b & (b - 1) for b in blocks):
-        return f"block sizes {blocks} must be powers of two of at least {_MIN_BLOCK}"
-    return None
+    rows, f, d_chunk = blocks
+    return dot_unsupported(jnp.result_type(x, w_gate, w_up), block_rows=rows, block_f=f, block_d=d_chunk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -13,12 +13,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.dispatch import pallas_call, resolve_impl, round_up
+from pallas_kernels.dispatch import KERNEL_DTYPES, pallas_call, resolve_impl, round_up
 
 _LANES = 128
 # Rows per block: 64K elements, a comfortable Triton block.
 _MAX_BLOCK_ROWS = (1 << 16) // _LANES
-_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def unscale_and_check(grads, scale, impl: str = "auto"):
@@ -50,7 +49,7 @@ def unscale_and_check(grads, scale, impl: str = "auto"):
     leaves, treedef = jax.tree.flatten(grads)
     floating = [i for i, leaf in enumerate(leaves) if _is_float(leaf)]
     unsupported = next((f"leaf dtype {leaves[i].dtype} (use float32, bfloat16 or float16)"
-                        for i in floating if leaves[i].dtype not in _KERNEL_DTYPES), None)
+                        for i in floating if leaves[i].dtype not in KERNEL_DTYPES), None)
     impl = resolve_impl("unscale_and_check", impl, unsupported)
     if impl == "xla":
         return unscale_and_check_reference(grads, scale)

@@ -1,6 +1,5 @@
 """Two processes (4 simulated devices each) save; one process with 8 devices restores."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 import zjax
 from gpt_helpers import token_batches
+from zjax.distributed import free_local_port
 from zjax.models import gpt_loss, make_gpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,15 +41,9 @@ ckpt.close()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_save_restores_on_one_process(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    address = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{free_local_port()}"
     procs = [
         subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), str(tmp_path)], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -2,7 +2,6 @@
 import doctest
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 import zjax.pipeline
 from zjax.config import load_config
 from zjax.data import TextCorpus
+from zjax.distributed import free_local_port
 from zjax.errors import ConfigError
 from zjax.pipeline import (
     TokenWindows,
@@ -257,9 +257,7 @@ print("RESULT", json.dumps({"local": loader.local_batch_size, "rows": rows, "sta
 
 def test_two_real_processes_assemble_the_one_process_batches():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    address = f"127.0.0.1:{free_local_port()}"
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:

@@ -50,9 +50,6 @@ def test_tiny_plan_json_marks_the_stage_and_compiles_every_stage(tiny_plan):
                                   "activations", "workspace", "total"}
         assert set(s["compiled"]) == {"argument", "temp", "total", "predicted", "ratio"}
         assert s["zjax"]["activations"] > 0
-        # the workspace row is its named terms, and the rows are the prediction
-        assert s["zjax"]["workspace"] == pytest.approx(sum(s["workspace"].values()))
-        assert s["compiled"]["predicted"] == pytest.approx(s["zjax"]["total"])
 
 
 def test_compiled_argument_bytes_are_per_device_state(tiny_plan):

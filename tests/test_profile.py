@@ -61,7 +61,6 @@ def test_hardware_flops_count_recomputation(result):
 def test_memory_breakdown_and_state(result):
     mem = result["memory"]
     assert mem["temp"] > 0 and mem["argument"] > 0
-    assert mem["total"] == mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
     # ZeRO-3 in fp32: the sharded master and moments measured on device 0 match zjax.plan's prediction
     for measured, predicted in (("master", "master params"), ("opt_state", "moments")):
         assert mem["state_measured"][measured] == pytest.approx(mem["state_predicted"][predicted], rel=0.02)

@@ -13,15 +13,14 @@ import os
 import sys
 from pathlib import Path
 
+from zjax.distributed import DEVICE_COUNT_FLAG, SIMULATED_CPU_DEVICES
 from zjax.errors import CheckpointError, ConfigError
 
-SIMULATED_CPU_DEVICES = 8
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 EPILOG = (
     f"On CPU, zjax simulates {SIMULATED_CPU_DEVICES} devices unless XLA_FLAGS sets a count "
-    f"(e.g. XLA_FLAGS={_DEVICE_COUNT_FLAG}=1)."
+    f"(e.g. XLA_FLAGS={DEVICE_COUNT_FLAG}=1)."
 )
 
 
@@ -48,9 +47,9 @@ def simulate_cpu_devices(environ=os.environ) -> None:
     """Asks XLA for 8 host devices unless XLA_FLAGS names a count or JAX_PLATFORMS excludes CPU."""
     flags = environ.get("XLA_FLAGS", "")
     platforms = environ.get("JAX_PLATFORMS", "")
-    if _DEVICE_COUNT_FLAG in flags or platforms not in ("", "cpu"):
+    if DEVICE_COUNT_FLAG in flags or platforms not in ("", "cpu"):
         return
-    environ["XLA_FLAGS"] = f"{flags} {_DEVICE_COUNT_FLAG}={SIMULATED_CPU_DEVICES}".strip()
+    environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={SIMULATED_CPU_DEVICES}".strip()
 
 
 def train(args: argparse.Namespace) -> None:

@@ -32,7 +32,9 @@ ADDRESS_VAR, COUNT_VAR, ID_VAR = "ZJAX_COORDINATOR_ADDRESS", "ZJAX_NUM_PROCESSES
 HEARTBEAT_VAR = "ZJAX_HEARTBEAT_TIMEOUT"
 # SLURM variables JAX's SlurmCluster reads; present inside an ``srun`` job step.
 SLURM_STEP_VARS = ("SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+# XLA's flag for simulated CPU devices, and how many zjax simulates unless it is set.
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+SIMULATED_CPU_DEVICES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +170,7 @@ def launch_local(argv: list[str], processes: int, *, devices: int | None = None,
     Args:
       argv: the ``zjax`` command line to run in every process (e.g. ``["train", cfg]``).
       processes: how many processes.
-      devices: simulated devices in all (default: the count in ``XLA_FLAGS``, else 8).
+      devices: simulated devices in all (default: the count in ``XLA_FLAGS``, else ``SIMULATED_CPU_DEVICES``).
       grace_s: seconds the others get to exit after one failed.
       heartbeat_timeout_s: the processes' own timeout for a silent peer.
       environ: the base environment (default ``os.environ``).
@@ -179,17 +181,17 @@ def launch_local(argv: list[str], processes: int, *, devices: int | None = None,
     """
     env = dict(os.environ if environ is None else environ)
     out = sys.stdout if out is None else out
-    total = devices if devices is not None else _flag_device_count(env.get("XLA_FLAGS", "")) or 8
+    total = devices if devices is not None else _flag_device_count(env.get("XLA_FLAGS", "")) or SIMULATED_CPU_DEVICES
     if processes < 1:
         raise ConfigError(f"--local-processes={processes}: use 1 or more processes")
     if total % processes:
         raise ConfigError(f"--local-processes={processes} does not divide the {total} simulated devices; "
-                          f"use a divisor of {total} (or set {_DEVICE_COUNT_FLAG} in XLA_FLAGS)")
-    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG))
+                          f"use a divisor of {total} (or set {DEVICE_COUNT_FLAG} in XLA_FLAGS)")
+    flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG))
     env.update({
-        "XLA_FLAGS": f"{flags} {_DEVICE_COUNT_FLAG}={total // processes}".strip(),
+        "XLA_FLAGS": f"{flags} {DEVICE_COUNT_FLAG}={total // processes}".strip(),
         "JAX_PLATFORMS": "cpu",
-        ADDRESS_VAR: f"127.0.0.1:{_free_port()}",
+        ADDRESS_VAR: f"127.0.0.1:{free_local_port()}",
         COUNT_VAR: str(processes),
         HEARTBEAT_VAR: str(heartbeat_timeout_s),
         "PYTHONUNBUFFERED": "1",
@@ -280,12 +282,13 @@ def _forward(stream, prefix: str, out, lock) -> None:
 
 def _flag_device_count(flags: str) -> int | None:
     for flag in flags.split():
-        if flag.startswith(_DEVICE_COUNT_FLAG + "="):
+        if flag.startswith(DEVICE_COUNT_FLAG + "="):
             return int(flag.split("=", 1)[1])
     return None
 
 
-def _free_port() -> int:
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a local coordinator)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -19,7 +19,6 @@ _DTYPE_BYTES = {
 }
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([\w\-]+)\((.*)$")
 _KINDS = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all")
 
 # HLO instructions that move or name data without computing: not "compute between start and done".
@@ -118,10 +117,10 @@ def collectives(hlo: str, num_devices: int) -> list[Collective]:
     found = []
     for name, lines in comps.items():
         for line in lines:
-            m = _INSTR.match(line)
+            m = _NAMED_INSTR.match(line)
             if not m:
                 continue
-            result, op, _ = m.groups()
+            _, result, op, _ = m.groups()
             kind = op.removesuffix("-start")
             if kind not in _KINDS:
                 continue

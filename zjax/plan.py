@@ -54,6 +54,7 @@ import dataclasses
 import math
 from typing import Any
 
+from zjax import zero
 from zjax.config import Config, load_config
 from zjax.errors import ConfigError
 
@@ -68,7 +69,7 @@ TRACED_ROWS = ("batch", "activations", "workspace")
 FIT_POLICIES = ("none", "selective", "full")
 # Bytes of optimizer moments per parameter: Adam keeps m and v in fp32, Lion one momentum.
 _MOMENT_BYTES = {"adam": 8, "adamw": 8, "lion": 4}
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclasses.dataclass
@@ -196,9 +197,9 @@ def compiled_stage_plan(cfg: Config) -> StagePlan:
 
     from zjax.models.gpt import count_params
 
-    train, state, batch = _abstract_step(cfg)
+    train, state, batch = abstract_step(cfg)
     psi, stage = count_params(cfg.model), cfg.zero.stage
-    layouts = jax.tree.leaves(train.layouts, is_leaf=lambda x: hasattr(x, "stacked"))
+    layouts = jax.tree.leaves(train.layouts, is_leaf=zero.is_layout)
     scanned = sum(math.prod(lay.shape) for lay in layouts if lay.stacked)
     rows = zjax_bytes(cfg, psi, train.data_size, stage, accum_steps=train.grad_accum_steps, scanned=scanned)
     traced, workspace = traced_bytes(train, batch)
@@ -248,7 +249,7 @@ def zjax_bytes(cfg: Config, psi: float, n: int, stage: int, accum_steps: int = 1
       ``ZJAX_ROWS`` in bytes; the ``TRACED_ROWS`` are None.
     """
     p = cfg.precision
-    param, compute, accum = (_ITEMSIZE[d] for d in (p.param_dtype, p.compute_dtype, p.accum_dtype))
+    param, compute, accum = (ITEMSIZE[d] for d in (p.param_dtype, p.compute_dtype, p.accum_dtype))
     shards = n if stage > 0 else 1
     keeps_master = stage == 3 or (stage > 0 and p.compute_dtype != p.param_dtype)
     replicated = 0.0
@@ -281,7 +282,7 @@ def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, fl
     """The ``TRACED_ROWS`` of a prepared train step, and the named terms of its workspace.
 
     Activations are measured from the jaxpr (``saved_residuals`` of one layer of each
-    ``scan_layers`` call, times its layer count, as ``zjax.remat.remat_report``
+    ``scan_layers`` call, times its layer count: ``zjax.remat.layer_residuals``, as ``remat_report``
     does), once with the config's remat policy and once with ``none`` for all a layer
     produces. Nothing is compiled.
 
@@ -313,7 +314,7 @@ def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, fl
     layer_acts, rematerialized = max(
         ((all_, all_ - device - host) for (_, all_, _), (_, device, host) in zip(everything, kept)), default=(0, 0)
     )
-    layouts = jax.tree.leaves(train.layouts, is_leaf=lambda x: hasattr(x, "stacked"))
+    layouts = jax.tree.leaves(train.layouts, is_leaf=zero.is_layout)
     stacked = [lay.size for lay in layouts if lay.stacked]
     if train.stage >= 2:
         # Each parameter's gradient is reduce-scattered as soon as the layer's backward
@@ -347,38 +348,16 @@ def _layer_residuals(train: Any, batch: Any, policy: Any, dtype: Any) -> list[tu
     Traced on one device's micro-batch with parameters in ``dtype``; parameters
     and constants are not counted (they live in the train state).
     """
-    import jax
-    import numpy as np
+    from zjax.remat import layer_residuals
 
-    from zjax import layers
-    from zjax.remat import residual_name
-
-    # Offloaded residuals lose their tag in the jaxpr; trace them as saved to name them.
-    visible = dataclasses.replace(policy, save=policy.save + policy.offload, offload=())
-    params = jax.tree.map(lambda lay: jax.ShapeDtypeStruct(lay.shape, dtype), train.layouts,
-                          is_leaf=lambda x: hasattr(x, "stacked"))
-    micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct((train.micro_batch_size,) + x.shape[1:], x.dtype), batch)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    found: list = []
-    with layers.layer_context(visible, residuals=found):
-        jax.eval_shape(lambda p, b, k: train.adapter.loss_fn(p, b, k), params, micro, key)
     out = []
-    for n_layers, residuals in found:
-        device = host = 0
-        for aval, source in residuals:
-            name = residual_name(source)
-            if name is None:
-                continue
-            nbytes = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
-            if name in policy.offload:
-                host += nbytes
-            else:
-                device += nbytes
-        out.append((n_layers, device, host))
+    for n_layers, named in layer_residuals(train, batch, policy, dtype):
+        host = sum(nbytes for name, nbytes in named if name in policy.offload)
+        out.append((n_layers, sum(nbytes for _, nbytes in named) - host, host))
     return out
 
 
-def _abstract_step(cfg: Config):
+def abstract_step(cfg: Config):
     """The reference GPT's prepared train step for ``cfg``, its abstract state and a zero batch."""
     import jax
     import numpy as np
@@ -409,14 +388,14 @@ def compiled_memory(cfg: Config, step: tuple | None = None) -> dict[str, float]:
 
     Args:
       cfg: the config.
-      step: ``(train, state, batch)`` already built for ``cfg`` (see ``_abstract_step``).
+      step: ``(train, state, batch)`` already built for ``cfg`` (see ``abstract_step``).
 
     Returns:
       ``{"argument", "temp", "total"}`` in bytes.
     """
     key = cfg.to_yaml()
     if key not in _COMPILED:
-        train, state, batch = step or _abstract_step(cfg)
+        train, state, batch = step or abstract_step(cfg)
         memory = train.lower(state, batch).compile().memory_analysis()
         argument, temp = int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes)
         _COMPILED[key] = {"argument": argument, "temp": temp, "total": argument + temp}

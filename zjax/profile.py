@@ -37,7 +37,7 @@ from zjax import hlo, zero
 from zjax.config import Config, load_config
 from zjax.errors import ConfigError
 from zjax.models.gpt import count_params, gpt_loss, make_gpt
-from zjax.plan import zjax_bytes
+from zjax.plan import ITEMSIZE, abstract_step, zjax_bytes
 from zjax.train import make_train_step
 
 # Published dense bf16 peak FLOP/s per chip, matched in order against
@@ -55,7 +55,6 @@ PEAK_FLOPS = (
     ("tpu v6 lite", 918e12),
 )
 STATE_FIELDS = ("replicated", "master", "opt_state", "loss_scale", "step", "rng")
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 MIB = 2**20
 
 
@@ -88,7 +87,7 @@ def profile(config: Any, overrides=None, *, steps: int = 5, trace_dir: str | Pat
     if not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"--steps={steps!r}: profile needs at least 1 timed step, e.g. --steps 5")
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    train = _make_train(cfg)
+    train = make_train_step(cfg, gpt_loss, model=make_gpt(cfg.model, seed=cfg.seed, kernels=cfg.kernels))
     with _runtime_errors(cfg, train, "initialize its state"):
         state = train.init()
     batch = train.shard_batch(_random_batch(cfg, train.global_batch_size))
@@ -281,8 +280,8 @@ def zero_theory_bytes(cfg: Config, train: Any) -> tuple[float, str]:
     n, a = train.data_size, train.grad_accum_steps
     f = (n - 1) / n
     p = cfg.precision
-    r = _ITEMSIZE[p.reduce_dtype or p.compute_dtype]
-    g = _ITEMSIZE[p.compute_dtype] if train.keeps_master else _ITEMSIZE[p.param_dtype]
+    r = ITEMSIZE[p.reduce_dtype or p.compute_dtype]
+    g = ITEMSIZE[p.compute_dtype] if train.keeps_master else ITEMSIZE[p.param_dtype]
     stage = cfg.zero.stage
     if stage == 0:
         return 2 * psi * r * f, f"2Ψ·{r}B·(N-1)/N"
@@ -472,10 +471,6 @@ def write_png(result: dict, path: str | Path) -> Path:
 # -- helpers --------------------------------------------------------------------------
 
 
-def _make_train(cfg: Config):
-    return make_train_step(cfg, gpt_loss, model=make_gpt(cfg.model, seed=cfg.seed, kernels=cfg.kernels))
-
-
 @contextlib.contextmanager
 def _runtime_errors(cfg: Config, train, doing: str):
     """Turns XLA's failures (out of memory, above all) into a ConfigError naming the knobs that help."""
@@ -551,8 +546,7 @@ def _compare(cfg: Config, current: dict) -> list[dict]:
     rows = [_row(cfg.zero.stage, cfg.remat.policy, current, current=True)]
     for change in variants:
         alt = load_config(cfg, change)
-        train = _make_train(alt)
-        state, batch = _abstract_inputs(alt, train)
+        train, state, batch = abstract_step(alt)
         analysis = analyze_step(alt, train, state, batch)
         rows.append(_row(alt.zero.stage, alt.remat.policy, analysis))
     return rows
@@ -563,14 +557,6 @@ def _row(stage: int, remat: str, analysis: dict, current: bool = False) -> dict:
     return {"stage": stage, "remat": remat, "current": current, "memory": analysis["memory"]["total"],
             "temp": analysis["memory"]["temp"], "bytes": col["total_bytes"], "theory_bytes": col["theory_bytes"],
             "ratio": col["ratio"], "flops": analysis["flops"]["hardware"]}
-
-
-def _abstract_inputs(cfg: Config, train):
-    """Shapes and shardings of the state, and a zero batch: enough to compile, nothing allocated."""
-    train.prepare()
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), train.abstract_state,
-                         train.state_sharding)
-    return state, {"tokens": np.zeros((train.global_batch_size, cfg.data.seq_len + 1), np.int32)}
 
 
 def _dominates(a: dict, b: dict) -> bool:

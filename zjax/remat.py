@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from zjax import zero
 from zjax.errors import ConfigError
 
 POLICIES = ("none", "full", "full_offload", "selective", "selective_offload", "dots", "dots_no_batch", "custom")
@@ -55,11 +56,6 @@ class RematPolicy:
     name: str = "none"
     save: tuple[str, ...] = ()
     offload: tuple[str, ...] = ()
-
-    @property
-    def checkpoints(self) -> bool:
-        """False only for ``none``, which keeps every residual and needs no checkpoint."""
-        return self.name != "none"
 
     def jax_policy(self):
         """The ``jax.checkpoint`` policy; None for ``none`` (save everything)."""
@@ -202,34 +198,40 @@ def remat_report(train: Any, state: Any, batch: Any) -> RematReport:
       >>> report = remat_report(train, state, batch)  # doctest: +SKIP
       >>> print(format_report([report]))  # doctest: +SKIP
     """
-    from zjax import layers  # layers imports this module
-
     policy = remat_policy(train.config.remat)
-    # Offloaded residuals lose their tag in the jaxpr; trace them as saved to name them.
-    visible = dataclasses.replace(policy, save=policy.save + policy.offload, offload=())
-    compute = train.dtypes.compute
-    params = jax.tree.map(
-        lambda lay: jax.ShapeDtypeStruct(lay.shape, compute), train.layouts, is_leaf=lambda x: hasattr(x, "stacked")
-    )
-    micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct((train.micro_batch_size,) + x.shape[1:], x.dtype), batch)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    found: list = []
-    with layers.layer_context(visible, residuals=found):
-        jax.eval_shape(lambda p, b, k: train.adapter.loss_fn(p, b, k), params, micro, key)
     totals: dict[tuple[str, str], int] = {}
-    for n_layers, residuals in found:
-        for aval, source in residuals:
-            name = residual_name(source)
-            if name is None:
-                continue
+    for n_layers, named in layer_residuals(train, batch, policy, train.dtypes.compute):
+        for name, nbytes in named:
             memory = "pinned_host" if name in policy.offload else "device"
-            nbytes = math.prod(aval.shape) * np.dtype(aval.dtype).itemsize * n_layers
-            totals[name, memory] = totals.get((name, memory), 0) + nbytes
+            totals[name, memory] = totals.get((name, memory), 0) + nbytes * n_layers
     rows = sorted((RematRow(n, m, b) for (n, m), b in totals.items()), key=lambda r: (-r.bytes, r.name))
     compiled = train.lower(state, batch).compile()
     return RematReport(
         policy.name, rows, int(compiled.memory_analysis().temp_size_in_bytes), float(compiled.cost_analysis()["flops"])
     )
+
+
+def layer_residuals(train: Any, batch: Any, policy: RematPolicy, dtype: Any) -> list[tuple[int, list[tuple[str, int]]]]:
+    """Per ``scan_layers`` call: its layer count and the ``(tag, bytes)`` one layer keeps under ``policy``.
+
+    Traced (not compiled) on one device's micro-batch with parameters in ``dtype``;
+    parameters and constants carry no tag and are left out (they live in the train state).
+    """
+    from zjax import layers  # layers imports this module
+
+    # Offloaded residuals lose their tag in the jaxpr; trace them as saved to name them.
+    visible = dataclasses.replace(policy, save=policy.save + policy.offload, offload=())
+    params = jax.tree.map(lambda lay: jax.ShapeDtypeStruct(lay.shape, dtype), train.layouts, is_leaf=zero.is_layout)
+    micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct((train.micro_batch_size,) + x.shape[1:], x.dtype), batch)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    found: list = []
+    with layers.layer_context(visible, residuals=found):
+        jax.eval_shape(lambda p, b, k: train.adapter.loss_fn(p, b, k), params, micro, key)
+    return [
+        (n_layers, [(name, math.prod(aval.shape) * np.dtype(aval.dtype).itemsize)
+                    for aval, source in residuals if (name := residual_name(source)) is not None])
+        for n_layers, residuals in found
+    ]
 
 
 def residual_name(source: str) -> str | None:

@@ -10,7 +10,6 @@ import importlib.metadata
 import platform
 
 PACKAGES = ("zjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
-# The kernels with a Pallas path; softmax_cross_entropy is XLA everywhere.
 
 
 def report() -> dict:

@@ -25,7 +25,7 @@ import pallas_kernels
 from zjax.errors import ConfigError
 from zjax.layers import scan_layers
 
-KERNELS = ("xla", "auto", "pallas", "interpret")
+KERNELS = pallas_kernels.IMPLS
 
 ACTIVATION_NAMES = (
     "attn_norm",
@@ -290,11 +290,8 @@ class RMSNorm(nnx.Module):
                                eager_sharding=False)
 
     def __call__(self, x, kernels="xla"):
-        if kernels != "xla":
-            return pallas_kernels.rms_norm(x, self.scale[...], eps=self.eps, impl=kernels)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        # kernels="xla" is pallas_kernels' jnp reference
+        return pallas_kernels.rms_norm(x, self.scale[...], eps=self.eps, impl=kernels)
 
 
 def rotary_angles(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
