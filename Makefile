@@ -5,10 +5,11 @@ SHELL := /bin/bash
 
 .PHONY: demo test install bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The tested versions (constraints.txt) inside the ranges pyproject.toml declares.
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -16,7 +16,7 @@ from pathlib import Path
 from zjax.distributed import DEVICE_COUNT_FLAG, SIMULATED_CPU_DEVICES
 from zjax.errors import CheckpointError, ConfigError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "base.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "base.yaml"  # package data: every default
 
 EPILOG = (
     f"On CPU, zjax simulates {SIMULATED_CPU_DEVICES} devices unless XLA_FLAGS sets a count "
@@ -167,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         "shown against the prediction.",
     )
     mem.add_argument("config", metavar="CONFIG", nargs="?", default=str(DEFAULT_CONFIG),
-                     help="a zjax YAML or a DeepSpeed JSON config (default: configs/base.yaml)")
+                     help="a zjax YAML or a DeepSpeed JSON config (default: every default, zjax/base.yaml)")
     mem.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. zero.stage=1 remat.policy=full"
     )

@@ -5,7 +5,7 @@ Two accountings side by side (Ψ parameters, N data devices):
 - the ZeRO paper's (Rajbhandari et al. 2020, Table 1): fp16 params (2Ψ) and grads
   (2Ψ) plus K = 12 bytes of Adam state per parameter; stage 1 is 4Ψ + 12Ψ/N,
   stage 2 is 2Ψ + 14Ψ/N, stage 3 is 16Ψ/N;
-- zjax's own: what its ``TrainState`` holds (``zjax.train``'s table; DESIGN.md), the
+- zjax's own: what its ``TrainState`` holds (``zjax.train``'s table; docs/architecture.md), the
   gradient buffers its step allocates (a full local accumulator in
   ``precision.accum_dtype`` for stages 0-1, a sharded one (Ψ/N) for stages 2-3, and,
   when ``grad_accum_steps > 1``, the micro-step gradient of the scanned layers next to
@@ -134,12 +134,12 @@ class Plan:
         }
 
 
-def plan(config: Any = "configs/base.yaml", overrides=None, *, params: float | None = None,
+def plan(config: Any = None, overrides=None, *, params: float | None = None,
          devices: int | None = None, compile: bool = True) -> Plan:
     """The per-device memory of every ZeRO stage for ``config``.
 
     Args:
-      config: a config path, dict or ``Config``.
+      config: a config path, dict or ``Config`` (default: every default).
       overrides: ``key=value`` overrides, as for ``load_config``.
       params: a parameter count to plan for instead of the config's reference GPT;
         analytic only (nothing is compiled).
@@ -154,7 +154,7 @@ def plan(config: Any = "configs/base.yaml", overrides=None, *, params: float | N
       >>> [round(s.paper_total / 1e9, 2) for s in p.stages]
       [120.0, 31.41, 16.64, 1.88]
     """
-    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    cfg = config if isinstance(config, Config) else load_config(Config() if config is None else config, overrides)
     import jax
 
     visible = len(jax.devices())
