@@ -1,7 +1,7 @@
 """ZeRO stages 0-3 on the reference GPT: state bytes, collective bytes and step time.
 
 On 8 simulated CPU devices, for each ZeRO stage this prints
-- the TrainState bytes held by one device, next to DESIGN.md's formula;
+- the TrainState bytes held by one device, next to ZeRO's formula (docs/architecture.md);
 - the collective bytes per device per step read from the compiled HLO, next to
   ZeRO's theory in units of G = Ψ x 4 bytes x (N-1)/N (float32 gradients);
 - the median step time, relative to a plain jitted optax step on the same model and
@@ -222,7 +222,7 @@ def print_memory(runs: dict, baseline: BaselineRun, psi: int, n: int, precision:
         measured = run.device_bytes()
         rows.append(memory_row(f"zjax stage {stage}", measured, psi, text, expected))
     rows.append(memory_row("optax baseline", baseline.device_bytes(), psi, "12Ψ", 12 * psi))
-    print_table(["variant", "measured", "measured/Ψ", "DESIGN.md", "formula bytes", "measured/formula"], rows)
+    print_table(["variant", "measured", "measured/Ψ", "formula", "formula bytes", "measured/formula"], rows)
 
 
 def memory_row(name: str, measured: int, psi: int, formula: str, expected: float) -> list[str]:
@@ -230,7 +230,7 @@ def memory_row(name: str, measured: int, psi: int, formula: str, expected: float
 
 
 def memory_formulas(precision: str) -> dict[int, tuple[str, Callable[[int, int], float]]]:
-    """DESIGN.md's persistent bytes per device (Adam, float32 master), by stage."""
+    """ZeRO's persistent bytes per device (Adam, float32 master), by stage."""
     if precision == "fp32":
         middle = ("4Ψ + 8Ψ/N", lambda psi, n: 4 * psi + 8 * psi / n)
     else:

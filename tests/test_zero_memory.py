@@ -1,4 +1,4 @@
-"""Per-device TrainState bytes follow DESIGN.md's ZeRO table for every stage."""
+"""Per-device TrainState bytes follow ZeRO's table (docs/architecture.md) for every stage."""
 import jax
 import jax.numpy as jnp
 import numpy as np
