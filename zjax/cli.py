@@ -73,11 +73,15 @@ def explain(args: argparse.Namespace) -> None:
     logging.getLogger("zjax").setLevel(logging.ERROR)
     cfg = load_config(args.config, args.overrides)
     print(cfg.to_yaml(), end="")
+    # Comments, so the output stays a config that load_config reads back.
+    if cfg.deepspeed_mapping:
+        print("# DeepSpeed keys and what they became:")
+        for key, became in cfg.deepspeed_mapping:
+            print(f"#   {key}: {became}")
     if cfg.ignored:
-        # Comments, so the output stays a config that load_config reads back.
         print("# DeepSpeed keys zjax ignores:")
         for key, reason in cfg.ignored:
-            print(f"#   {key}: {reason}")
+            print(f"#   {key}: ignored ({reason})")
 
 
 def export(args: argparse.Namespace) -> None:
@@ -208,9 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="inspect a config")
     config_commands = config.add_subparsers(required=True, metavar="COMMAND")
     show = config_commands.add_parser(
-        "explain", help="print the effective config and the DeepSpeed keys it ignores",
-        description="Print the effective, validated config as YAML, then the DeepSpeed keys "
-        "zjax ignores and why.",
+        "explain", help="print the effective config and what each DeepSpeed key became",
+        description="Print the effective, validated config as YAML, then each DeepSpeed key with the "
+        "zjax key and value it became (DeepSpeed defaults included), and the DeepSpeed keys zjax ignores and why.",
     )
     _add_config_args(show)
     show.set_defaults(command=explain)

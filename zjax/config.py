@@ -8,11 +8,12 @@ received and what would work.
 """
 from __future__ import annotations
 
+import codecs
 import copy
-import difflib
 import json
 import logging
 import math
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -56,35 +57,62 @@ def load_config(
         dict of dotted keys to values; applied after ``base:`` and DeepSpeed mapping.
 
     Returns:
-      The validated ``Config``; ``Config.ignored`` lists the DeepSpeed keys it ignored.
+      The validated ``Config``; ``Config.ignored`` lists the DeepSpeed keys it ignored and
+      ``Config.deepspeed_mapping`` what each DeepSpeed key (or DeepSpeed default) became.
 
     Example:
-      >>> load_config({"zero_optimization": {"stage": 3}}, ["steps=20"]).zero.stage
+      >>> load_config({"train_batch_size": 32, "zero_optimization": {"stage": 3}}, ["steps=20"]).zero.stage
       3
     """
     if isinstance(path_or_dict, Config):
-        raw, ignored = path_or_dict.model_dump(), list(path_or_dict.ignored)
+        raw, ignored, mapped = path_or_dict.model_dump(), list(path_or_dict.ignored), []
     else:
-        raw, ignored = _read_layered(path_or_dict, chain=())
-        if ignored:
-            # One warning per load, so a DeepSpeed config does not flood the log.
-            logger.warning(
-                "zjax ignores these DeepSpeed keys (`zjax config explain` lists them): %s",
-                "; ".join(f"{key} ({reason})" for key, reason in ignored),
-            )
+        raw, ignored, mapped = _read_layered(path_or_dict, chain=())
     _apply_overrides(raw, overrides)
     try:
         config = Config.model_validate(raw)
     except pydantic.ValidationError as err:
         raise _config_error(err) from None
+    if mapped or not isinstance(path_or_dict, Config):
+        config._mapped = tuple(mapped)
+    else:
+        config._mapped = path_or_dict.deepspeed_mapping
     config._ignored = tuple(ignored)
+    if ignored and not isinstance(path_or_dict, Config):
+        # One warning per load, each reason once, so a DeepSpeed config does not flood the log.
+        by_reason: dict[str, list[str]] = {}
+        for key, reason in ignored:
+            by_reason.setdefault(reason, []).append(key)
+        logger.warning(
+            "zjax ignores these DeepSpeed keys (`zjax config explain` lists them): %s",
+            "; ".join(f"{', '.join(keys)} ({reason})" for reason, keys in by_reason.items()),
+        )
     return config
 
 
 class _Section(BaseModel):
-    """Base of every config block: an unknown key is an error, never silently dropped."""
+    """Base of every config block: an unknown key is an error, never silently dropped.
 
-    model_config = ConfigDict(extra="forbid")
+    Numbers must be finite, and true/false is not a number (pydantic would read it as 1/0).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError(f"got {value}, a boolean; give a number instead")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set[type]:
+    """The types a field annotation admits (a Literal's by its values)."""
+    if typing.get_origin(annotation) is Literal:
+        return {type(arg) for arg in typing.get_args(annotation)}
+    args = typing.get_args(annotation)
+    return set().union(*map(_leaf_types, args)) if args else {annotation}
 
 
 class MeshConfig(_Section):
@@ -154,6 +182,17 @@ class BatchConfig(_Section):
     micro_batch_size_per_device: int | None = Field(None, gt=0)
     grad_accum_steps: int | None = Field(1, gt=0)
 
+    @model_validator(mode="after")
+    def _one_size_given(self) -> BatchConfig:
+        if self.global_batch_size is None and self.micro_batch_size_per_device is None:
+            raise ValueError(
+                "global_batch_size and micro_batch_size_per_device are both null; give one, e.g. "
+                "global_batch_size: 32 (in a DeepSpeed config, train_batch_size or train_micro_batch_size_per_gpu: "
+                "DeepSpeed also stops with 'Either train_batch_size or train_micro_batch_size_per_gpu needs to be "
+                "provided')"
+            )
+        return self
+
     def resolve(self, data_size: int) -> tuple[int, int, int]:
         """Derive the missing sizes and check the given ones agree.
 
@@ -168,11 +207,6 @@ class BatchConfig(_Section):
           (32, 2, 2)
         """
         total, micro, accum = self.global_batch_size, self.micro_batch_size_per_device, self.grad_accum_steps
-        if total is None and micro is None:
-            raise ConfigError(
-                "batch: give global_batch_size or micro_batch_size_per_device (both are null); "
-                "e.g. global_batch_size: 32"
-            )
         if total is not None and micro is not None and accum is not None:
             if total != micro * accum * data_size:
                 raise ConfigError(
@@ -411,6 +445,7 @@ class Config(_Section):
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
 
     _ignored: tuple[tuple[str, str], ...] = PrivateAttr(default=())
+    _mapped: tuple[tuple[str, str], ...] = PrivateAttr(default=())
 
     @field_validator("logical_axis_rules")
     @classmethod
@@ -436,12 +471,17 @@ class Config(_Section):
         """DeepSpeed keys this config accepted but ignores, as ``(key, reason)`` pairs."""
         return self._ignored
 
+    @property
+    def deepspeed_mapping(self) -> tuple[tuple[str, str], ...]:
+        """What each DeepSpeed key (or DeepSpeed default) became, as ``(key, "zjax.key = value")`` pairs."""
+        return self._mapped
+
     def to_yaml(self) -> str:
         """The effective config as YAML that ``load_config`` reads back to an equal config."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _read_layered(source: str | Path | Mapping[str, Any], chain: tuple[Path, ...]) -> tuple[dict, list]:
+def _read_layered(source: str | Path | Mapping[str, Any], chain: tuple[Path, ...]) -> tuple[dict, list, list]:
     """Read one layer, map its DeepSpeed keys, then merge it over its ``base:`` layer."""
     if isinstance(source, Mapping):
         raw, here = copy.deepcopy(dict(source)), Path.cwd()
@@ -451,23 +491,23 @@ def _read_layered(source: str | Path | Mapping[str, Any], chain: tuple[Path, ...
         chain = chain + (path,)
     base = raw.pop("base", None)
     # Map each layer on its own so a DeepSpeed key only conflicts with zjax keys of its own file.
-    layer, ignored = deepspeed.map_deepspeed(raw)
+    layer, ignored, mapped = deepspeed.map_deepspeed(raw)
     if base is None:
-        return layer, ignored
+        return layer, ignored, mapped
     if not isinstance(base, (str, Path)):
         raise ConfigError(f"base={base!r} must be a path to a YAML or JSON file, e.g. base: base.yaml")
     base_path = (here / base).resolve()
     if base_path in chain:
         cycle = " -> ".join(str(p) for p in chain + (base_path,))
         raise ConfigError(f"base={str(base)!r} makes a cycle ({cycle}); remove one of the base: keys")
-    parent, parent_ignored = _read_layered(base_path, chain)
-    return _deep_merge(parent, layer), parent_ignored + ignored
+    parent, parent_ignored, parent_mapped = _read_layered(base_path, chain)
+    return _deep_merge(parent, layer), parent_ignored + ignored, parent_mapped + mapped
 
 
 def _read_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; give a path to a YAML or JSON file")
-    text = path.read_text()
+    text = _decode(path)
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
@@ -477,6 +517,31 @@ def _read_file(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} holds a {type(raw).__name__}; it must be a mapping of keys")
     return raw
+
+
+# Byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's); PowerShell's `>` writes UTF-16 LE.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _decode(path: Path) -> str:
+    """The file's text: UTF-8, or any UTF with a byte-order mark."""
+    data = path.read_bytes()
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    if encoding == "utf-8" and b"\x00" in data:
+        # NUL bytes are valid UTF-8 but never part of a config: the file is wider text without a BOM.
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text: it holds NUL bytes, as UTF-16 or UTF-32 without a "
+            "byte-order mark does; save it as UTF-8"
+        )
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {str(path)!r} is not {encoding} text: {err.reason} at byte {err.start}; save it as UTF-8"
+        ) from None
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
@@ -544,12 +609,9 @@ def _unknown_key(loc: tuple[str, ...]) -> str:
         )
     section = _section_at(parents)
     valid = list(section.model_fields) if section else []
-    candidates = valid + list(deepspeed.TOP_LEVEL_KEYS) + ["base"] if not parents else valid
-    key = ".".join(loc)
-    where = ".".join(parents) or "the top level"
-    match = difflib.get_close_matches(name, candidates, n=1)
-    hint = f"did you mean {'.'.join([*parents, match[0]])!r}? " if match else ""
-    return f"unknown key {key!r}; {hint}valid keys at {where}: {', '.join(valid)}"
+    if not parents:
+        valid += [key for key in ("base", *deepspeed.TOP_LEVEL_KEYS) if key not in valid]
+    return f"unknown key {'.'.join(loc)!r}; {deepspeed.suggest(name, valid, '.'.join(parents))}"
 
 
 def _section_at(path: Sequence[str]) -> type[BaseModel] | None:
