@@ -122,11 +122,13 @@ def test_fp16_without_scaling_keys_takes_the_loss_scaler_class_defaults():
     # ZeRO's CreateLossScaler(dynamic_loss_args=None) -> DynamicLossScaler(init_scale=2**32, delayed_shift=1)
     # (fp16/loss_scaler.py); stage 0's FP16_Optimizer starts at 2**16 and halves on every overflow.
     zero2 = load_config({**BATCH, "zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}).loss_scale
-    assert (zero2.initial_scale_power, zero2.hysteresis, zero2.loss_scale_window, zero2.min_loss_scale) == (32, 1, 1000, 1)
+    assert (zero2.initial_scale_power, zero2.hysteresis, zero2.loss_scale_window, zero2.min_loss_scale) == (
+        32, 1, 1000, 1)
     zero0 = load_config({**BATCH, "fp16": {"enabled": True}}).loss_scale
     assert (zero0.initial_scale_power, zero0.hysteresis) == (16, 1)
     # Any scaling key selects FP16_*_DEFAULT for the rest (runtime/constants.py: 16, 1000, 2, 1).
-    some = load_config({**BATCH, "zero_optimization": {"stage": 2}, "fp16": {"enabled": True, "loss_scale_window": 100}})
+    some = load_config({**BATCH, "zero_optimization": {"stage": 2},
+                        "fp16": {"enabled": True, "loss_scale_window": 100}})
     assert (some.loss_scale.initial_scale_power, some.loss_scale.hysteresis, some.loss_scale.loss_scale_window) == (
         16, 2, 100)
 
@@ -302,7 +304,7 @@ def test_deepspeed_clipping_dtypes_and_print_interval():
     assert (cfg.gradient_clipping, cfg.log_every) == (0.5, 7)
     assert (cfg.precision.reduce_dtype, cfg.precision.accum_dtype) == ("bfloat16", "float16")
     # Megatron-DeepSpeed's "bfp16" fails in DeepSpeed too (runtime/config.py get_communication_data_type).
-    with pytest.raises(ConfigError, match="communication_data_type='bfp16'.*DeepSpeed refuses it too.*fp32, fp16, bf16"):
+    with pytest.raises(ConfigError, match="communication_data_type='bfp16'.*DeepSpeed refuses it too.*fp32"):
         load_config({**BATCH, "communication_data_type": "bfp16"})
 
 
@@ -357,7 +359,8 @@ def test_meaningless_keys_are_recorded_and_logged_once_each_reason_once(caplog):
     with caplog.at_level(logging.WARNING, logger="zjax"):
         cfg = load_config(ds)
     reasons = dict(cfg.ignored)
-    assert set(reasons) == {"wall_clock_breakdown", "prescale_gradients", "activation_checkpointing.partition_activations",
+    assert set(reasons) == {"wall_clock_breakdown", "prescale_gradients",
+                            "activation_checkpointing.partition_activations",
                             "zero_optimization.overlap_comm", "zero_optimization.reduce_scatter",
                             "zero_optimization.allgather_bucket_size"}
     warnings = [r.getMessage() for r in caplog.records if r.name == "zjax"]

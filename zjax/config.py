@@ -65,7 +65,8 @@ def load_config(
       3
     """
     if isinstance(path_or_dict, Config):
-        raw, ignored, mapped = path_or_dict.model_dump(), list(path_or_dict.ignored), []
+        raw = path_or_dict.model_dump()
+        ignored, mapped = list(path_or_dict.ignored), list(path_or_dict.deepspeed_mapping)
     else:
         raw, ignored, mapped = _read_layered(path_or_dict, chain=())
     _apply_overrides(raw, overrides)
@@ -73,11 +74,7 @@ def load_config(
         config = Config.model_validate(raw)
     except pydantic.ValidationError as err:
         raise _config_error(err) from None
-    if mapped or not isinstance(path_or_dict, Config):
-        config._mapped = tuple(mapped)
-    else:
-        config._mapped = path_or_dict.deepspeed_mapping
-    config._ignored = tuple(ignored)
+    config._ignored, config._mapped = tuple(ignored), tuple(mapped)
     if ignored and not isinstance(path_or_dict, Config):
         # One warning per load, each reason once, so a DeepSpeed config does not flood the log.
         by_reason: dict[str, list[str]] = {}

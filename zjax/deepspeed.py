@@ -246,7 +246,8 @@ _SCHEDULER_DEFAULTS = {
     "onecycle": {"cycle_first_step_size": 2000},
 }
 # fp16 keys that make DeepSpeed build the loss scaler from the config (runtime/config.py get_dynamic_loss_scale_args).
-_DYNAMIC_LOSS_ARGS = ("initial_scale_power", "loss_scale_window", "min_loss_scale", "hysteresis", "consecutive_hysteresis")
+_DYNAMIC_LOSS_ARGS = (
+    "initial_scale_power", "loss_scale_window", "min_loss_scale", "hysteresis", "consecutive_hysteresis")
 _AUTO_HINTS = {
     "train_batch_size": "give the global batch size as an integer, e.g. 32",
     "train_micro_batch_size_per_gpu": "give the per-device micro-batch size as an integer, e.g. 4",
@@ -280,8 +281,10 @@ def map_deepspeed(raw: Mapping[str, Any]) -> tuple[dict, list[tuple[str, str]], 
 
     Example:
       >>> layer, ignored, mapped = map_deepspeed({"bf16": {"enabled": True}, "steps": 10})
-      >>> layer, mapped
-      ({'steps': 10, 'precision': {'compute_dtype': 'bfloat16'}}, [('bf16.enabled', 'precision.compute_dtype = bfloat16')])
+      >>> layer
+      {'steps': 10, 'precision': {'compute_dtype': 'bfloat16'}}
+      >>> mapped
+      [('bf16.enabled', 'precision.compute_dtype = bfloat16')]
     """
     ds_keys = [key for key, value in raw.items() if _is_deepspeed(key, value)]
     _reject_autos({key: raw[key] for key in raw if key in ds_keys or key in _SHARED})
@@ -512,7 +515,8 @@ def _adam_flavour(name: str, params: Mapping[str, Any], out: _Translation) -> st
     """engine.py _configure_basic_optimizer: AdamW, and Adam with adam_w_mode (default true), decay decoupled."""
     adam_w_mode = _bool("optimizer.params.adam_w_mode", params.get("adam_w_mode", True))
     if name == "adamw" and not adam_w_mode:
-        out.ignore("optimizer.params.adam_w_mode", True, "DeepSpeed's AdamW decouples weight decay whatever adam_w_mode says")
+        out.ignore("optimizer.params.adam_w_mode", True,
+                   "DeepSpeed's AdamW decouples weight decay whatever adam_w_mode says")
     decoupled = name == "adamw" or adam_w_mode
     if params.get("torch_adam") is True and decoupled and "weight_decay" not in params:
         # torch_adam selects torch.optim.AdamW, whose default weight_decay is 1e-2 (FusedAdam's is 0).
@@ -635,7 +639,8 @@ def _map_tensor_parallel(key: str, block: Any, out: _Translation) -> None:
     _check_keys(key, block, ("autotp_size", "tp"))
     tp = block.get("tp", {})
     _check_keys(f"{key}.tp", tp, ("tp_size",))
-    for ds_key, size in ((f"{key}.autotp_size", block.get("autotp_size", 0)), (f"{key}.tp.tp_size", tp.get("tp_size", 1))):
+    sizes = ((f"{key}.autotp_size", block.get("autotp_size", 0)), (f"{key}.tp.tp_size", tp.get("tp_size", 1)))
+    for ds_key, size in sizes:
         if _int(ds_key, size) > 1:
             raise ConfigError(
                 f"{ds_key}={size}: tensor parallelism is not implemented in zjax yet (a later issue; "
@@ -779,7 +784,8 @@ def _dtype(key: str, value: Any) -> str:
     name = value.lower() if isinstance(value, str) else value
     if name not in _DTYPES:
         raise ConfigError(
-            f"{key}={value!r} is not a DeepSpeed dtype name, and DeepSpeed refuses it too; use one of {', '.join(_DTYPES)}"
+            f"{key}={value!r} is not a DeepSpeed dtype name, and DeepSpeed refuses it too; "
+            f"use one of {', '.join(_DTYPES)}"
         )
     return _DTYPES[name]
 
