@@ -111,6 +111,55 @@ def test_damaged_latest_step_falls_back_to_previous(saved, tmp_path, caplog, kin
     assert extra == {"data_step": 2} and int(state.step) == 2
 
 
+def _flip_a_byte(step_dir: Path) -> None:
+    data = max(_data_files(step_dir), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+RESAVED_DAMAGE = {
+    "flipped byte": _flip_a_byte,
+    "truncated data file": DAMAGE["truncated data file"],
+    "missing data file": DAMAGE["missing data file"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(RESAVED_DAMAGE))
+def test_damaged_step_is_moved_aside_before_it_is_saved_again(saved, tmp_path, caplog, kind):
+    directory, portable = _copy_tree(saved[0], tmp_path / "ckpt"), saved[1]
+    RESAVED_DAMAGE[kind](directory / "3")
+    train = make(3)
+    ckpt = Checkpointer(directory, keep=3)
+    state, _ = ckpt.restore(train)
+    batches = token_batches(4, 16, 32)
+    with caplog.at_level(logging.WARNING, logger="zjax"):
+        for k in (2, 3):  # steps 3 and 4: the resumed run reaches the damaged step and runs past it
+            state, _ = train(state, batches[k])
+            ckpt.save(k + 1, state, extra={"data_step": k + 1})
+        ckpt.wait()
+    assert Checkpointer(directory).latest_step() == 4
+    again = host(to_portable(Checkpointer(directory).restore(train, step=3)[0]))
+    assert identical(again["params"], portable["params"])
+    assert identical(again["opt_state"], portable["opt_state"])
+    assert sorted(os.listdir(directory)) == ["2", "3", "3.damaged-1", "4"]
+    assert "moved aside to 3.damaged-1" in caplog.text
+
+
+def test_saving_below_an_intact_step_is_refused(saved, tmp_path):
+    directory = _copy_tree(saved[0], tmp_path / "ckpt")
+    train = make(3)
+    ckpt = Checkpointer(directory)
+    state, _ = ckpt.restore(train, step=2)
+    with pytest.raises(CheckpointError, match="intact step 3 is already there"):
+        ckpt.save(3, state)
+
+
+def test_a_step_that_never_existed_is_named_with_the_steps_that_do(saved):
+    with pytest.raises(CheckpointError, match=r"step 99 does not exist in .*; steps there: 1, 2, 3"):
+        load_params(saved[0], 99)
+
+
 def test_no_intact_step_names_the_directory(saved, tmp_path):
     directory = _copy_tree(saved[0], tmp_path / "ckpt")
     for step in ("1", "2", "3"):

@@ -11,7 +11,10 @@ A step counts only once zjax has written ``zjax_manifest.json`` into it, after
 Orbax finished writing every file; the manifest lists each file's size and CRC32.
 A step without a manifest, or whose files no longer match it, is skipped with a
 warning naming what is wrong, and old steps are deleted only after a newer one is
-committed.
+committed. Before a step is saved, any directory at that step or later is cleared:
+an unfinished save is deleted, a damaged step is renamed ``<step>.damaged-<n>`` (kept
+as evidence; nothing reads it again), so a manifest only ever describes files written
+by the save it commits.
 """
 from __future__ import annotations
 
@@ -87,16 +90,18 @@ class Checkpointer:
           config: optional ``Config`` stored as a snapshot.
         """
         self._commit_pending()
-        self._remove_uncommitted(step)
+        self._clear_from(step)
         portable = to_portable(state)
         meta = {
             "devices": int(state.step.sharding.mesh.size),
             "config": config.model_dump(mode="json") if config is not None else None,
             "extra": extra or {},
         }
-        self._manager.save(
+        saved = self._manager.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(portable), meta=ocp.args.JsonSave(meta))
         )
+        if not saved:  # a manifest written now would bless files this save did not write
+            raise CheckpointError(f"Orbax declined to save step {step} in {self.directory}")
         self._pending = step
         self._last_save_time = time.monotonic()
 
@@ -120,23 +125,43 @@ class Checkpointer:
         _sync("zjax_checkpoint_commit")
         self._manager.reload()
 
-    def _remove_uncommitted(self, step: int) -> None:
-        """A step left without a manifest (killed mid-save) is rewritten from scratch."""
-        path = self.directory / str(step)
-        if path.exists() and not (path / MANIFEST).exists():
-            if jax.process_index() == 0:
-                shutil.rmtree(path)
-            _sync("zjax_checkpoint_clean")
-            self._manager.reload()
+    def _clear_from(self, step: int) -> None:
+        """Clears ``step`` and later steps, left by an earlier run, before ``step`` is saved.
+
+        Orbax skips a save at or below an existing step, and a manifest written then
+        would describe the old files. An unfinished step (killed mid-save) is deleted;
+        a damaged one is renamed ``<step>.damaged-<n>``; an intact one is refused.
+        """
+        later = [s for s in _step_dirs(self.directory) if s >= step]
+        if not later:
+            return
+        problems = {s: verify_step(self.directory / str(s)) for s in later}
+        intact = [s for s, problem in problems.items() if problem is None]
+        if intact:
+            raise CheckpointError(
+                f"cannot save step {step} in {self.directory}: intact step {intact[0]} is already there; "
+                f"restore the newest step (restore(train)) and train on from it, or save into another directory"
+            )
+        _sync("zjax_checkpoint_verified")  # every process has read the steps before they move
+        if jax.process_index() == 0:
+            for s, problem in problems.items():
+                path = self.directory / str(s)
+                if not (path / MANIFEST).exists():
+                    shutil.rmtree(path)
+                    logger.warning("checkpoint step %d in %s was never committed; deleted", s, self.directory)
+                    continue
+                aside = _unused(self.directory, f"{s}.damaged")
+                path.rename(aside)
+                logger.warning("checkpoint step %d in %s is damaged (%s); moved aside to %s",
+                               s, self.directory, problem, aside.name)
+        _sync("zjax_checkpoint_clean")
+        self._manager.reload()
 
     # -- finding steps ----------------------------------------------------------------
 
     def committed_steps(self) -> list[int]:
         """Steps with a manifest, oldest first (not yet verified)."""
-        if not self.directory.exists():
-            return []
-        steps = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and (p / MANIFEST).exists()]
-        return sorted(steps)
+        return [s for s in _step_dirs(self.directory) if (self.directory / str(s) / MANIFEST).exists()]
 
     def latest_step(self) -> int | None:
         """The newest step that is committed and intact, or None."""
@@ -263,9 +288,7 @@ def _portable_sharding(mesh, shape) -> NamedSharding:
 
 def newest_intact_step(directory: Path) -> int | None:
     """The newest step under ``directory`` whose files match its manifest; warns about damaged ones."""
-    if not directory.exists():
-        return None
-    for step in sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True):
+    for step in reversed(_step_dirs(directory)):
         problem = verify_step(directory / str(step))
         if problem is None:
             return step
@@ -280,10 +303,29 @@ def intact_step(directory: Path, step: int | None = None) -> int:
         if step is None:
             raise CheckpointError(f"no intact checkpoint in {directory}")
         return step
+    steps = _step_dirs(directory)
+    if step not in steps:
+        there = ", ".join(map(str, steps)) or "none"
+        raise CheckpointError(f"checkpoint step {step} does not exist in {directory}; steps there: {there}")
     problem = verify_step(directory / str(step))
     if problem is not None:
         raise CheckpointError(f"checkpoint step {step} in {directory} is damaged: {problem}")
     return step
+
+
+def _step_dirs(directory: Path) -> list[int]:
+    """Step numbers with a directory under ``directory``, committed or not, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _unused(directory: Path, stem: str) -> Path:
+    """``directory/<stem>-<n>`` for the smallest n not yet taken."""
+    n = 1
+    while (directory / f"{stem}-{n}").exists():
+        n += 1
+    return directory / f"{stem}-{n}"
 
 
 def _write_manifest(path: Path) -> None:
