@@ -1,4 +1,4 @@
-"""The ``zjax`` command line: what ``train`` writes and what ``config explain`` prints."""
+"""The ``zjax`` command line: what ``train`` writes, what ``config explain`` prints, and clear errors."""
 import json
 import os
 import subprocess
@@ -76,6 +76,25 @@ def test_unknown_key_in_a_subprocess_has_no_traceback(tmp_path):
     assert "zero.stag" in result.stderr and "zero.stage" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_that_is_a_file_is_a_config_error(tmp_path, capsys):
+    taken = tmp_path / "run"
+    taken.write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(TINY), f"output_dir={taken}"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: output_dir='{taken}' is an existing file")
+    assert taken.read_text() == "not a directory"
+
+
+def test_pallas_kernels_without_a_pallas_backend_name_the_key_and_what_works(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(TINY), "kernels=pallas"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: kernels='pallas': the 'cpu' backend has no Pallas kernel")
+    assert all(f"kernels={works}" in err for works in ("auto", "interpret", "xla"))
 
 
 @pytest.mark.parametrize("environ, flags", [

@@ -33,6 +33,7 @@ def export_safetensors(directory, out_path, step: int | None = None) -> Path:
     Returns:
       The path written.
     """
+    out_path = _writable_file(Path(out_path))
     directory = _checkpoint_dir(directory).absolute()
     step = intact_step(directory, step)
     state_dir = directory / str(step) / "state"
@@ -48,14 +49,17 @@ def export_safetensors(directory, out_path, step: int | None = None) -> Path:
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
-    out_path = Path(out_path)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for path, meta in jax.tree_util.tree_leaves_with_path(params_meta):
-            f.write(np.ascontiguousarray(_read_one(handler, state_dir, path, params_meta)).tobytes())
-    tmp.replace(out_path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for path, meta in jax.tree_util.tree_leaves_with_path(params_meta):
+                f.write(np.ascontiguousarray(_read_one(handler, state_dir, path, params_meta)).tobytes())
+        tmp.replace(out_path)
+    except BaseException:  # an interrupted or failed export leaves no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return out_path
 
 
@@ -92,6 +96,21 @@ def _name(path) -> str:
             raise ConfigError(f"parameter key {key!r} contains a dot; safetensors names join keys with dots")
         keys.append(str(key))
     return ".".join(keys)
+
+
+def _writable_file(out_path: Path) -> Path:
+    """``out_path`` if a file can be written there, else a ``ConfigError`` saying what would work."""
+    if out_path.is_dir():
+        raise ConfigError(
+            f"out_path (--to) {str(out_path)!r} is an existing directory; give a file path such as "
+            f"{str(out_path / 'model.safetensors')!r}"
+        )
+    if not out_path.parent.is_dir():
+        raise ConfigError(
+            f"out_path (--to) {str(out_path)!r}: directory {str(out_path.parent)!r} does not exist; "
+            "create it first or write elsewhere"
+        )
+    return out_path
 
 
 def _checkpoint_dir(directory) -> Path:

@@ -22,10 +22,13 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
+from pallas_kernels.dispatch import backend
 from zjax.errors import ConfigError
 from zjax.layers import scan_layers
 
 KERNELS = pallas_kernels.IMPLS
+# What the model runs through pallas_kernels when ``kernels`` is not ``xla``.
+MODEL_KERNELS = ("rms_norm", "flash_attention", "swiglu", "softmax_cross_entropy")
 
 ACTIVATION_NAMES = (
     "attn_norm",
@@ -72,6 +75,8 @@ class GPT(nnx.Module):
         _check_config(cfg)
         if kernels not in KERNELS:
             raise ConfigError(f"kernels={kernels!r} is not a kernel choice; use one of {', '.join(KERNELS)}")
+        if kernels == "pallas":
+            _check_pallas_backend()
         self.kernels = kernels
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = cfg.max_seq_len
@@ -165,6 +170,18 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
 def make_gpt(cfg_model: Any, seed: int = 0, param_dtype=jnp.float32, kernels: str = "xla") -> GPT:
     """A ``GPT`` initialised from integer ``seed``."""
     return GPT(cfg_model, rngs=nnx.Rngs(seed), param_dtype=param_dtype, kernels=kernels)
+
+
+def _check_pallas_backend() -> None:
+    """``kernels=pallas`` fails here, naming the key, rather than as a traceback while tracing."""
+    here = backend()
+    missing = [k for k in MODEL_KERNELS if here not in pallas_kernels.KERNEL_BACKENDS[k]]
+    if missing:
+        raise ConfigError(
+            f"kernels='pallas': the {here!r} backend has no Pallas kernel for {', '.join(missing)}; use "
+            "kernels=auto (Pallas where the backend has a kernel, XLA elsewhere), kernels=interpret (the "
+            "Pallas kernels in interpret mode, slow) or kernels=xla"
+        )
 
 
 def logical_axes(module: nnx.Module) -> dict:
