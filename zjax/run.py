@@ -4,11 +4,13 @@ Fetching metrics from the device waits for the step, so the loop only does it ev
 ``log_every`` steps: the device metrics of the steps in between are kept and written
 together, and the wall time between two fetches gives their tokens per second.
 
-At most two training steps, and two evaluation batches, are in flight at once. XLA:CPU
-runs each device's share of a program on one shared thread pool and a collective holds
-its thread until every device has arrived; with many multi-device programs queued, the
-threads can all end up waiting in collectives of different programs, and XLA aborts the
-process after 40 s ("Expected 8 threads to join the rendezvous").
+At most two evaluation batches are in flight. They all read the same state, so nothing
+orders them: XLA:CPU runs every queued batch's per-device shares at once on one shared
+thread pool, a collective holds its thread until all devices of its program arrive, and
+with dozens queued the threads can all wait in different programs' collectives until XLA
+aborts the process after 40 s ("Expected 8 threads to join the rendezvous"). Training
+steps are chained through the state and cannot overlap that way; they are held to two
+in flight so that a signal finds at most one more step queued.
 
 From the start of ``train_run`` to its return, SIGTERM and SIGINT only set a flag: the
 loop stops dispatching steps, cuts an evaluation short, saves the newest step and
@@ -99,7 +101,7 @@ def _train(cfg: Config, stop: _StopSignal, signal_at: _SignalAt) -> dict:
                 return None
             losses.append(train.evaluate(state, batch))
             if len(losses) >= 2:
-                losses[-2].block_until_ready()  # two in flight at most (module docstring)
+                losses[-2].block_until_ready()  # unordered programs deadlock XLA:CPU (module docstring)
         loss = float(np.mean(jax.device_get(losses)))
         log.write({"step": step, "val_loss": loss})
         return loss
@@ -143,7 +145,7 @@ def _train(cfg: Config, stop: _StopSignal, signal_at: _SignalAt) -> dict:
         step += 1
         pending.append(metrics)
         if len(pending) >= 2:
-            jax.block_until_ready(pending[-2])  # two steps in flight at most (module docstring)
+            jax.block_until_ready(pending[-2])  # a signal finds at most one more step queued
         bar.update(1)
         eval_now = cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps
         save_due = ckpt is not None and ckpt.should_save(step) and step != cfg.steps
