@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench gpu-check clean
 
 # The tested versions (constraints.txt) inside the ranges pyproject.toml declares.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -28,6 +28,14 @@ bench: $(VENV)/.installed
 	{ echo "# Benchmark results"; echo; echo "\`make bench\` on $$(date -u +%Y-%m-%d), $$(uname -m), $$(nproc) cores, $$($(PY) -c 'import jax; print("jax", jax.__version__)')"; \
 	  for b in $(BENCHMARKS); do echo; echo "## benchmarks/$$b.py"; echo; echo '```'; $(PY) benchmarks/$$b.py 2>&1 | grep -v '^WARNING'; echo '```'; done; } \
 	  | tee benchmarks/RESULTS.md.tmp && mv benchmarks/RESULTS.md.tmp benchmarks/RESULTS.md
+
+# On a machine with one GPU and JAX already installed (nothing is downloaded): installs zjax
+# without dependencies into that Python and runs benchmarks/gpu_check.py. Bring wheels of
+# what that Python lacks (pydantic) and put them on PYTHONPATH first.
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

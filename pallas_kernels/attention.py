@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch
 from pallas_kernels.dispatch import (
-    MASKED, block_size, dot_unsupported, match_cotangent, pallas_call, resolve_impl, round_up,
+    MASKED, MIN_BLOCK, NUM_STAGES, block_size, dot_unsupported, fit_blocks, match_cotangent,
+    pallas_call, resolve_impl, round_up, smem_unsupported,
 )
 
 # The upstream TPU kernel's key blocks and (above it) head_dim are multiples of 128 lanes.
@@ -59,9 +60,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         ``q_len == kv_len``); a query sees only keys of its own segment.
       scale: multiplies the scores; default ``1 / sqrt(head_dim)``.
       impl: ``"auto" | "pallas" | "interpret" | "xla"`` (see ``pallas_kernels.dispatch``).
-      block_sizes: ``BlockSizes(block_q, block_kv)`` or a pair; default 128 each. On
-        GPU (and in interpret mode) they are cut down to the (padded) sequence length
-        and must be powers of two >= 16; on TPU they must be multiples of 128.
+      block_sizes: ``BlockSizes(block_q, block_kv)`` or a pair; by default the largest
+        (128 at most) whose tiles fit a Triton program's shared memory at this head_dim
+        and dtype. On GPU (and in interpret mode) they are cut down to the (padded)
+        sequence length and must be powers of two >= 16; on TPU they must be multiples
+        of 128 (default 128 each).
 
     Returns:
       ``[batch, q_len, heads, head_dim]`` in ``q``'s dtype. A query that sees no key
@@ -84,7 +87,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     if impl == "pallas" and here == "tpu":
         return _tpu_flash_attention(q, k, v, causal=causal, segment_ids=segment_ids, scale=scale,
                                     block_sizes=block_sizes)
-    block_q, block_kv = _block_sizes(q.shape[1], k.shape[1], block_sizes)
+    block_q, block_kv = _block_sizes(q.shape[1], k.shape[1], block_sizes, q.shape[-1],
+                                     q.dtype.itemsize)
     if segment_ids is None:
         segment_ids = jnp.zeros(q.shape[:2], jnp.int32)
         has_segments = False
@@ -138,13 +142,33 @@ def _unsupported(q, block_sizes, backend) -> str | None:
                 return (f"block size {b} in block_sizes={tuple(block_sizes)} is not a multiple "
                         f"of {_TPU_LANES} (the TPU kernel's lanes)")
         return None
-    block_q, block_kv = BlockSizes(*(block_sizes or ()))
-    return dot_unsupported(None, head_dim=q.shape[-1], block_q=block_q, block_kv=block_kv)
+    if block_sizes is None:
+        if _default_blocks(q.shape[-1], q.dtype.itemsize) is None:
+            return smem_unsupported(_smem_bytes(q.shape[-1], q.dtype.itemsize, MIN_BLOCK, MIN_BLOCK),
+                                    f"blocks of head_dim {q.shape[-1]}")
+        return dot_unsupported(None, head_dim=q.shape[-1])
+    block_q, block_kv = BlockSizes(*block_sizes)
+    return (dot_unsupported(None, head_dim=q.shape[-1], block_q=block_q, block_kv=block_kv)
+            or smem_unsupported(_smem_bytes(q.shape[-1], q.dtype.itemsize, block_q, block_kv),
+                                f"block_sizes={tuple(block_sizes)} at head_dim {q.shape[-1]}"))
 
 
-def _block_sizes(q_len, kv_len, block_sizes) -> tuple[int, int]:
-    block_q, block_kv = BlockSizes(*(block_sizes or ()))
+def _block_sizes(q_len, kv_len, block_sizes, head_dim, itemsize) -> tuple[int, int]:
+    block_q, block_kv = BlockSizes(*(block_sizes or _default_blocks(head_dim, itemsize)))
     return block_size(block_q, q_len), block_size(block_kv, kv_len)
+
+
+def _default_blocks(head_dim: int, itemsize: int) -> tuple[int, int] | None:
+    """The largest blocks whose tiles fit a Triton program's shared memory."""
+    candidates = ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16))
+    return fit_blocks(candidates, functools.partial(_smem_bytes, head_dim, itemsize))
+
+
+def _smem_bytes(head_dim, itemsize, block_q, block_kv) -> int:
+    """Shared memory of the largest of the three kernels: two resident tiles (q and dO, or
+    k and v) and two streamed ones, ``NUM_STAGES`` deep."""
+    resident, streamed = max((block_q, block_kv), (block_kv, block_q))
+    return itemsize * head_dim * 2 * (resident + NUM_STAGES * streamed)
 
 
 def _tpu_flash_attention(q, k, v, *, causal, segment_ids, scale, block_sizes=None):

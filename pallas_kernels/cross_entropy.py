@@ -15,9 +15,10 @@ Two implementations of the same chunked computation, each with a ``jax.custom_vj
 
 Either way the largest temporary is a ``[rows, chunk]`` (kernel: ``[block_rows,
 chunk]``) tile of logits instead of ``[rows, vocab]``. The kernel's programs hold whole
-``d_model`` rows (``[block_rows, d_model]`` and ``[d_model, chunk]`` tiles); it has run
-in interpret mode only, and a large ``d_model`` on a real GPU would likely need the
-contraction split into chunks as well.
+``d_model`` rows (``[block_rows, d_model]`` and ``[d_model, chunk]`` tiles), so the
+default blocks shrink with ``d_model`` to fit a Triton program's shared memory, and a
+``d_model`` for which even 16x16 blocks do not fit is served by the XLA loop under
+``"auto"`` (splitting the contraction into chunks as well would lift that limit).
 """
 from __future__ import annotations
 
@@ -29,14 +30,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.dispatch import (
-    MASKED, block_size, dot_unsupported, match_cotangent, pallas_call, resolve_impl, round_up,
+    MASKED, MIN_BLOCK, NUM_STAGES, block_size, dot_unsupported, fit_blocks, match_cotangent,
+    pallas_call, resolve_impl, round_up, smem_unsupported,
 )
 
 DEFAULT_CHUNK = 8192
-# The kernel's defaults: a [64, 128] float32 logits tile per step, a comfortable Triton
-# block; both are clamped to the call's (padded) shape.
-KERNEL_CHUNK = 128
-KERNEL_BLOCK_ROWS = 64
+# The kernel's (block_rows, chunk) from largest to smallest: the first whose tiles fit a
+# Triton program's shared memory at the call's d_model is the default; both are then
+# clamped to the call's (padded) shape.
+KERNEL_BLOCKS = ((64, 128), (32, 128), (32, 64), (16, 64), (32, 32), (16, 32), (16, 16))
 
 
 def softmax_cross_entropy(hidden: jax.Array, w_vocab: jax.Array, labels: jax.Array,
@@ -52,11 +54,12 @@ def softmax_cross_entropy(hidden: jax.Array, w_vocab: jax.Array, labels: jax.Arr
       impl: ``"auto" | "pallas" | "interpret" | "xla"`` (see ``pallas_kernels.dispatch``):
         the Pallas kernel, or the chunked XLA loop for ``"xla"``.
       chunk: vocabulary columns per step, in ``[1, vocab]``; default
-        ``min(vocab, 8192)`` for the XLA loop and 128 for the kernel (on GPU the
-        kernel's chunk must be a power of two of at least 16). ``chunk=vocab`` in the
-        XLA loop is the full-logits computation.
-      block_rows: the kernel's rows per program; default 64, clamped to the number of
-        rows (ignored by the XLA loop).
+        ``min(vocab, 8192)`` for the XLA loop and, for the kernel, the largest of
+        ``KERNEL_BLOCKS`` that fits shared memory at this ``d_model`` (128 at most; on
+        GPU the kernel's chunk must be a power of two of at least 16). ``chunk=vocab``
+        in the XLA loop is the full-logits computation.
+      block_rows: the kernel's rows per program; by default chosen with ``chunk`` (64 at
+        most), clamped to the number of rows (ignored by the XLA loop).
 
     Returns:
       float32 ``[...]``: the loss of every token (mask and average it yourself).
@@ -82,8 +85,10 @@ def softmax_cross_entropy(hidden: jax.Array, w_vocab: jax.Array, labels: jax.Arr
     rows = math.prod(labels.shape)
     hidden2 = hidden.reshape(rows, d_model)
     labels1 = labels.reshape(rows).astype(jnp.int32)
-    kernel_chunk = int(chunk) if chunk else block_size(KERNEL_CHUNK, vocab)
-    kernel_rows = int(block_rows) if block_rows else block_size(KERNEL_BLOCK_ROWS, rows)
+    itemsize = jnp.result_type(hidden, w_vocab).itemsize
+    fitted = _default_blocks(d_model, itemsize) or (MIN_BLOCK, MIN_BLOCK)
+    kernel_chunk = int(chunk) if chunk else block_size(fitted[1], vocab)
+    kernel_rows = int(block_rows) if block_rows else block_size(fitted[0], rows)
     impl = resolve_impl("softmax_cross_entropy", impl,
                         _unsupported(hidden, w_vocab, kernel_chunk, kernel_rows))
     if impl == "xla":
@@ -103,8 +108,20 @@ def cross_entropy_reference(hidden, w_vocab, labels):
 
 
 def _unsupported(hidden, w_vocab, chunk, block_rows) -> str | None:
-    return dot_unsupported(jnp.result_type(hidden, w_vocab), d_model=hidden.shape[-1], chunk=chunk,
-                           block_rows=block_rows)
+    dtype, d_model = jnp.result_type(hidden, w_vocab), hidden.shape[-1]
+    return (dot_unsupported(dtype, d_model=d_model, chunk=chunk, block_rows=block_rows)
+            or smem_unsupported(_smem_bytes(d_model, dtype.itemsize, block_rows, chunk),
+                                f"blocks of {block_rows} rows x {chunk} columns at d_model {d_model}"))
+
+
+def _default_blocks(d_model: int, itemsize: int) -> tuple[int, int] | None:
+    return fit_blocks(KERNEL_BLOCKS, functools.partial(_smem_bytes, d_model, itemsize))
+
+
+def _smem_bytes(d_model, itemsize, block_rows, chunk) -> int:
+    """A program's resident ``[block_rows, d]`` tile, its streamed ``[d, chunk]`` tiles
+    (``NUM_STAGES`` deep) and its float32 accumulator (``d hidden`` or ``d w_vocab``)."""
+    return itemsize * d_model * (block_rows + NUM_STAGES * chunk) + 4 * d_model * max(block_rows, chunk)
 
 
 # ---------------------------------------------------------------- the Pallas kernel

@@ -9,7 +9,8 @@ Every kernel takes ``impl``:
   it raises.
 - ``"interpret"``: the same kernel in Pallas interpret mode; runs anywhere (CPU tests).
 - ``"xla"``: a plain ``jax.numpy`` reference.
-- ``"auto"``: ``"pallas"`` where the backend and shape are supported, ``"xla"``
+- ``"auto"``: ``"pallas"`` where the backend and shape are supported and the kernel was
+  not measured slower than XLA on that backend (``AUTO_PREFERS_XLA``), ``"xla"``
   otherwise; the fallback is logged once per kernel and reason on ``logging.getLogger("zjax")``.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -38,6 +40,15 @@ KERNEL_BACKENDS = {
     "geglu": PALLAS_BACKENDS,
     "softmax_cross_entropy": PALLAS_BACKENDS,
     "unscale_and_check": PALLAS_BACKENDS,
+}
+
+# Kernels that ``impl="auto"`` leaves to XLA on a backend where they compile, because they
+# ran slower than XLA there (fwd+bwd, `make gpu-check` on an H200; benchmarks/RESULTS-gpu.md).
+AUTO_PREFERS_XLA = {
+    ("rms_norm", "gpu"): "7.4x slower than XLA's fused norm on an H200",
+    ("layer_norm", "gpu"): "5.1x slower than XLA's fused norm on an H200",
+    ("unscale_and_check", "gpu"): "3.0x slower than XLA's fused multiply and check on an H200",
+    ("softmax_cross_entropy", "gpu"): "2.2x slower than the chunked XLA loop on an H200",
 }
 
 logger = logging.getLogger("zjax")
@@ -80,7 +91,7 @@ def resolve_impl(kernel: str, impl: str, unsupported: str | None = None) -> str:
                              "use impl='xla' or impl='auto'")
     if impl == "auto":
         reason = (f"no Pallas kernel for backend {here!r}" if here not in backends
-                  else unsupported)
+                  else AUTO_PREFERS_XLA.get((kernel, here), unsupported))
         if reason is None:
             return "pallas"
         if (kernel, reason) not in _logged:
@@ -137,6 +148,28 @@ def block_size(limit: int, n: int) -> int:
     return min(limit, max(MIN_BLOCK, pl.next_power_of_2(n)))
 
 
+# A Triton program on Ampere and Hopper gets at most 227 KiB of shared memory; Triton stages
+# the operands of a dot there, NUM_STAGES deep in a pipelined loop, and needs scratch of its
+# own. Kernels size their blocks to stay under SMEM_BUDGET (measured on an H200: blocks
+# over 227 KiB fail at run time with RESOURCE_EXHAUSTED, see benchmarks/RESULTS-gpu.md).
+SMEM_BUDGET = 160 * 1024
+NUM_STAGES = 2
+
+
+def fit_blocks(candidates, smem_bytes: Callable[..., int]):
+    """The first of ``candidates`` (tuples of block sides, largest first) whose
+    ``smem_bytes(*blocks)`` fits ``SMEM_BUDGET``, or None when none does."""
+    return next((blocks for blocks in candidates if smem_bytes(*blocks) <= SMEM_BUDGET), None)
+
+
+def smem_unsupported(nbytes: int, what: str) -> str | None:
+    """Why blocks needing ``nbytes`` of shared memory cannot run, or None when they fit."""
+    if nbytes <= SMEM_BUDGET:
+        return None
+    return (f"{what} need about {nbytes // 1024} KiB of shared memory per program, over the "
+            f"{SMEM_BUDGET // 1024} KiB budget of a Triton program here")
+
+
 def dot_unsupported(dtype, **sides: int) -> str | None:
     """Why a Triton dot cannot take operands of ``dtype`` (None: not checked) with these
     block sides, or None when it can."""
@@ -154,12 +187,14 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def pallas_call(kernel: Callable, *, out_shape, **kwargs) -> Callable:
-    """``pl.pallas_call`` that also runs inside ``jax.shard_map(check_vma=True)``.
+    """``pl.pallas_call`` that also runs inside ``jax.shard_map(check_vma=True)``, with
+    Triton's pipeline depth set to ``NUM_STAGES`` (the depth the blocks are sized for).
 
     There a Pallas call must say over which mesh axes its outputs vary: the inputs are
     cast to the union of their varying axes and every output is declared to vary over
     it too. Outside ``shard_map`` that union is empty and nothing changes.
     """
+    kwargs.setdefault("compiler_params", plgpu.CompilerParams(num_stages=NUM_STAGES))
     def call(*args):
         varying = frozenset().union(*(jax.typeof(a).mat.varying for a in args))
         args = [_vary(a, varying) for a in args]

@@ -111,7 +111,10 @@ def test_on_tpu_kernels_without_a_mosaic_kernel_fall_back_or_raise(on_tpu, caplo
                      "backend 'tpu')"]
 
 
-def test_gpu_gets_the_triton_style_kernels(monkeypatch):
+def test_gpu_gets_the_triton_style_kernels_except_those_measured_slower(monkeypatch):
     monkeypatch.setattr(dispatch, "backend", lambda: "gpu")
+    slower = {kernel for kernel, backend in dispatch.AUTO_PREFERS_XLA if backend == "gpu"}
+    assert slower and slower < set(dispatch.KERNEL_BACKENDS)
     for kernel in dispatch.KERNEL_BACKENDS:
-        assert dispatch.resolve_impl(kernel, "auto") == "pallas"
+        assert dispatch.resolve_impl(kernel, "auto") == ("xla" if kernel in slower else "pallas")
+        assert dispatch.resolve_impl(kernel, "pallas") == "pallas"

@@ -44,7 +44,9 @@ def kernel_support() -> dict[str, str]:
     here = dispatch.backend()
     out = {}
     for kernel in dispatch.KERNEL_BACKENDS:
-        if here in dispatch.KERNEL_BACKENDS[kernel]:
+        if (kernel, here) in dispatch.AUTO_PREFERS_XLA:
+            out[kernel] = f"xla (the Pallas kernel ran {dispatch.AUTO_PREFERS_XLA[kernel, here]})"
+        elif here in dispatch.KERNEL_BACKENDS[kernel]:
             out[kernel] = "pallas (shapes it cannot serve fall back to xla)"
         else:
             out[kernel] = f"xla (no Pallas kernel for backend {here!r})"
