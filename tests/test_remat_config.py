@@ -46,11 +46,12 @@ def test_custom_needs_the_whole_remat_block():
     ({"cpu_checkpointing": True}, "full_offload"),
 ])
 def test_deepspeed_activation_checkpointing_maps_to_a_policy(block, policy):
-    assert load_config({"activation_checkpointing": block}).remat.policy == policy
+    # A config in DeepSpeed's words alone needs a batch size, as in DeepSpeed.
+    assert load_config({"train_batch_size": 32, "activation_checkpointing": block}).remat.policy == policy
 
 
 def test_deepspeed_activation_checkpointing_reports_what_it_ignores():
-    cfg = load_config({"activation_checkpointing": {
+    cfg = load_config({"train_batch_size": 32, "activation_checkpointing": {
         "partition_activations": True, "cpu_checkpointing": False, "number_checkpoints": 2,
         "contiguous_memory_optimization": True, "synchronize_checkpoint_boundary": True, "profile": True}})
     ignored = dict(cfg.ignored)
