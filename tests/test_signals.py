@@ -6,8 +6,10 @@ handler owns the signals while it runs); one runs the command for its exit statu
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,18 @@ def test_sigterm_during_the_final_save_exits_zero_with_the_step_saved(tmp_path):
     assert "SIGTERM came after the last step" in result.stdout
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 3
     assert logged(tmp_path, "val_loss") == [0, 3]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_the_command_starts_up_exits_zero(tmp_path, signum):
+    """Before train_run owns the signals (Python start-up, importing JAX, reading the config) the
+    command has trained nothing: it ends with exit 0 and says so, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "zjax", "train", str(ROOT / "configs" / "tiny.yaml"),
+                             f"output_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.6)  # the command's own handler is in place after ~0.1 s; importing JAX takes longer
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"stopped by {signal.Signals(signum).name} before training started" in err
+    assert "Traceback" not in err

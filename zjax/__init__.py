@@ -7,23 +7,40 @@ mixed-precision, ZeRO training step::
     train = zjax.make_train_step(cfg, loss_fn)
     state = train.init(params_or_init_fn)
     state, metrics = train(state, batch)
-"""
-from zjax.checkpoint import Checkpointer, load_params
-from zjax.config import Config, load_config
-from zjax.errors import CheckpointError, ConfigError, LossScaleError
-from zjax.layers import scan_layers
-from zjax.train import TrainState, TrainStep, make_train_step
 
-__all__ = [
-    "CheckpointError",
-    "Checkpointer",
-    "Config",
-    "ConfigError",
-    "LossScaleError",
-    "TrainState",
-    "TrainStep",
-    "load_config",
-    "load_params",
-    "make_train_step",
-    "scan_layers",
-]
+The names below load on first use, so ``import zjax.cli`` (the ``zjax`` command) starts
+without importing JAX: the command can take over SIGTERM and SIGINT before the heavy
+imports begin.
+"""
+import importlib
+
+_EXPORTS = {
+    "CheckpointError": "zjax.errors",
+    "Checkpointer": "zjax.checkpoint",
+    "Config": "zjax.config",
+    "ConfigError": "zjax.errors",
+    "LossScaleError": "zjax.errors",
+    "TrainState": "zjax.train",
+    "TrainStep": "zjax.train",
+    "load_config": "zjax.config",
+    "load_params": "zjax.checkpoint",
+    "make_train_step": "zjax.train",
+    "scan_layers": "zjax.layers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    try:
+        return importlib.import_module(f"zjax.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"zjax.{name}":
+            raise
+        raise AttributeError(f"module 'zjax' has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

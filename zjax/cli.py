@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -53,17 +54,32 @@ def simulate_cpu_devices(environ=os.environ) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    from zjax.config import load_config
-    from zjax.distributed import initialize, launch_local
+    # Until train_run takes SIGTERM/SIGINT over (it saves the newest step), a signal ends the
+    # command at once: nothing has trained yet, so nothing is lost.
+    previous = {sig: signal.signal(sig, _stop_before_training) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        from zjax.config import load_config
+        from zjax.distributed import initialize, launch_local
 
-    cfg = load_config(args.config, args.overrides)
-    if args.local_processes is not None:
-        sys.exit(launch_local(["train", args.config, *args.overrides], args.local_processes))
-    # Before anything touches a device: a multi-host job joins its peers here.
-    initialize()
-    from zjax.run import train_run
+        cfg = load_config(args.config, args.overrides)
+        if args.local_processes is not None:
+            sys.exit(launch_local(["train", args.config, *args.overrides], args.local_processes))
+        # Before anything touches a device: a multi-host job joins its peers here.
+        initialize()
+        from zjax.run import train_run
 
-    train_run(cfg)
+        train_run(cfg)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_before_training(signum, frame):
+    # An exception raised here could land inside an extension's import and be reported as an
+    # ImportError; nothing is open for writing yet, so the process ends here.
+    sys.stderr.write(f"stopped by {signal.Signals(signum).name} before training started; nothing new to save\n")
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def explain(args: argparse.Namespace) -> None:
