@@ -1,16 +1,23 @@
-"""ZeRO stages 0-3 on the reference GPT: state bytes, collective bytes and step time.
+"""ZeRO stages 0-3 against a plain optax step: state bytes, collective bytes and step time.
 
-On 8 simulated CPU devices, for each ZeRO stage this prints
+On 8 simulated CPU devices, for the reference GPT (``--model gpt``) and for a
+third-party-style model (``--model nnx_loop``: the Flax NNX model of
+tests/third_party_models.py that calls its blocks in a Python loop, not through
+``zjax.scan_layers``), for each ZeRO stage this prints
 - the TrainState bytes held by one device, next to ZeRO's formula (docs/architecture.md);
 - the collective bytes per device per step read from the compiled HLO, next to
   ZeRO's theory in units of G = Ψ x 4 bytes x (N-1)/N (float32 gradients);
 - the median step time, relative to a plain jitted optax step on the same model and
   mesh (replicated params, sharded batch, XLA's SPMD partitioner inserting the
   gradient all-reduce): what a user writes without zjax.
+For the NNX loop model it also prints the compiled argument+temp bytes per device, the
+same tables with ``optax.lamb`` (its per-leaf trust ratio is not element-wise) and the
+collectives LAMB's update adds to Adam's step; the step-time goal is zjax stage 0
+within 5% of the hand-written step. ``--model all`` (the default) runs both, GPT first.
 
 Usage:
-  .venv/bin/python benchmarks/zero.py [--d-model 192] [--layers 4] [--seq 128]
-      [--batch 16] [--repeats 5] [--steps 5] [--precision fp32|bf16] [--accum 1]
+  .venv/bin/python benchmarks/zero.py [--model all|gpt|nnx_loop] [--d-model 192] [--layers 4]
+      [--seq 128] [--batch 16] [--repeats 5] [--steps 5] [--precision fp32|bf16] [--accum 1]
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
+import collections
 import shlex
 import statistics
 import sys
@@ -38,44 +46,42 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zjax import load_config, make_train_step
-from zjax.hlo import collective_bytes
+from zjax.hlo import collective_bytes, collectives
 from zjax.models.gpt import count_params, gpt_loss, make_gpt
+from zjax.zero import is_layout
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+# The third-party-style models live beside the tests that check them; one copy, imported from there.
+sys.path.insert(0, str(ROOT / "tests"))
+import third_party_models  # noqa: E402
+
+CONFIG = ROOT / "configs" / "tiny.yaml"
 STAGES = (0, 1, 2, 3)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather")
+MODELS = ("all", "gpt", "nnx_loop")
+# Collectives of at most this size move a few scalars (loss, finite check, grad norm, LAMB's norms).
+SCALAR_BYTES = 16
+# The goal for zjax stage 0 against the hand-written jit + optax step (issue 12).
+STAGE0_GOAL = 1.05
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    n = jax.device_count()
-    cfg = make_config(args, stage=0, precision=args.precision)
-    psi = count_params(cfg.model)
-    batch = {"tokens": np.random.default_rng(0).integers(0, cfg.model.vocab_size, (args.batch, args.seq + 1), np.int32)}
-
     print(f"$ {command_line()}")
-    print(f"jax {jax.__version__}, {n} {jax.devices()[0].platform} devices, precision {args.precision}")
-    m = cfg.model
-    print(
-        f"GPT: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv), d_ff {m.d_ff}, "
-        f"vocab {m.vocab_size}, seq {args.seq}; global batch {args.batch}, grad_accum_steps {args.accum}"
-    )
-    print(f"Ψ = {psi:,} parameters; N = {n} data devices")
-
-    runs = {stage: ZeroRun(make_config(args, stage, args.precision), batch) for stage in STAGES}
-    for run in runs.values():
-        if run.params_count != psi:
-            raise SystemExit(f"state.params holds {run.params_count} parameters, count_params says {psi}")
-    baseline = BaselineRun(make_config(args, 0, args.precision), runs[0].train.mesh, batch, args.accum)
-
-    print_memory(runs, baseline, psi, n, args.precision)
-    print_collectives(args, batch, runs, baseline, psi, n)
-    print_timing(args, runs, baseline)
+    print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, precision {args.precision}")
+    if args.model in ("all", "gpt"):
+        reference_gpt(args)
+    if args.model == "all":
+        print()
+    if args.model in ("all", "nnx_loop"):
+        nnx_loop(args)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=MODELS, default="all",
+                        help="the reference GPT, the NNX Python-loop model, or both")
     parser.add_argument("--d-model", type=int, default=192, help="model width (a multiple of 8)")
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
@@ -112,18 +118,124 @@ def command_line() -> str:
     return shlex.join([str(python), *sys.argv])
 
 
+# -- the models ----------------------------------------------------------------------
+
+
+def reference_gpt(args: argparse.Namespace) -> None:
+    """The reference GPT (scanned layers): memory, collectives and step time per stage."""
+    n = jax.device_count()
+    cfg = make_config(args, stage=0, precision=args.precision)
+    psi = count_params(cfg.model)
+    batch = {"tokens": np.random.default_rng(0).integers(0, cfg.model.vocab_size, (args.batch, args.seq + 1), np.int32)}
+
+    m = cfg.model
+    print(
+        f"GPT: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads ({m.n_kv_heads} kv), d_ff {m.d_ff}, "
+        f"vocab {m.vocab_size}, seq {args.seq}; global batch {args.batch}, grad_accum_steps {args.accum}"
+    )
+    print(f"Ψ = {psi:,} parameters; N = {n} data devices")
+
+    def make_model(cfg):
+        return make_gpt(cfg.model, seed=cfg.seed)
+
+    def zero_run(stage: int, precision: str) -> ZeroRun:
+        return ZeroRun(make_config(args, stage, precision), batch, make_model, gpt_loss)
+
+    def baseline_run(precision: str, mesh) -> BaselineRun:
+        return BaselineRun(make_config(args, 0, precision), mesh, batch, args.accum, make_model, gpt_loss)
+
+    runs = {stage: zero_run(stage, args.precision) for stage in STAGES}
+    check_params_count(runs.values(), psi)
+    baseline = baseline_run(args.precision, runs[0].train.mesh)
+
+    print_memory([(f"zjax stage {s}", s, run) for s, run in runs.items()], baseline, psi, n, args.precision)
+    hlos = collective_hlos(args, runs, baseline, zero_run, baseline_run)
+    print_collectives(args, {f"zjax stage {s}": (hlos[s], s) for s in STAGES}, hlos["baseline"], psi, n)
+    print_timing(args, {"optax baseline": baseline, **{f"zjax stage {s}": run for s, run in runs.items()}})
+
+
+def nnx_loop(args: argparse.Namespace) -> None:
+    """The NNX model that loops over its blocks in Python, with Adam and with LAMB."""
+    n = jax.device_count()
+    d, f, vocab = args.d_model, 4 * args.d_model, third_party_models.VOCAB
+    batch = third_party_models.lm_batches(1, batch=args.batch, seq=args.seq + 1)[0]
+
+    def make_model(cfg):
+        return third_party_models.init_nnx_loop(cfg.seed, d=d, f=f, n_layers=args.layers)
+
+    psi = sum(x.size for x in jax.tree.leaves(nnx.state(make_model(make_config(args, 0, "fp32")), nnx.Param)))
+    print(
+        f"NNX loop model (tests/third_party_models.py NNXLoopLM: blocks called in a Python loop, no "
+        f"zjax.scan_layers): d {d}, d_ff {f}, {args.layers} blocks, vocab {vocab}, seq {args.seq}; "
+        f"global batch {args.batch}, grad_accum_steps {args.accum}"
+    )
+    print(f"Ψ = {psi:,} parameters; N = {n} data devices; optimizer= optax.adamw or optax.lamb (the config's "
+          "lr, betas, eps and weight decay)")
+
+    def zero_run(stage: int, precision: str, optimizer: str = "adamw") -> ZeroRun:
+        cfg = make_config(args, stage, precision)
+        return ZeroRun(cfg, batch, make_model, third_party_models.nnx_loop_loss, OPTIMIZERS[optimizer](cfg))
+
+    def baseline_run(precision: str, mesh) -> BaselineRun:
+        return BaselineRun(make_config(args, 0, precision), mesh, batch, args.accum, make_model,
+                           third_party_models.nnx_loop_loss)
+
+    runs = {stage: zero_run(stage, args.precision) for stage in STAGES}
+    lamb = {stage: zero_run(stage, args.precision, "lamb") for stage in STAGES}
+    check_params_count([*runs.values(), *lamb.values()], psi)
+    baseline = baseline_run(args.precision, runs[0].train.mesh)
+
+    named = [(f"zjax stage {s} {opt}", s, run) for s in STAGES for opt, run in (("adamw", runs[s]), ("lamb", lamb[s]))]
+    print_memory(named, baseline, psi, n, args.precision)
+    print_compiled_memory(named, baseline, psi, n)
+
+    hlos = collective_hlos(args, runs, baseline, zero_run, baseline_run)
+    lamb_hlos = collective_hlos(args, lamb, None, lambda s, p: zero_run(s, p, "lamb"), None)
+    variants = {}
+    for s in STAGES:
+        variants[f"zjax stage {s} adamw"] = (hlos[s], s)
+        variants[f"zjax stage {s} lamb"] = (lamb_hlos[s], s)
+    print_collectives(args, variants, hlos["baseline"], psi, n, count_ops=True)
+    print_lamb_extra(hlos, lamb_hlos, lamb, n, psi)
+
+    ratios = print_timing(args, {"optax baseline": baseline,
+                                 **{f"zjax stage {s} adamw": run for s, run in runs.items()}})
+    ratio = ratios["zjax stage 0 adamw"]
+    verdict = "met" if ratio <= STAGE0_GOAL else "not met"
+    print(f"goal: zjax stage 0 within {STAGE0_GOAL - 1:.0%} of the hand-written jit + optax step (optax baseline): "
+          f"{ratio:.3f} ({verdict}; timing on a shared CPU is noisy, see min and max)")
+
+
+OPTIMIZERS = {
+    "adamw": lambda cfg: optax.adamw(cfg.optimizer.lr, cfg.optimizer.b1, cfg.optimizer.b2, cfg.optimizer.eps,
+                                     weight_decay=cfg.optimizer.weight_decay),
+    "lamb": lambda cfg: optax.lamb(cfg.optimizer.lr, cfg.optimizer.b1, cfg.optimizer.b2, cfg.optimizer.eps,
+                                   weight_decay=cfg.optimizer.weight_decay),
+}
+
+
+def check_params_count(runs, psi: int) -> None:
+    for run in runs:
+        if run.params_count != psi:
+            raise SystemExit(f"state.params holds {run.params_count} parameters, the model has {psi}")
+
+
 # -- the variants -------------------------------------------------------------------
 
 
 class ZeroRun:
-    """A zjax train step for one config, its state and its (pre-sharded) batch."""
+    """A zjax train step for one config, its state and its (pre-sharded) batch.
 
-    def __init__(self, cfg, batch: dict):
+    ``make_model(cfg)`` builds a fresh NNX module; ``optimizer`` None means the config's.
+    """
+
+    def __init__(self, cfg, batch: dict, make_model: Callable, loss_fn: Callable, optimizer=None):
         self.cfg = cfg
-        self.train = make_train_step(cfg, gpt_loss, model=make_gpt(cfg.model, seed=cfg.seed))
+        self.train = make_train_step(cfg, loss_fn, model=make_model(cfg), optimizer=optimizer)
         self.state = self.train.init()
         self.batch = self.train.shard_batch(batch)
         self.params_count = sum(x.size for x in jax.tree.leaves(self.state.params))
+        self._compiled = None
 
     def step(self) -> None:
         self.state, _ = self.train(self.state, self.batch)
@@ -134,8 +246,13 @@ class ZeroRun:
     def device_bytes(self) -> int:
         return device0_bytes(self.state)
 
+    def compiled(self):
+        if self._compiled is None:
+            self._compiled = self.train.lower(self.state, self.batch).compile()
+        return self._compiled
+
     def hlo(self) -> str:
-        return self.train.lower(self.state, self.batch).compile().as_text()
+        return self.compiled().as_text()
 
 
 class BaselineRun:
@@ -145,29 +262,26 @@ class BaselineRun:
     compute dtype as the zjax config; XLA's SPMD partitioner inserts the collectives.
     """
 
-    def __init__(self, cfg, mesh, batch: dict, accum: int):
-        graphdef, params = nnx.split(make_gpt(cfg.model, seed=cfg.seed), nnx.Param)
+    def __init__(self, cfg, mesh, batch: dict, accum: int, make_model: Callable, loss_fn: Callable):
+        graphdef, params, rest = nnx.split(make_model(cfg), nnx.Param, ...)
         compute = jnp.dtype(cfg.precision.compute_dtype)
-        opt = cfg.optimizer
-        tx = optax.chain(
-            optax.clip_by_global_norm(cfg.gradient_clipping),
-            optax.adamw(opt.lr, opt.b1, opt.b2, opt.eps, weight_decay=opt.weight_decay),
-        )
+        tx = optax.chain(optax.clip_by_global_norm(cfg.gradient_clipping), OPTIMIZERS["adamw"](cfg))
         replicated = NamedSharding(mesh, P())
         sharded = NamedSharding(mesh, P("data"))
 
-        def loss_fn(params, batch):
+        def loss_of(params, batch):
             params = jax.tree.map(lambda p: p.astype(compute), params)
-            return gpt_loss(nnx.merge(graphdef, params), batch)[0]
+            out = loss_fn(nnx.merge(graphdef, params, rest), batch)
+            return out[0] if isinstance(out, tuple) else out
 
         def grads_fn(params, batch):
             if accum == 1:
-                return jax.value_and_grad(loss_fn)(params, batch)
+                return jax.value_and_grad(loss_of)(params, batch)
             # Micro-batch i takes rows i, i+accum, ...: each device keeps its own rows.
             micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((-1, accum) + x.shape[1:]), 0, 1), batch)
 
             def body(acc, mb):
-                loss, g = jax.value_and_grad(loss_fn)(params, mb)
+                loss, g = jax.value_and_grad(loss_of)(params, mb)
                 return jax.tree.map(jnp.add, acc, (loss, g)), None
 
             zeros = (jnp.float32(0), jax.tree.map(jnp.zeros_like, params))
@@ -183,6 +297,7 @@ class BaselineRun:
         self.opt_state = jax.device_put(tx.init(params), replicated)
         self.batch = jax.device_put(batch, sharded)
         self._step = jax.jit(step, donate_argnums=(0, 1), out_shardings=replicated)
+        self._compiled = None
 
     def step(self) -> None:
         self.params, self.opt_state, _ = self._step(self.params, self.opt_state, self.batch)
@@ -193,8 +308,13 @@ class BaselineRun:
     def device_bytes(self) -> int:
         return device0_bytes((self.params, self.opt_state))
 
+    def compiled(self):
+        if self._compiled is None:
+            self._compiled = self._step.lower(self.params, self.opt_state, self.batch).compile()
+        return self._compiled
+
     def hlo(self) -> str:
-        return self._step.lower(self.params, self.opt_state, self.batch).compile().as_text()
+        return self.compiled().as_text()
 
 
 def device0_bytes(tree: Any) -> int:
@@ -211,16 +331,15 @@ def device0_bytes(tree: Any) -> int:
 # -- the tables ---------------------------------------------------------------------
 
 
-def print_memory(runs: dict, baseline: BaselineRun, psi: int, n: int, precision: str) -> None:
+def print_memory(named: list, baseline: BaselineRun, psi: int, n: int, precision: str) -> None:
+    """``named``: (name, ZeRO stage, run) of each zjax variant, then the baseline, against ZeRO's formula."""
     print()
     print(f"Per-device TrainState bytes (device 0, sum of addressable_shards nbytes; {precision})")
     formulas = memory_formulas(precision)
     rows = []
-    for stage, run in runs.items():
+    for name, stage, run in named:
         text, coef = formulas[stage]
-        expected = coef(psi, n)
-        measured = run.device_bytes()
-        rows.append(memory_row(f"zjax stage {stage}", measured, psi, text, expected))
+        rows.append(memory_row(name, run.device_bytes(), psi, text, coef(psi, n)))
     rows.append(memory_row("optax baseline", baseline.device_bytes(), psi, "12Ψ", 12 * psi))
     print_table(["variant", "measured", "measured/Ψ", "formula", "formula bytes", "measured/formula"], rows)
 
@@ -243,30 +362,63 @@ def memory_formulas(precision: str) -> dict[int, tuple[str, Callable[[int, int],
     }
 
 
-def print_collectives(args, batch: dict, runs: dict, baseline: BaselineRun, psi: int, n: int) -> None:
+def print_compiled_memory(named: list, baseline: BaselineRun, psi: int, n: int) -> None:
+    """XLA's argument and temp bytes per device of each compiled step, and ZeRO-3's saving over ZeRO-2."""
+    print()
+    print("Compiled step memory per device (XLA memory_analysis: arguments, which hold the donated state, "
+          "and temporaries)")
+    rows, totals = [], {}
+    for name, _, run in [*named, ("optax baseline", 0, baseline)]:
+        mem = run.compiled().memory_analysis()
+        arg, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+        totals[name] = arg + temp
+        rows.append([name, f"{arg:,}", f"{temp:,}", f"{arg + temp:,}", f"{(arg + temp) / psi:.3f}Ψ"])
+    print_table(["variant", "argument", "temp", "argument+temp", "per Ψ"], rows)
+    # Issue 12: ZeRO-3 must save at least half the replicated fp32 params it does not hold.
+    goal = 0.5 * 4 * psi * (n - 1) / n
+    saved = totals["zjax stage 2 adamw"] - totals["zjax stage 3 adamw"]
+    print(f"stage 2 - stage 3 argument+temp (adamw): {saved:,} B; goal >= ½·4Ψ·(N-1)/N = {goal:,.0f} B: "
+          f"ratio {saved / goal:.3f}")
+
+
+def collective_hlos(args, runs: dict, baseline: BaselineRun | None, zero_run: Callable, baseline_run) -> dict:
+    """Compiled HLO per stage (and ``"baseline"``), from float32 builds: XLA:CPU widens bf16 collectives."""
+    if args.precision == "fp32":
+        hlos = {stage: run.hlo() for stage, run in runs.items()}
+        if baseline is not None:
+            hlos["baseline"] = baseline.hlo()
+        return hlos
+    fp32 = {stage: zero_run(stage, "fp32") for stage in STAGES}
+    hlos = {stage: run.hlo() for stage, run in fp32.items()}
+    if baseline is not None:
+        hlos["baseline"] = baseline_run("fp32", fp32[0].train.mesh).hlo()
+    return hlos
+
+
+def print_collectives(args, variants: dict, base_hlo: str, psi: int, n: int, count_ops: bool = False) -> None:
+    """``variants``: name -> (compiled HLO text, ZeRO stage), then the optax baseline."""
     print()
     accum = args.accum
     g = psi * 4 * (n - 1) / n
     note = "" if args.precision == "fp32" else " (from float32 builds: XLA:CPU widens bf16 collectives)"
     print(f"Collective bytes per device per step, ring-equivalent, from the compiled HLO{note}")
     print(f"G = Ψ x 4 B x (N-1)/N = {g:,.0f} B (one float32 gradient reduce-scatter)")
-    if args.precision == "fp32":
-        hlos = {stage: run.hlo() for stage, run in runs.items()}
-        base_hlo = baseline.hlo()
-    else:
-        hlos = {stage: ZeroRun(make_config(args, stage, "fp32"), batch).hlo() for stage in STAGES}
-        base_hlo = BaselineRun(make_config(args, 0, "fp32"), runs[0].train.mesh, batch, accum).hlo()
     theory = collective_theory(accum)
     rows = []
-    variants = [(f"zjax stage {s}", hlos[s], theory[s]) for s in STAGES] + [("optax baseline", base_hlo, ("2G", 2))]
-    for name, hlo, (text, units) in variants:
+    named = [(name, hlo, theory[stage]) for name, (hlo, stage) in variants.items()]
+    for name, hlo, (text, units) in [*named, ("optax baseline", base_hlo, ("2G", 2))]:
         counted = collective_bytes(hlo, n)
         total = sum(counted[k] for k in COLLECTIVES)
-        rows.append(
-            [name, *(f"{counted[k]:,.0f}" for k in COLLECTIVES), f"{total:,.0f}", f"{total / g:.3f}G", text,
-             f"{units * g:,.0f}", f"{total / (units * g):.4f}"]
-        )
-    print_table(["variant", *COLLECTIVES, "total", "total/G", "theory", "theory bytes", "measured/theory"], rows)
+        row = [name, *(f"{counted[k]:,.0f}" for k in COLLECTIVES), f"{total:,.0f}", f"{total / g:.3f}G", text,
+               f"{units * g:,.0f}", f"{total / (units * g):.4f}"]
+        if count_ops:
+            ops = collectives(hlo, n)
+            row += [str(len(ops)), str(sum(c.full_bytes <= SCALAR_BYTES for c in ops))]
+        rows.append(row)
+    header = ["variant", *COLLECTIVES, "total", "total/G", "theory", "theory bytes", "measured/theory"]
+    if count_ops:
+        header += ["ops", f"scalar ops (<= {SCALAR_BYTES} B)"]
+    print_table(header, rows)
     if accum > 1:
         print(f"(theory with {accum} micro-batches: stage 2 reduce-scatters each one; stage 3 gathers and "
               "reduce-scatters each one)")
@@ -283,9 +435,36 @@ def collective_theory(accum: int) -> dict[int, tuple[str, float]]:
     }
 
 
-def print_timing(args, runs: dict, baseline: BaselineRun) -> None:
+def print_lamb_extra(adam_hlos: dict, lamb_hlos: dict, lamb_runs: dict, n: int, psi: int) -> None:
+    """What LAMB's step moves beyond Adam's: its trust ratio needs norms of each split leaf.
+
+    optax's ``safe_norm`` takes each norm twice (of ``x``, then of ``x`` with zeros masked),
+    so ||param|| and ||update|| are four float32 sums of squares per split leaf.
+    """
     print()
-    variants = {"optax baseline": baseline, **{f"zjax stage {s}": run for s, run in runs.items()}}
+    print("LAMB step minus Adam step, collective bytes per device (same model, batch and stage); theory: "
+          "4 float32 scalars all-reduced per split leaf (||param|| and ||update||, each twice in optax's safe_norm)")
+    g = psi * 4 * (n - 1) / n
+    rows = []
+    for stage in STAGES:
+        adam, lamb = collectives(adam_hlos[stage], n), collectives(lamb_hlos[stage], n)
+        diff = sum(c.ring_bytes for c in lamb) - sum(c.ring_bytes for c in adam)
+        extra = collections.Counter(lamb)
+        extra.subtract(collections.Counter(adam))
+        added = [c for c, k in extra.items() for _ in range(k) if k > 0]
+        removed = sum(-k for k in extra.values() if k < 0)
+        largest = max((c.full_bytes for c in added), default=0)
+        split = sum(lay.sharded for lay in jax.tree.leaves(lamb_runs[stage].train.layouts, is_leaf=is_layout))
+        theory = 4 * split * 2 * 4 * (n - 1) / n
+        rows.append([f"stage {stage}", f"{diff:,.0f}", f"{diff / g:.2e}G", str(len(added)), str(removed),
+                     f"{largest:,.0f}", str(split), f"{theory:,.0f}", f"{diff / theory:.4f}" if theory else "-"])
+    print_table(["stage", "LAMB - Adam", "per G", "ops added", "ops gone", "largest added B", "split leaves",
+                 "theory bytes", "measured/theory"], rows)
+
+
+def print_timing(args, variants: dict) -> dict[str, float]:
+    """Median step time of each variant over interleaved windows; returns each one's ratio to the first."""
+    print()
     for run in variants.values():
         run.step()  # compiles
         run.block()
@@ -304,13 +483,15 @@ def print_timing(args, runs: dict, baseline: BaselineRun) -> None:
         f"Step time ({args.precision}): median over {args.repeats} interleaved windows of {args.steps} steps, "
         "after one compiling warm-up step"
     )
-    base = statistics.median(times["optax baseline"])
-    rows = []
+    base = statistics.median(times[names[0]])
+    rows, ratios = [], {}
     for name in names:
         med = statistics.median(times[name])
+        ratios[name] = med / base
         rows.append([name, f"{med * 1e3:.1f}", f"{min(times[name]) * 1e3:.1f}", f"{max(times[name]) * 1e3:.1f}",
                      f"{med / base:.3f}"])
     print_table(["variant", "median ms/step", "min", "max", "vs baseline"], rows)
+    return ratios
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:

@@ -1,4 +1,6 @@
 """Flax Linen params, plain pytrees with an rng, and user optimizers train through one step."""
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -94,10 +96,13 @@ def test_bad_inputs_raise_config_errors():
         train(state, {"x": np.ones((12, 5), np.float32)})
 
 
-def test_zero3_stacked_param_used_outside_scan_layers_says_what_to_do():
+def test_zero3_stacked_param_used_outside_scan_layers_is_gathered_whole_and_said_so(caplog):
     train = zjax.make_train_step(
         config("zero.stage=3"), lambda p, b: jnp.sum(p["w"][0]) * jnp.mean(b["x"]), logical_axes={"w": ("layers", "embed")}
     )
     state = train.init({"w": jnp.ones((2, 4))})
-    with pytest.raises(TypeError, match="scan_layers"):
-        train(state, {"x": np.ones((16, 5), np.float32)})
+    with caplog.at_level(logging.WARNING, logger="zjax"):
+        state, metrics = train(state, {"x": np.ones((16, 5), np.float32)})
+    assert float(metrics["loss"]) == pytest.approx(4.0)
+    said = [r.getMessage() for r in caplog.records if "zjax.scan_layers" in r.getMessage()]
+    assert len(said) == 1 and "gathers each stack whole" in said[0]

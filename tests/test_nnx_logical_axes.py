@@ -34,8 +34,8 @@ def test_the_declared_axes_are_read(readme_block):
         "down": {"kernel": ("mlp", "embed"), "bias": ()},
         "layers": ("layers", "mlp", "mlp"),
     }
-    # 'layers' first makes a scanned stack: ZeRO-3 shards it per layer, (4, 64*64 / 8) per device.
-    assert train.layouts["layers"].stacked and train.layouts["layers"].local_shape == (4, 512)
+    # 'layers' first makes a scanned stack: ZeRO-3 splits each layer's (64, 64) over 8 devices.
+    assert train.layouts["layers"].stacked and train.layouts["layers"].local_shape == (4, 8, 64)
     assert not train.layouts["up"]["kernel"].stacked
     assert train.state_sharding.master["layers"].spec == P(None, "data")
 

@@ -1,49 +1,23 @@
 """Models written as their authors write them (tests/third_party_models.py) train through zjax:
 an element-wise optimizer at every ZeRO stage equals the plain optax loop, and per-device state
 bytes follow ZeRO's table (docs/architecture.md) though no layer goes through ``zjax.scan_layers``."""
-from pathlib import Path
-
 import jax
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import third_party_models as tpm
-import zjax
 from gpt_helpers import device0_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
 N = 8
 STEPS = 4
 RTOL = 1e-5
-MODELS = {
-    "nnx_loop": (tpm.init_nnx_loop, tpm.nnx_loop_loss, tpm.lm_batches),
-    "linen_scan": (tpm.init_linen_scan, tpm.linen_scan_loss, tpm.lm_batches),
-    "plain_mlp": (tpm.init_mlp, tpm.mlp_loss, tpm.classification_batches),
-    "single_array": (tpm.init_single, tpm.single_loss, tpm.classification_batches),
-}
+MODELS = tpm.MODELS
 # bytes per parameter on one device in fp32 with Adam: (replicated part, part divided by N)
 ZERO_TABLE = {0: (12, 0), 1: (4, 8), 2: (4, 8), 3: (0, 12)}
 
 
-def config(stage):
-    return zjax.load_config(
-        str(ROOT / "configs" / "tiny.yaml"),
-        [f"zero.stage={stage}", "gradient_clipping=0", "precision.compute_dtype=float32",
-         "batch.global_batch_size=16", "batch.grad_accum_steps=1"],
-    )
-
-
-def train_step(model, stage, tx):
-    """A TrainStep and its initial state, given the model the way its author would give it."""
-    init, loss_fn, _ = MODELS[model]
-    given = init()
-    if isinstance(given, nnx.Module):
-        train = zjax.make_train_step(config(stage), loss_fn, model=given, optimizer=tx)
-        return train, train.init()
-    train = zjax.make_train_step(config(stage), loss_fn, optimizer=tx)
-    return train, train.init(given)
+train_step = tpm.train_step
 
 
 def test_the_models_are_what_the_tests_need():
@@ -73,8 +47,8 @@ def adam_reference(model):
     return _REFERENCES[model]
 
 
-# Linen's nn.scan stack fails at stages 2-3 today (issue 12, item 2: zjax hands nn.scan a placeholder).
-ADAM_CASES = [(m, s) for m in MODELS for s in (0, 1, 2, 3) if not (m == "linen_scan" and s >= 2)]
+# The stacks scanned by Linen's nn.scan and NNX's nnx.scan (not zjax.scan_layers) included.
+ADAM_CASES = [(m, s) for m in MODELS for s in (0, 1, 2, 3)]
 
 
 @pytest.mark.parametrize("model,stage", ADAM_CASES)

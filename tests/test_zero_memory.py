@@ -31,18 +31,25 @@ def test_state_bytes_match_design_table(dtype, stage):
     assert abs(measured - expected) / expected < 0.01, (measured, expected)
 
 
-def test_indivisible_shapes_pad_by_less_than_one_element_per_device():
-    """A vocabulary of 50257 on 8 devices: flat layouts pad at most N-1 elements per layer."""
-    params = {"embed": jnp.ones((50257, 3)), "stack": jnp.ones((3, 7, 5)), "bias": jnp.ones((13,))}
-    axes = {"embed": ("vocab", "embed"), "stack": ("layers", "embed", "mlp"), "bias": ("embed",)}
+def test_indivisible_shapes_pad_by_less_than_one_row_per_device():
+    """A vocabulary of 50257 on 8 devices: a leaf with no dimension divisible by N is padded by
+    at most N-1 rows along its largest dimension; a divisible one is not padded at all."""
+    params = {"embed": jnp.ones((50257, 3)), "stack": jnp.ones((3, 7, 5)), "bias": jnp.ones((13,)),
+              "wide": jnp.ones((50257, 16))}
+    axes = {"embed": ("vocab", "embed"), "stack": ("layers", "embed", "mlp"), "bias": ("embed",),
+            "wide": ("vocab", "embed")}
     cfg = zjax.load_config("configs/tiny.yaml", ["zero.stage=3"])
     train = zjax.make_train_step(cfg, lambda p, b: jnp.sum(p["embed"]) * jnp.mean(b["x"]), logical_axes=axes)
     state = train.init(params)
     psi = sum(x.size for x in jax.tree.leaves(params))
-    padding_elements = 3 * (N - 1) + (N - 1) + (N - 1)  # at most, per leaf and per layer
+    # at most N-1 rows of the padded dimension: 3 per embed row, 5 per stack row and layer, 1 per bias row
+    padding_elements = (N - 1) * 3 + 3 * (N - 1) * 5 + (N - 1)
     assert device0_bytes(state.master) <= 4 * (psi + padding_elements) / N
     np.testing.assert_array_equal(state.params["embed"], params["embed"])
-    assert state.master["embed"].sharding.shard_shape(state.master["embed"].shape) == (-(-50257 * 3 // N),)
+    assert state.master["embed"].sharding.shard_shape(state.master["embed"].shape) == (-(-50257 // N), 3)
+    # 16 divides by 8: split along 'embed', no padding, and the optimizer sees (50257, 16).
+    assert state.master["wide"].shape == (50257, 16)
+    assert state.master["wide"].sharding.shard_shape((50257, 16)) == (50257, 2)
 
 
 def test_stage2_reduce_scatters_inside_the_backward_pass():

@@ -12,12 +12,16 @@ by ``nn.with_logical_partitioning``, or a plain pytree. ``plain_params`` turns a
 them into the pure pytree a hand-written ``jax.jit`` + optax loop trains, with the same
 tree structure as zjax's ``state.params``.
 """
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 257  # odd on purpose: divides by no device count
 D_MODEL = 32
@@ -329,3 +333,36 @@ def optax_loop(params, loss, tx, batches):
         params, opt, value = step(params, opt, batch)
         losses.append(float(value))
     return np.array(losses), jax.device_get(params)
+
+
+MODELS = {
+    "nnx_loop": (init_nnx_loop, nnx_loop_loss, lm_batches),
+    "linen_scan": (init_linen_scan, linen_scan_loss, lm_batches),
+    "nnx_scan": (init_nnx_scan, nnx_scan_loss, lm_batches),
+    "plain_mlp": (init_mlp, mlp_loss, classification_batches),
+    "single_array": (init_single, single_loss, classification_batches),
+}
+
+
+def zero_config(stage, *overrides):
+    """tiny.yaml at ``stage`` in fp32 without clipping (so an optax loop is the reference)."""
+    import zjax
+
+    return zjax.load_config(
+        str(ROOT / "configs" / "tiny.yaml"),
+        [f"zero.stage={stage}", "gradient_clipping=0", "precision.compute_dtype=float32",
+         "batch.global_batch_size=16", "batch.grad_accum_steps=1", *overrides],
+    )
+
+
+def train_step(model, stage, tx, *overrides):
+    """A TrainStep for ``MODELS[model]`` and its initial state, given the way its author would give it."""
+    import zjax
+
+    init, loss_fn, _ = MODELS[model]
+    given = init()
+    if isinstance(given, nnx.Module):
+        train = zjax.make_train_step(zero_config(stage, *overrides), loss_fn, model=given, optimizer=tx)
+        return train, train.init()
+    train = zjax.make_train_step(zero_config(stage, *overrides), loss_fn, optimizer=tx)
+    return train, train.init(given)

@@ -2,10 +2,12 @@
 
 A checkpoint holds the TrainState in a *portable* form that does not depend on the
 mesh or the ZeRO stage: fp32 master params and optimizer moments in the user's
-shapes (ZeRO's flat, padded shards are undone on save and redone on restore), the
-loss-scale state, the step and the PRNG key, plus JSON run state (``extra``, e.g.
-the data position) and a snapshot of the config. Restoring onto another device
-count, stage or compute dtype is therefore a reshard plus a re-flatten, bit-exact.
+shapes (the padding ZeRO adds to a leaf with no dimension that divides by the shard
+count is undone on save and redone on restore), the loss-scale state, the step and the
+PRNG key, plus JSON run state (``extra``, e.g. the data position) and a snapshot of the
+config. Restoring onto another device count, stage or compute dtype is therefore a
+reshard (plus a re-pad), bit-exact. Each portable array keeps the state's sharding, so
+neither saving nor restoring gathers a parameter onto one device.
 
 A step counts only once zjax has written ``zjax_manifest.json`` into it, after
 Orbax finished writing every file; the manifest lists each file's size and CRC32.
@@ -32,15 +34,28 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
+from flax.core.meta import Partitioned
 from jax.sharding import PartitionSpec as P
 
 from zjax import zero
 from zjax.errors import CheckpointError, ConfigError
-from zjax.zero import DATA, map_layouts
+from zjax.zero import map_layouts
 
 logger = logging.getLogger("zjax")
 
 MANIFEST = "zjax_manifest.json"
+
+
+class _NoMissingMetadataWarning(logging.Filter):
+    """Drops Orbax's "Metadata file does not exist" warning: reading a step's ``state`` item
+    looks for a ``_CHECKPOINT_METADATA`` file that only the step directory has, and zjax's
+    manifest, not that file, says whether a step is complete. Other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_NoMissingMetadataWarning())
 
 
 class Checkpointer:
@@ -94,6 +109,7 @@ class Checkpointer:
         portable = to_portable(state)
         meta = {
             "devices": int(state.step.sharding.mesh.size),
+            "stacked": [lay.stacked for lay in jax.tree.leaves(state.layouts, is_leaf=zero.is_layout)],
             "config": config.model_dump(mode="json") if config is not None else None,
             "extra": extra or {},
         }
@@ -174,7 +190,8 @@ class Checkpointer:
 
         Args:
           train: a ``TrainStep``; if it was neither initialized nor prepared, its model
-            (``make_train_step(..., model=...)``) fixes the parameter shapes.
+            (``make_train_step(..., model=...)``) fixes the parameter shapes, or else
+            the checkpoint does (in the structure of ``logical_axes=`` when given).
           step: a step to restore (it must be intact); None = the newest intact one.
 
         Returns:
@@ -182,9 +199,9 @@ class Checkpointer:
         """
         self._commit_pending()
         step = intact_step(self.directory, step)
-        if train.layouts is None:
-            train.prepare()
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if train.layouts is None:
+            _prepare_from_checkpoint(train, self.directory / str(step), meta)
         target = portable_target(train)
         _check_shapes(self.directory / str(step), target)
         restored = self._manager.restore(
@@ -197,13 +214,56 @@ class Checkpointer:
 
 
 def to_portable(state) -> dict:
-    """The state in user shapes, independent of mesh and stage (one jitted program)."""
-    mesh = state.step.sharding.mesh
+    """The state in user shapes, independent of mesh and stage.
+
+    A leaf that needs nothing done (not padded, already fp32, in device memory) is the
+    state's own array, not a copy; the rest come from one jitted program
+    (``save_program``) made of local slices and casts.
+    """
+    program, sources, portable_def = _save_plan(state)
+    leaves = jax.tree.leaves(state)
+    computed = iter(program(state))
+    return jax.tree.unflatten(portable_def, [leaves[i] if i is not None else next(computed) for i in sources])
+
+
+def save_program(state):
+    """The jitted part of ``to_portable``: ``state -> [portable leaves that are not state leaves]``.
+
+    Each portable leaf keeps the sharding of the state leaf it comes from (ZeRO splits a
+    leaf along one of its own dimensions, so unpadding slices only the last shard), so no
+    parameter is gathered; only a leaf padded because no dimension divides is replicated
+    (a jax array cannot be split unevenly).
+    """
+    return _save_plan(state)[0]
+
+
+def _save_plan(state):
+    """``(program, sources, portable_def)``: ``sources[k]`` is the index of the state leaf that
+    portable leaf ``k`` is, or None where ``program`` computes it."""
     layouts = state.layouts
     treedef = jax.tree.structure(layouts, is_leaf=zero.is_layout)
+    state_def = jax.tree.structure(state)
+
+    def portable_leaves(leaves):
+        return jax.tree.leaves(_portable(jax.tree.unflatten(state_def, leaves), layouts, treedef))
+
+    leaves = jax.tree.leaves(state)
     out_shapes = jax.eval_shape(lambda s: _portable(s, layouts, treedef), state)
-    shardings = jax.tree.map(lambda x: _portable_sharding(mesh, x.shape), out_shapes)
-    return jax.jit(lambda s: _portable(s, layouts, treedef), out_shardings=shardings)(state)
+    shardings = jax.tree.leaves(_portable_shardings(
+        jax.tree.map(lambda x: x.sharding, state), state.master is not None, out_shapes))
+    jaxpr = jax.make_jaxpr(portable_leaves)(leaves).jaxpr
+    position = {id(v): i for i, v in enumerate(jaxpr.invars)}
+    sources = [position.get(id(v)) for v in jaxpr.outvars]
+    sources = [i if i is not None and leaves[i].sharding == sharding else None
+               for i, sharding in zip(sources, shardings)]
+    computed = [k for k, i in enumerate(sources) if i is None]
+
+    def program(s):
+        out = portable_leaves(jax.tree.leaves(s))
+        return [out[k] for k in computed]
+
+    out_shardings = [shardings[k] for k in computed]
+    return jax.jit(program, out_shardings=out_shardings), sources, jax.tree.structure(out_shapes)
 
 
 def _portable(state, layouts, treedef) -> dict:
@@ -214,17 +274,18 @@ def _portable(state, layouts, treedef) -> dict:
         state,
     )
 
-    def unflatten(tree):
-        return map_layouts(lambda lay, x: zero.unflatten(x, lay), layouts, tree)
+    def unpad(tree):
+        return map_layouts(lambda lay, x: zero.from_stored(x, lay), layouts, tree)
 
     if state.master is not None:
-        params = unflatten(state.master)
+        params = unpad(state.master)
     else:
         params = state.replicated
+    stored = tuple(lay.stored_shape for lay in treedef.flatten_up_to(layouts))
     return {
         "step": state.step,
         "params": jax.tree.map(lambda x: x.astype(jnp.float32), params),
-        "opt_state": _map_param_subtrees(unflatten, state.opt_state, treedef),
+        "opt_state": _map_param_subtrees(unpad, state.opt_state, treedef, stored),
         "loss_scale": state.loss_scale,
         "rng": jax.random.key_data(state.rng),
     }
@@ -235,52 +296,112 @@ def portable_target(train) -> dict:
     layouts = train.layouts
     treedef = jax.tree.structure(layouts, is_leaf=zero.is_layout)
     shapes = jax.eval_shape(lambda s: _portable(s, layouts, treedef), train.abstract_state)
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_portable_sharding(train.mesh, x.shape)), shapes
-    )
+    shardings = _portable_shardings(train.state_sharding, train.keeps_master, shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def from_portable(train, portable: dict):
     """The TrainState for ``train``'s placement, from a restored portable tree."""
+    return restore_program(train)(portable)
+
+
+def restore_program(train):
+    """The jitted ``portable -> TrainState`` program for ``train``'s placement (the inverse of
+    ``save_program``: casts, re-pads and gathers only what the stage keeps replicated)."""
     layouts = train.layouts
     treedef = jax.tree.structure(layouts, is_leaf=zero.is_layout)
 
-    def flatten(tree):
-        return map_layouts(lambda lay, x: zero.flatten(x, lay), layouts, tree)
+    def pad(tree):
+        return map_layouts(lambda lay, x: zero.to_stored(x, lay), layouts, tree)
+
+    shapes = tuple(lay.shape for lay in treedef.flatten_up_to(layouts))
 
     def build(p):
         return train.abstract_state.replace(
             step=p["step"],
             replicated=jax.tree.map(lambda x: x.astype(train.replicated_dtype), p["params"])
             if train.keeps_replicated else None,
-            master=flatten(p["params"]) if train.keeps_master else None,
-            opt_state=_map_param_subtrees(flatten, p["opt_state"], treedef),
+            master=pad(p["params"]) if train.keeps_master else None,
+            opt_state=_map_param_subtrees(pad, p["opt_state"], treedef, shapes),
             loss_scale=p["loss_scale"],
             rng=jax.random.wrap_key_data(p["rng"]),
         )
 
-    return jax.jit(build, out_shardings=train.state_sharding)(portable)
+    return jax.jit(build, out_shardings=train.state_sharding)
 
 
-def _map_param_subtrees(fn, tree, treedef):
-    """Applies ``fn`` to every subtree of ``tree`` shaped like the params (optimizer moments)."""
-    if treedef.num_leaves <= 1:
-        return tree
-
+def _map_param_subtrees(fn, tree, treedef, shapes):
+    """Applies ``fn`` to every subtree of ``tree`` with the params' structure and leaf
+    ``shapes`` (optimizer moments); a single-array model's moments are such subtrees too."""
     def is_params(node):
-        return jax.tree.structure(node) == treedef
+        if jax.tree.structure(node) != treedef:
+            return False
+        return tuple(tuple(getattr(x, "shape", ())) for x in jax.tree.leaves(node)) == shapes
 
     return jax.tree.map(lambda n: fn(n) if is_params(n) else n, tree, is_leaf=is_params)
 
 
-def _portable_sharding(mesh, shape) -> NamedSharding:
-    """Split the largest axis that the data axis divides; replicate what it divides nowhere."""
-    n = mesh.shape[DATA]
-    dims = sorted((d for d in range(len(shape)) if shape[d] % n == 0 and shape[d] >= n), key=lambda d: -shape[d])
-    spec = [None] * len(shape)
-    if dims and n > 1:
-        spec[dims[0]] = DATA
-    return NamedSharding(mesh, P(*spec))
+def _portable_shardings(state_sharding, keeps_master: bool, shapes) -> dict:
+    """Shardings of the portable tree: each leaf as the state leaf it comes from (params from
+    the master when there is one), in device memory; a leaf whose shape no longer divides
+    (ZeRO's padding removed) is replicated."""
+    def portable(sharding, shape):
+        spec = sharding.spec
+        split = [i for i, names in enumerate(spec) if names is not None]
+        mesh = sharding.mesh
+        if any(shape.shape[i] % _axes_size(mesh, spec[i]) for i in split):
+            spec = P()
+        return NamedSharding(mesh, spec)
+
+    mesh = state_sharding.step.mesh
+    params = state_sharding.master if keeps_master else state_sharding.replicated
+    return {
+        "step": portable(state_sharding.step, shapes["step"]),
+        "params": jax.tree.map(portable, params, shapes["params"]),
+        "opt_state": jax.tree.map(portable, state_sharding.opt_state, shapes["opt_state"]),
+        "loss_scale": jax.tree.map(portable, state_sharding.loss_scale, shapes["loss_scale"]),
+        "rng": NamedSharding(mesh, P()),
+    }
+
+
+def _axes_size(mesh, names) -> int:
+    names = names if isinstance(names, tuple) else (names,)
+    return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def _prepare_from_checkpoint(train, path: Path, meta: dict) -> None:
+    """Fixes ``train``'s placement before a restore when nothing was given to ``init``.
+
+    A model (``make_train_step(..., model=...)``) gives the shapes itself; otherwise the
+    checkpoint's saved params do, in the tree of ``logical_axes=`` when it was given, and
+    leaves saved as ``layers`` stacks are marked so again (Linen params carry their names
+    in boxes that a checkpoint does not keep).
+    """
+    if getattr(train.adapter, "model_params", None) is not None:
+        train.prepare()
+        return
+    saved = ocp.PyTreeCheckpointer().metadata(path / "state").item_metadata.tree["params"]
+    leaves = [jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in jax.tree.leaves(saved)]
+    given_axes = train.adapter.given_axes
+    if given_axes is not None:
+        axes_def = jax.tree.structure(given_axes, is_leaf=_is_names)
+        if axes_def.num_leaves != len(leaves):
+            raise CheckpointError(
+                f"checkpoint {path} holds {len(leaves)} params but logical_axes= names {axes_def.num_leaves}: "
+                f"it was saved from another model"
+            )
+        train.prepare(jax.tree.unflatten(axes_def, leaves))
+        return
+    stacked = meta.get("stacked") or [False] * len(leaves)
+    if len(stacked) == len(leaves) and any(stacked):
+        leaves = [Partitioned(x, names=("layers",) + (None,) * (x.ndim - 1)) if s else x
+                  for x, s in zip(leaves, stacked)]
+    train.prepare(jax.tree.unflatten(jax.tree.structure(saved), leaves))
+
+
+def _is_names(x) -> bool:
+    """A leaf of a logical-axes tree: a tuple of axis names (or None)."""
+    return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
 
 
 # -- verification -----------------------------------------------------------------------

@@ -27,13 +27,16 @@ class _LayerContext:
     sharded_params: bool = False
     # When a list, scan_layers appends what one layer saves for the backward pass.
     residuals: list | None = None
+    # When a list, scan_layers appends its number of layers each time it is traced.
+    calls: list | None = None
 
 
 _CONTEXT = contextvars.ContextVar("zjax_layer_context", default=_LayerContext())
 
 
 @contextlib.contextmanager
-def layer_context(policy: Any = "none", sharded_params: bool = False, residuals: list | None = None):
+def layer_context(policy: Any = "none", sharded_params: bool = False, residuals: list | None = None,
+                  calls: list | None = None):
     """Sets the remat policy and ZeRO-3 mode seen by ``scan_layers`` while tracing.
 
     Args:
@@ -43,8 +46,11 @@ def layer_context(policy: Any = "none", sharded_params: bool = False, residuals:
         (ZeRO-2 and ZeRO-3), opened one layer at a time.
       residuals: a list that each ``scan_layers`` call appends to, once per trace, with
         ``(n_layers, saved_residuals of one layer)`` (what ``zjax.remat.remat_report`` reads).
+      calls: a list that each ``scan_layers`` call appends its number of layers to (the
+        train step reads it to tell a user whose model has no layer seam that the remat
+        policy did nothing).
     """
-    token = _CONTEXT.set(_LayerContext(remat_policy(policy), sharded_params, residuals))
+    token = _CONTEXT.set(_LayerContext(remat_policy(policy), sharded_params, residuals, calls))
     try:
         yield
     finally:
@@ -93,6 +99,8 @@ def scan_layers(fn: Callable[[Any, Any], Any], carry: Any, stacked_params: Any) 
         c = jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), c)
         return fn(c, zero.materialize_layer(p))
 
+    if ctx.calls is not None:
+        ctx.calls.append(jax.tree.leaves(stacked_params)[0].shape[0])
     policy = checkpoint_policy(ctx.policy, ctx.sharded_params)
     if policy is not None:
         layer = jax.checkpoint(layer, policy=policy)

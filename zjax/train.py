@@ -1,26 +1,31 @@
 """``make_train_step``: one config -> a sharded, mixed-precision, ZeRO training step.
 
-The whole step runs inside one ``jax.shard_map`` over the mesh, so every collective
-is written here and can be counted: gradients are reduce-scattered (stages 1-3) or
-all-reduced (stage 0) over ``data``, updated parameters are all-gathered (stages
-1-2), and ZeRO-3 gathers each layer just in time (see ``zjax.zero``).
+The gradients are computed inside one ``jax.shard_map`` over the mesh, so every
+collective of the forward and backward pass is written here and can be counted:
+gradients are reduce-scattered (stages 1-3) or all-reduced (stage 0) over ``data`` and
+ZeRO-3 gathers each layer just in time (see ``zjax.zero``). The optimizer then updates
+the global, sharded arrays outside ``shard_map``: it sees every parameter whole and in
+its own shape, so any optax transform is exact, and XLA keeps an element-wise update on
+each device's shard. Updated parameters are all-gathered (stages 1-2) by a second
+``shard_map``.
 
 What the TrainState holds per stage (Ψ parameters, N data devices):
 
-========  =================================  ==========================
-stage     ``replicated`` (user shapes)        ``master`` (flat, sharded)
-========  =================================  ==========================
+========  =================================  ============================
+stage     ``replicated`` (user shapes)        ``master`` (stored, sharded)
+========  =================================  ============================
 0         fp32 params (they are the master)  -
 1, 2      compute-dtype copy, or the fp32    fp32 master, only when the
           master itself in fp32 runs         compute dtype is lower
 3         -                                  fp32 master
-========  =================================  ==========================
+========  =================================  ============================
 
-Optimizer moments always live in the flat layout, sharded for stages 1-3.
+Optimizer moments are shaped like the stored params and split like them for stages 1-3.
 """
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -42,6 +47,7 @@ from zjax.optim import default_decay_mask, make_optimizer, make_schedule
 from zjax.zero import BATCH_AXES, DATA, REPLICA, map_layouts
 
 METRICS = ("loss", "grad_norm", "lr", "loss_scale", "skipped")
+logger = logging.getLogger("zjax")
 
 
 class TrainState(struct.PyTreeNode):
@@ -50,9 +56,9 @@ class TrainState(struct.PyTreeNode):
     Attributes:
       step: number of calls to the step (skipped ones included).
       replicated: user-shaped replicated params (stages 0-2), else None.
-      master: flat sharded fp32 master params (stage 3, and stages 1-2 in mixed
-        precision), else None.
-      opt_state: the optax state, over the flat layout.
+      master: sharded fp32 master params in their stored shapes (stage 3, and stages
+        1-2 in mixed precision), else None.
+      opt_state: the optax state, over the stored params.
       loss_scale: the loss scaler's state (scale, counters, skipped steps).
       rng: the base PRNG key; each micro-step folds in step, micro-batch and device.
     """
@@ -81,7 +87,7 @@ class TrainState(struct.PyTreeNode):
 @functools.partial(jax.jit, static_argnums=0)
 def _unflatten_master(layout_def, master):
     treedef, leaves = layout_def
-    return map_layouts(lambda lay, x: zero.unflatten(x, lay), jax.tree.unflatten(treedef, leaves), master)
+    return map_layouts(lambda lay, x: zero.from_stored(x, lay), jax.tree.unflatten(treedef, leaves), master)
 
 
 class _Dtypes(NamedTuple):
@@ -153,6 +159,9 @@ class TrainStep:
         self.layouts = None
         self.abstract_state = None
         self._eval = None
+        # Whether the model's 'layers' stacks reach the loss gathered whole (it does not pass them
+        # through zjax.scan_layers: a Linen nn.scan or NNX nnx.scan stack); None until traced.
+        self._whole_stacks: bool | None = None
 
     # -- placement ------------------------------------------------------------------
 
@@ -189,17 +198,15 @@ class TrainStep:
         else:
             mask = default_decay_mask(map_layouts(lambda lay: lay.layer_shape, layouts))
             self.tx = make_optimizer(self.config, decay_mask=None if self.config.optimizer.decay_norms_and_biases else mask)
-        local = map_layouts(lambda lay: jax.ShapeDtypeStruct(lay.local_shape, self.dtypes.param), layouts)
-        opt_shapes = jax.eval_shape(self.tx.init, local)
-        sharded = self.stage > 0
-        self._opt_specs = jax.tree.map(
-            lambda x: P(*([None] * (x.ndim - 1)), DATA) if (sharded and x.ndim >= 1) else P(), opt_shapes
-        )
+        stored = map_layouts(lambda lay: jax.ShapeDtypeStruct(lay.stored_shape, self.dtypes.param), layouts)
+        opt_shapes = jax.eval_shape(self.tx.init, stored)
+        self._param_specs = map_layouts(lambda lay: lay.spec, layouts)
+        self._opt_specs = zero.state_specs(opt_shapes, layouts, self.data_size, self.stage > 0)
         scale_state = jax.eval_shape(self.scaler.init)
         self.state_specs = TrainState(
             step=P(),
             replicated=map_layouts(lambda lay: P(), layouts) if self.keeps_replicated else None,
-            master=map_layouts(lambda lay: lay.spec, layouts) if self.keeps_master else None,
+            master=self._param_specs if self.keeps_master else None,
             opt_state=self._opt_specs,
             loss_scale=jax.tree.map(lambda _: P(), scale_state),
             rng=P(),
@@ -209,18 +216,31 @@ class TrainStep:
         # check_vma=False: Pallas kernels in interpret mode cannot run under vma checks
         # (jax 0.10.2), and nothing here relies on them: gathers have explicit VJPs and
         # every reduction is written out (tests/test_zero_equivalence.py proves the grads).
-        step = jax.shard_map(
-            self._local_step,
+        self._grads = jax.shard_map(
+            self._local_grads,
             mesh=self.mesh,
             in_specs=(self.state_specs, P(BATCH_AXES)),
-            out_specs=(self.state_specs, P()),
+            out_specs=(self._param_specs, P(), P(), P()),
+            check_vma=False,
+        )
+        self._gather = jax.shard_map(
+            lambda master: map_layouts(
+                lambda lay, m: zero.from_stored(zero.all_gather_params(m.astype(self.replicated_dtype), lay), lay),
+                layouts, master),
+            mesh=self.mesh,
+            in_specs=(self._param_specs,),
+            out_specs=map_layouts(lambda lay: P(), layouts),
             check_vma=False,
         )
         self._step = jax.jit(
-            lambda state, batch: step(self._to_device(state), batch),
+            self._global_step,
             donate_argnums=0,
             out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())),
         )
+
+    def _constrain(self, tree: Any, specs: Any) -> Any:
+        return jax.tree.map(lambda x, spec: lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec)),
+                            tree, specs)
 
     def _place(self, specs: TrainState) -> TrainState:
         """Shardings of the state; offloaded fields live in ``pinned_host`` memory between steps."""
@@ -278,18 +298,13 @@ class TrainStep:
     def _init_state(self, make_params, rng, tree) -> TrainState:
         layouts = self.layouts
         params = jax.tree.map(lambda x: jnp.asarray(x, self.dtypes.param), make_params(rng, tree))
-        flat = map_layouts(lambda lay, x: zero.flatten(x, lay), layouts, params)
-        flat = map_layouts(
-            lambda lay, x: lax.with_sharding_constraint(x, NamedSharding(self.mesh, lay.spec)), layouts, flat
-        )
-        local_specs = map_layouts(lambda lay: lay.spec, layouts)
-        opt_state = jax.shard_map(
-            self.tx.init, mesh=self.mesh, in_specs=(local_specs,), out_specs=self._opt_specs, check_vma=False
-        )(flat)
+        stored = self._constrain(map_layouts(lambda lay, x: zero.to_stored(x, lay), layouts, params),
+                                 self._param_specs)
+        opt_state = self._constrain(self.tx.init(stored), self._opt_specs)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             replicated=jax.tree.map(lambda x: x.astype(self.replicated_dtype), params) if self.keeps_replicated else None,
-            master=flat if self.keeps_master else None,
+            master=stored if self.keeps_master else None,
             opt_state=opt_state,
             loss_scale=self.scaler.init(),
             rng=jax.random.fold_in(rng, 1),
@@ -334,45 +349,24 @@ class TrainStep:
 
         return jax.tree.map(place, batch)
 
-    def _local_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
-        """The per-device program (inside shard_map over the mesh)."""
-        with layer_context(self.config.remat, sharded_params=self.stage >= 2):
-            grads, loss, weight = self._accumulate(state, batch)
-        layouts = self.layouts
-        sharded = self.stage > 0
-        # one pass: divide by loss scale x total weight and check every element is finite
-        grads, local_finite = pallas_kernels.unscale_and_check(
-            jax.tree.map(lambda g: g.astype(jnp.float32), grads), weight * state.loss_scale.scale,
-            impl=self.config.kernels,
-        )
-        finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if sharded else local_finite
-        sq = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))
-        grad_norm = jnp.sqrt(lax.psum(sq, DATA) if sharded else sq)
-        clip = self.config.gradient_clipping
-        if clip > 0:
-            coef = jnp.minimum(1.0, clip / (grad_norm + 1e-6))
-            grads = jax.tree.map(lambda g: g * coef, grads)
-
+    def _global_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """The step on global arrays: gradients (in shard_map), the update, the gather."""
+        state = self._to_device(state)
+        grads, loss, finite, grad_norm = self._grads(state, batch)
         if self.keeps_master:
             master = state.master
         else:
-            master = map_layouts(lambda lay, x: zero.local_slice(zero.flatten(x, lay), lay), layouts, state.replicated)
+            # The replicated params are the master; each device updates its own slice of them.
+            master = self._constrain(map_layouts(lambda lay, x: zero.to_stored(x, lay), self.layouts, state.replicated),
+                                     self._param_specs)
         updates, opt_state = self.tx.update(grads, state.opt_state, master)
         new_master = optax.apply_updates(master, updates)
-        new_master = loss_scale.select_tree(finite, new_master, master)
-        opt_state = loss_scale.select_tree(finite, opt_state, state.opt_state)
-
-        replicated = None
-        if self.keeps_replicated:
-            replicated = map_layouts(
-                lambda lay, m: zero.unflatten(zero.all_gather_params(m.astype(self.replicated_dtype), lay), lay),
-                layouts,
-                new_master,
-            )
+        new_master = self._constrain(loss_scale.select_tree(finite, new_master, master), self._param_specs)
+        opt_state = self._constrain(loss_scale.select_tree(finite, opt_state, state.opt_state), self._opt_specs)
         applied = state.step - state.loss_scale.skipped
         new_state = state.replace(
             step=state.step + 1,
-            replicated=replicated,
+            replicated=self._gather(new_master) if self.keeps_replicated else None,
             master=new_master if self.keeps_master else None,
             opt_state=opt_state,
             loss_scale=self.scaler.update(state.loss_scale, finite),
@@ -386,19 +380,53 @@ class TrainStep:
         }
         return new_state, metrics
 
+    def _local_grads(self, state: TrainState, batch: Any):
+        """The per-device program (inside shard_map): this device's part of the reduced,
+        unscaled and clipped gradients, the loss, whether every gradient is finite, and the
+        gradient's global norm before clipping."""
+        calls: list = []
+        with layer_context(self.config.remat, sharded_params=self.stage >= 2, calls=calls):
+            grads, loss, weight = self._accumulate(state, batch)
+        if not calls and self.config.remat.policy != "none":
+            logger.warning(
+                "remat.policy=%r had no effect: the model calls zjax.scan_layers nowhere, the seam where zjax "
+                "applies a remat policy (and gathers ZeRO-3 layers one at a time); pass the layer stack "
+                "through zjax.scan_layers(layer_fn, carry, stacked_params), or set remat.policy: none",
+                self.config.remat.policy)
+        layouts = self.layouts
+        # one pass: divide by loss scale x total weight and check every element is finite
+        grads, local_finite = pallas_kernels.unscale_and_check(
+            jax.tree.map(lambda g: g.astype(jnp.float32), grads), weight * state.loss_scale.scale,
+            impl=self.config.kernels,
+        )
+        finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if self.stage > 0 else local_finite
+        # Split leaves add their shards' squares over devices; whole leaves count once.
+        squares = map_layouts(lambda lay, g: (lay.sharded, jnp.sum(jnp.square(g))), layouts, grads)
+        pairs = jax.tree.leaves(squares, is_leaf=lambda x: isinstance(x, tuple))
+        split = sum((sq for is_split, sq in pairs if is_split), jnp.float32(0))
+        whole = sum((sq for is_split, sq in pairs if not is_split), jnp.float32(0))
+        grad_norm = jnp.sqrt(lax.psum(split, DATA) + whole)
+        clip = self.config.gradient_clipping
+        if clip > 0:
+            coef = jnp.minimum(1.0, clip / (grad_norm + 1e-6))
+            grads = jax.tree.map(lambda g: g * coef, grads)
+        return grads, loss, finite, grad_norm
+
     def _compute_params(self, state: TrainState):
         """The differentiable inputs of the loss and how to turn them into the user's params.
 
-        Stages 2 and 3 differentiate with respect to this device's flat shard, so every
+        Stages 2 and 3 differentiate with respect to this device's shard, so every
         parameter's gradient is reduce-scattered as soon as its (layer's) backward pass
         has produced it: ZeRO-3 gathers the shard, ZeRO-2 reads the replicated copy.
         """
         layouts, dt = self.layouts, self.dtypes
+        # A stack the model scans itself is gathered whole; zjax.scan_layers opens placeholders.
+        placeholders = not self._whole_stacks
         if self.stage == 3:
             def to_params(d):
                 return map_layouts(
                     lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
-                    if lay.stacked
+                    if lay.stacked and placeholders
                     else zero.gather_for_compute(s, lay, dt.compute, dt.reduce),
                     layouts,
                     d,
@@ -410,17 +438,46 @@ class TrainStep:
             def to_params(d):
                 return map_layouts(
                     lambda lay, s, full: zero.ShardedParam(s, lay, dt.compute, dt.reduce, full=full)
-                    if lay.stacked
+                    if lay.stacked and placeholders
                     else zero.take_for_compute(s, full, lay, dt.reduce),
                     layouts,
                     d,
                     compute,
                 )
 
-            shards = map_layouts(lambda lay, x: zero.local_slice(zero.flatten(x, lay), lay), layouts, compute)
+            shards = map_layouts(lambda lay, x: zero.local_slice(zero.to_stored(x, lay), lay), layouts, compute)
             return shards, to_params
         # Marked varying so that the gradient stays local until we reduce it.
         return jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), compute), lambda d: d
+
+    def _params_for_loss(self, state: TrainState, sample: Any, key: Any):
+        """``_compute_params``, after finding out once, by tracing the loss on ``sample`` (one
+        micro-batch), whether the model passes its ``layers`` stacks through ``zjax.scan_layers``.
+        A model that scans them itself (Linen ``nn.scan``, NNX ``nnx.scan``) cannot take the
+        per-layer placeholders of ZeRO-2/3: its stacks are then gathered whole for the loss."""
+        stacked = any(lay.stacked for lay in jax.tree.leaves(self.layouts, is_leaf=zero.is_layout))
+        if self._whole_stacks is None and self.stage >= 2 and stacked:
+            self._whole_stacks = False
+
+            def trace(state):
+                diff, to_params = self._compute_params(state)
+                jax.eval_shape(lambda d: self._weighted_loss(to_params(d), sample, key), diff)
+
+            try:
+                trace(state)
+            except Exception as placeholder_error:  # noqa: BLE001 - retried below with whole stacks
+                self._whole_stacks = True
+                try:
+                    trace(state)
+                except Exception:
+                    self._whole_stacks = None
+                    raise placeholder_error from None
+                logger.warning(
+                    "the model does not pass its 'layers' stacks through zjax.scan_layers (a Linen nn.scan or "
+                    "NNX nnx.scan stack?): ZeRO-%d gathers each stack whole for the loss instead of one layer at "
+                    "a time; call zjax.scan_layers(layer_fn, carry, stacked_params) for per-layer gathering",
+                    self.stage)
+        return self._compute_params(state)
 
     def _weighted_loss(self, params, batch, key):
         """(loss * weight, weight) of one micro-batch, in float32."""
@@ -433,9 +490,10 @@ class TrainStep:
         """The (weighted) mean loss on a global batch, without updating anything."""
         if self._eval is None:
             def local(state, batch):
+                key = jax.random.fold_in(state.rng, 2**31 - 1)
                 with layer_context("none", sharded_params=self.stage >= 2):
-                    diff, to_params = self._compute_params(state)
-                    lw, w = self._weighted_loss(to_params(diff), batch, jax.random.fold_in(state.rng, 2**31 - 1))
+                    diff, to_params = self._params_for_loss(state, batch, key)
+                    lw, w = self._weighted_loss(to_params(diff), batch, key)
                 return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
 
             local_eval = jax.shard_map(
@@ -450,9 +508,9 @@ class TrainStep:
         accum, micro = self.grad_accum_steps, self.micro_batch_size
         batch = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
         scale = state.loss_scale.scale
-        diff, to_params = self._compute_params(state)
         device = lax.axis_index(REPLICA) * self.data_size + lax.axis_index(DATA)
         step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
+        diff, to_params = self._params_for_loss(state, jax.tree.map(lambda x: x[0], batch), step_key)
 
         def micro_loss(d, mb, key):
             lw, w = self._weighted_loss(to_params(d), mb, key)
@@ -478,7 +536,7 @@ class TrainStep:
 
         if stage in (0, 1):
             acc = map_layouts(
-                lambda lay, x: zero.reduce_scatter_grads(zero.flatten(x.astype(dt.reduce), lay), lay), layouts, acc
+                lambda lay, x: zero.reduce_scatter_grads(zero.to_stored(x.astype(dt.reduce), lay), lay), layouts, acc
             )
         if self.replica_size > 1:
             # ZeRO reduced inside each replica; one all-reduce of the shards averages across replicas.

@@ -1,10 +1,13 @@
 """ZeRO placement: how each parameter is laid out, sharded and brought back.
 
-Every parameter leaf has one *flat layout*: its per-layer elements flattened and
-padded to a multiple of the shard count, so any shape shards over the ``data``
-axis with at most ``shards - 1`` padding elements per layer. A leaf whose first
-logical axis is ``layers`` keeps that axis in front, so a scan can take one layer
-at a time and ZeRO-3 can gather one layer at a time.
+Every parameter leaf keeps its own shape and is sharded over the ``data`` axis along one
+of its dimensions (as PyTorch's FSDP2 and MaxText do), so an optimizer sees each
+parameter whole and in its shape: any optax transform (masks by ``ndim``, LAMB's trust
+ratio, Adafactor's factored moments) is exact. The dimension is the leaf's ``embed``
+axis when it divides by the shard count, else its largest dimension that does; a leaf
+with no such dimension is padded along its largest one by at most ``shards - 1`` rows
+(its *stored* shape). A leaf whose first logical axis is ``layers`` keeps that axis
+whole, so a scan can take one layer at a time and ZeRO-3 can gather one layer at a time.
 
 The collectives are explicit (inside ``jax.shard_map`` over ``data``):
 ``reduce_scatter_grads`` for gradients, ``all_gather_params`` for updated params,
@@ -28,24 +31,29 @@ DATA = "data"
 # Replicas outside ZeRO (slices over DCN); the batch is split over both axes.
 REPLICA = "replica"
 BATCH_AXES = (REPLICA, DATA)
+# The logical axis ZeRO shards when it divides (MaxText's fsdp axis).
+ZERO_AXIS = "embed"
 
 
 @dataclasses.dataclass(frozen=True)
 class LeafLayout:
-    """Where one parameter lives: its user shape and its flat, padded, sharded form.
+    """Where one parameter lives: its user shape and its stored, sharded form.
 
     Attributes:
       shape: the user's shape of the leaf.
       stacked: True when the leading axis is the ``layers`` axis of a scanned stack.
       shards: number of ZeRO partitions (the ``data`` axis size, or 1 for stage 0).
-      partitioned: True when the flat form is split over ``data`` (stages 1-3),
-        even on a one-device axis.
+      partitioned: True when the leaf is split over ``data`` (stages 1-3), even on a
+        one-device axis.
+      dim: the dimension of one layer (``layer_shape``) split over ``data``; None for a
+        leaf that is not split (stage 0, scalars).
     """
 
     shape: tuple[int, ...]
     stacked: bool
     shards: int
     partitioned: bool
+    dim: int | None = None
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -60,27 +68,42 @@ class LeafLayout:
         return math.prod(self.layer_shape)
 
     @property
-    def padded(self) -> int:
-        return -(-self.size // self.shards) * self.shards
+    def sharded(self) -> bool:
+        """True when the leaf is split over ``data`` (its spec names ``data``)."""
+        return self.partitioned and self.dim is not None
 
     @property
-    def flat_shape(self) -> tuple[int, ...]:
-        return self.lead + (self.padded,)
+    def axis(self) -> int:
+        """The split dimension in the stored (whole-stack) array."""
+        return len(self.lead) + self.dim
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The user shape, the split dimension padded to a multiple of ``shards``."""
+        if not self.sharded:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.axis] = -(-shape[self.axis] // self.shards) * self.shards
+        return tuple(shape)
 
     @property
     def local_shape(self) -> tuple[int, ...]:
-        """Shape of one device's part of the flat form (the whole of it when replicated)."""
-        return self.lead + (self.padded // self.shards,)
+        """Shape of one device's part of the stored form (the whole of it when not split)."""
+        if not self.sharded:
+            return self.shape
+        shape = list(self.stored_shape)
+        shape[self.axis] //= self.shards
+        return tuple(shape)
 
     @property
     def spec(self) -> P:
-        """PartitionSpec of the flat form: last axis over ``data`` when sharded."""
-        if not self.partitioned:
+        """PartitionSpec of the stored form: the split dimension over ``data``."""
+        if not self.sharded:
             return P()
-        return P(*([None] * len(self.lead)), DATA)
+        return P(*([None] * self.axis), DATA)
 
     def per_layer(self) -> "LeafLayout":
-        return LeafLayout(self.layer_shape, False, self.shards, self.partitioned)
+        return LeafLayout(self.layer_shape, False, self.shards, self.partitioned, self.dim)
 
 
 def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool) -> Any:
@@ -92,18 +115,70 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool)
         tuples of logical axis names; a leaf whose tuple starts with ``layers`` is
         treated as a scanned stack.
       shards: the ZeRO partition count (1 for stage 0).
-      partitioned: whether the flat forms are split over ``data`` (stages 1-3).
+      partitioned: whether the leaves are split over ``data`` (stages 1-3).
     """
     leaves, treedef = jax.tree.flatten(params)
     if logical_axes is None:
         axes = [()] * len(leaves)
     else:
         axes = treedef.flatten_up_to(logical_axes)
-    layouts = [
-        LeafLayout(tuple(x.shape), bool(a) and a[0] == "layers" and len(x.shape) >= 1, shards, partitioned)
-        for x, a in zip(leaves, axes)
-    ]
+    layouts = []
+    for x, names in zip(leaves, axes):
+        shape = tuple(x.shape)
+        stacked = bool(names) and names[0] == "layers" and len(shape) >= 1
+        layer_names = tuple(names[1:] if stacked else names) if names else ()
+        layer_shape = shape[1:] if stacked else shape
+        dim = split_dim(layer_shape, layer_names, shards) if partitioned else None
+        layouts.append(LeafLayout(shape, stacked, shards, partitioned, dim))
     return jax.tree.unflatten(treedef, layouts)
+
+
+def split_dim(shape: tuple[int, ...], names: tuple[str, ...], shards: int) -> int | None:
+    """The dimension ZeRO splits: ``ZERO_AXIS`` if it divides by ``shards``, else the largest
+    dimension that does, else the largest (to be padded); None for a scalar."""
+    if not shape:
+        return None
+    divisible = [i for i, n in enumerate(shape) if n % shards == 0]
+    if len(names) == len(shape) and ZERO_AXIS in names and names.index(ZERO_AXIS) in divisible:
+        return names.index(ZERO_AXIS)
+    candidates = divisible or range(len(shape))
+    return max(candidates, key=lambda i: (shape[i], -i))
+
+
+def state_specs(state_shapes: Any, layouts: Any, shards: int, partitioned: bool) -> Any:
+    """Shardings of optimizer state (shapes from ``jax.eval_shape(tx.init, params)``).
+
+    A subtree with the params' structure and stored shapes (Adam's moments) is split like
+    the params, so an element-wise update needs no communication; any other leaf is split
+    like the one parameter of its shape, or, where no or several parameters have it
+    (Adafactor's factored moments), along its largest dimension that divides by
+    ``shards``, or kept whole.
+    """
+    leaves, treedef = jax.tree.flatten(layouts, is_leaf=is_layout)
+    stored = tuple(lay.stored_shape for lay in leaves)
+    param_specs = jax.tree.unflatten(treedef, [lay.spec for lay in leaves])
+    by_shape: dict = {}
+    for lay in leaves:
+        by_shape.setdefault(lay.stored_shape, set()).add(lay.spec)
+
+    def is_params(node) -> bool:
+        return (jax.tree.structure(node) == treedef
+                and tuple(tuple(x.shape) for x in jax.tree.leaves(node)) == stored)
+
+    def leaf_spec(x) -> P:
+        shape = tuple(x.shape)
+        if not partitioned or not shape:
+            return P()
+        if len(by_shape.get(shape, ())) == 1:
+            return next(iter(by_shape[shape]))
+        divisible = [i for i, n in enumerate(shape) if n % shards == 0]
+        if not divisible:
+            return P()
+        return P(*([None] * max(divisible, key=lambda i: (shape[i], -i))), DATA)
+
+    if not partitioned:
+        return jax.tree.map(lambda _: P(), state_shapes)
+    return jax.tree.map(lambda n: param_specs if is_params(n) else leaf_spec(n), state_shapes, is_leaf=is_params)
 
 
 def is_layout(x: Any) -> bool:
@@ -115,50 +190,50 @@ def map_layouts(fn, layouts: Any, *trees: Any) -> Any:
     return jax.tree.map(fn, layouts, *trees, is_leaf=is_layout)
 
 
-def flatten(x: jax.Array, lay: LeafLayout) -> jax.Array:
-    """User shape -> flat padded form ``lead + (padded,)``."""
-    x = x.reshape(lay.lead + (lay.size,))
-    pad = lay.padded - lay.size
+def to_stored(x: jax.Array, lay: LeafLayout) -> jax.Array:
+    """User shape -> stored form (the split dimension zero-padded to whole shards)."""
+    pad = lay.stored_shape[lay.axis] - lay.shape[lay.axis] if lay.sharded else 0
     if pad:
-        x = jnp.pad(x, [(0, 0)] * len(lay.lead) + [(0, pad)])
+        widths = [(0, 0)] * x.ndim
+        widths[lay.axis] = (0, pad)
+        x = jnp.pad(x, widths)
     return x
 
 
-def unflatten(x: jax.Array, lay: LeafLayout) -> jax.Array:
-    """Flat padded form -> user shape."""
-    if lay.padded != lay.size:
-        x = x[..., : lay.size]
-    return x.reshape(lay.shape)
+def from_stored(x: jax.Array, lay: LeafLayout) -> jax.Array:
+    """Stored form -> user shape."""
+    if lay.stored_shape != lay.shape:
+        x = lax.slice_in_dim(x, 0, lay.shape[lay.axis], axis=lay.axis)
+    return x
 
 
-def local_slice(flat: jax.Array, lay: LeafLayout) -> jax.Array:
-    """This device's part of a replicated flat array (inside shard_map)."""
-    if not lay.partitioned:
-        return flat
-    n = lay.padded // lay.shards
-    start = lax.axis_index(DATA) * n
-    return lax.dynamic_slice_in_dim(flat, start, n, axis=flat.ndim - 1)
+def local_slice(stored: jax.Array, lay: LeafLayout) -> jax.Array:
+    """This device's part of a replicated stored array (inside shard_map)."""
+    if not lay.sharded:
+        return stored
+    n = lay.local_shape[lay.axis]
+    return lax.dynamic_slice_in_dim(stored, lax.axis_index(DATA) * n, n, axis=lay.axis)
 
 
-def reduce_scatter_grads(flat: jax.Array, lay: LeafLayout) -> jax.Array:
-    """Sums a full local flat gradient over ``data`` and keeps this device's part."""
-    if not lay.partitioned:
-        return lax.psum(flat, DATA)
-    return lax.psum_scatter(flat, DATA, scatter_dimension=flat.ndim - 1, tiled=True)
+def reduce_scatter_grads(stored: jax.Array, lay: LeafLayout) -> jax.Array:
+    """Sums a full local stored gradient over ``data`` and keeps this device's part."""
+    if not lay.sharded:
+        return lax.psum(stored, DATA)
+    return lax.psum_scatter(stored, DATA, scatter_dimension=lay.axis, tiled=True)
 
 
 def all_gather_params(shard: jax.Array, lay: LeafLayout) -> jax.Array:
-    """Local flat part -> the full flat array, the same (invariant) on every device."""
-    if not lay.partitioned:
+    """Local stored part -> the full stored array, the same (invariant) on every device."""
+    if not lay.sharded:
         return shard
-    return lax.all_gather(shard, DATA, axis=shard.ndim - 1, tiled=True, to="invarying")
+    return lax.all_gather(shard, DATA, axis=lay.axis, tiled=True, to="invarying")
 
 
 # --- ZeRO-3: gather for compute, reduce-scatter in the backward pass ----------------
 
 
 def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_dtype) -> jax.Array:
-    """ZeRO-3's parameter fetch: cast the local master shard, all-gather, unflatten.
+    """ZeRO-3's parameter fetch: cast the local master shard, all-gather, unpad.
 
     The cast happens before the gather, so a bf16 run moves half the bytes. The
     backward pass casts the cotangent to ``reduce_dtype`` and reduce-scatters it
@@ -176,16 +251,17 @@ def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_
 
 
 def _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype):
-    flat = flatten(ct.astype(reduce_dtype), lay)
-    return lax.psum_scatter(flat, DATA, scatter_dimension=flat.ndim - 1, tiled=True).astype(shard_dtype)
+    return reduce_scatter_grads(to_stored(ct.astype(reduce_dtype), lay), lay).astype(shard_dtype)
 
 
 @functools.lru_cache(maxsize=None)
 def _gather_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype):
     @jax.custom_vjp
     def gather(shard):
-        full = lax.all_gather(shard.astype(compute_dtype), DATA, axis=shard.ndim - 1, tiled=True)
-        return unflatten(full, lay)
+        if not lay.sharded:
+            return from_stored(shard.astype(compute_dtype), lay)
+        full = lax.all_gather(shard.astype(compute_dtype), DATA, axis=lay.axis, tiled=True)
+        return from_stored(full, lay)
 
     def fwd(shard):
         return gather(shard), None
