@@ -100,7 +100,7 @@ def test_to_yaml_reads_back_to_an_equal_config():
         ({"model": {"d_model": 130}}, ["d_model=130", "n_heads=4"]),
         ({"model": {"n_kv_heads": 3}}, ["n_kv_heads=3", "n_heads=4"]),
         ({"data": {"seq_len": 512}}, ["data.seq_len=512", "model.max_seq_len=256"]),
-        ({"logical_axis_rules": {"heads": "model"}}, ["logical_axis_rules", "heads='model'", "data, tensor or null"]),
+        ({"logical_axis_rules": {"heads": "model"}}, ["logical_axis_rules", "heads='model'", "data, stage, tensor, sequence, expert or null"]),
         ({"mesh": {"data": -1, "tensor": -1}}, ["mesh", "more than one -1"]),
     ],
 )
@@ -166,12 +166,14 @@ def test_a_batch_without_a_size_is_refused_at_load():
 
 
 def test_mesh_shape_fills_minus_one_and_checks_the_device_count():
-    assert resolve_mesh_shape(MeshConfig(), 8) == {"replica": 1, "data": 8, "tensor": 1}
-    assert resolve_mesh_shape(MeshConfig(data=-1, tensor=2), 8) == {"replica": 1, "data": 4, "tensor": 2}
-    assert resolve_mesh_shape(MeshConfig(replica=2), 8) == {"replica": 2, "data": 4, "tensor": 1}
-    with pytest.raises(ConfigError, match=r"mesh \{replica: 1, data: 3, tensor: 1\} needs 3 devices but 8 are available"):
+    assert resolve_mesh_shape(MeshConfig(), 8) == {"replica": 1, "data": 8, "stage": 1, "tensor": 1,
+                                                   "sequence": 1, "expert": 1}
+    assert resolve_mesh_shape(MeshConfig(data=-1, tensor=2), 8)["data"] == 4
+    assert resolve_mesh_shape(MeshConfig(replica=2, sequence=2), 8)["data"] == 2
+    with pytest.raises(ConfigError, match=r"mesh \{replica: 1, data: 3, stage: 1, tensor: 1, sequence: 1, expert: 1\} "
+                                          r"needs 3 devices but 8 are available"):
         resolve_mesh_shape(MeshConfig(data=3), 8)
-    with pytest.raises(ConfigError, match=r"mesh \{replica: 1, data: -1, tensor: 3\}.*not divisible by 3"):
+    with pytest.raises(ConfigError, match=r"mesh \{replica: 1, data: -1, stage: 1, tensor: 3.*not divisible by 3"):
         resolve_mesh_shape(MeshConfig(tensor=3), 8)
 
 

@@ -402,3 +402,9 @@ def test_deepspeed_numbers_must_be_finite():
         load_config({**BATCH, "optimizer": {"type": "AdamW", "params": {"lr": float("inf")}}})
     with pytest.raises(ConfigError, match="gradient_clipping=nan must be a finite number"):
         load_config({**BATCH, "gradient_clipping": float("nan")})
+
+
+def test_sequence_parallel_size_maps_to_the_sequence_axis():
+    assert load_config({**BATCH, "sequence_parallel_size": 1}).mesh.sequence == 1
+    with pytest.raises(ConfigError, match="sequence_parallel_size=4: sequence parallelism is not implemented"):
+        load_config({**BATCH, "sequence_parallel_size": 4})

@@ -21,7 +21,7 @@ def run(stage, replica, steps=3):
 def test_replicas_train_like_one_data_axis(stage):
     flat_train, flat_state, flat_losses = run(stage, 1)
     train, state, losses = run(stage, 2)
-    assert dict(train.mesh.shape) == {"replica": 2, "data": 4, "tensor": 1}
+    assert dict(train.mesh.shape) == {"replica": 2, "data": 4, "stage": 1, "tensor": 1, "sequence": 1, "expert": 1}
     assert (train.global_batch_size, train.micro_batch_size) == (16, 2)
     assert losses == pytest.approx(flat_losses, rel=1e-5)
     for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(flat_state.params))):

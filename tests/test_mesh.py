@@ -22,16 +22,18 @@ def losses_on(devices, stage):
 def test_same_losses_on_1_2_and_8_devices():
     devices = jax.devices()
     train8, on8 = losses_on(devices, 3)
-    assert train8.mesh.shape == {"replica": 1, "data": 8, "tensor": 1}
+    assert train8.mesh.shape == {"replica": 1, "data": 8, "stage": 1, "tensor": 1, "sequence": 1, "expert": 1}
     for n in (1, 2):
         train_n, on_n = losses_on(devices[:n], 3)
         assert train_n.mesh.shape["data"] == n
         np.testing.assert_allclose(on_n, on8, rtol=1e-5)
 
 
-def test_tensor_axis_is_rejected_until_tensor_parallelism_lands():
-    cfg = zjax.load_config("configs/tiny.yaml", ["mesh.tensor=2"])
-    with pytest.raises(zjax.ConfigError, match="mesh.tensor=2"):
+@pytest.mark.parametrize("axis, what", [("stage", "pipeline"), ("tensor", "tensor"), ("sequence", "sequence"),
+                                        ("expert", "expert")])
+def test_axes_whose_parallelism_is_not_built_are_refused_above_one(axis, what):
+    cfg = zjax.load_config("configs/tiny.yaml", [f"mesh.{axis}=2"])
+    with pytest.raises(zjax.ConfigError, match=f"mesh.{axis}=2: {what} parallelism is not implemented yet"):
         zjax.make_train_step(cfg, gpt_loss, model=make_gpt(cfg.model))
 
 

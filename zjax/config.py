@@ -115,6 +115,10 @@ def _leaf_types(annotation: Any) -> set[type]:
 class MeshConfig(_Section):
     """Device-mesh size per axis; -1 takes every device the other axes leave.
 
+    The axes, outermost first: ``replica``, ``data`` (ZeRO), ``stage`` (pipeline),
+    ``tensor``, ``sequence`` and ``expert``; the last four must be 1 until their
+    parallelism lands (``zjax.mesh.make_mesh`` says which).
+
     ``replica`` is the outermost axis: full replicas (e.g. TPU slices or nodes joined
     over the data-center network) that each run ZeRO over their own ``data`` devices
     and average gradients with one all-reduce of the ZeRO shards.
@@ -122,7 +126,10 @@ class MeshConfig(_Section):
 
     replica: int = 1
     data: int = -1
+    stage: int = 1
     tensor: int = 1
+    sequence: int = 1
+    expert: int = 1
 
     @model_validator(mode="after")
     def _check_sizes(self) -> MeshConfig:
@@ -146,7 +153,7 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> dict[str, int]:
 
     Example:
       >>> resolve_mesh_shape(MeshConfig(tensor=2), 8)
-      {'replica': 1, 'data': 4, 'tensor': 2}
+      {'replica': 1, 'data': 4, 'stage': 1, 'tensor': 2, 'sequence': 1, 'expert': 1}
     """
     sizes = mesh_cfg.model_dump()
     fixed = math.prod(size for size in sizes.values() if size != -1)

@@ -651,6 +651,16 @@ def _map_tensor_parallel(key: str, block: Any, out: _Translation) -> None:
     _ignore_rest(key, block, ("autotp_size", "tp"), out)
 
 
+def _map_sequence_parallel_size(key: str, value: Any, out: _Translation) -> None:
+    """DeepSpeed-Ulysses' ``sequence_parallel_size`` maps onto ``mesh.sequence``."""
+    if _int(key, value) > 1:
+        raise ConfigError(
+            f"{key}={value}: sequence parallelism is not implemented in zjax yet (a later issue; "
+            f"mesh.sequence must be 1); set {key}: 1"
+        )
+    out.set("mesh.sequence", 1, key)
+
+
 def _ignore_top_level(key: str, value: Any, out: _Translation) -> None:
     if key in IGNORED:
         out.ignore(key, value)
@@ -672,6 +682,7 @@ _HANDLERS: dict[str, Callable[[str, Any, _Translation], None]] = {
     "communication_data_type": _map_communication_dtype,
     "steps_per_print": _map_steps_per_print,
     "tensor_parallel": _map_tensor_parallel,
+    "sequence_parallel_size": _map_sequence_parallel_size,
 }
 # Keys that are zjax keys too: mapped in a DeepSpeed layer, but alone they do not make one.
 _SHARED = ("gradient_clipping",)

@@ -1,4 +1,5 @@
-"""The device mesh built from the config: ``replica`` x ``data`` (ZeRO) x ``tensor``.
+"""The device mesh built from the config: ``replica`` x ``data`` (ZeRO) x ``stage`` x
+``tensor`` x ``sequence`` x ``expert``, one named axis per parallelism (size 1 when unused).
 
 ``replica`` is outermost so that, on hardware with a slow outer network, each replica
 is a group of well-connected devices: on multi-slice TPUs the mesh comes from
@@ -15,7 +16,10 @@ from jax.sharding import AxisType, Mesh
 from zjax.config import resolve_mesh_shape
 from zjax.errors import ConfigError
 
-AXES = ("replica", "data", "tensor")
+AXES = ("replica", "data", "stage", "tensor", "sequence", "expert")
+# Axes whose parallelism is not built yet: their size must be 1.
+NOT_BUILT = {"stage": "pipeline parallelism", "tensor": "tensor parallelism",
+             "sequence": "sequence parallelism", "expert": "expert parallelism"}
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
@@ -27,11 +31,12 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    if shape["tensor"] != 1:
-        raise ConfigError(
-            f"mesh.tensor={shape['tensor']}: tensor parallelism is not implemented yet; "
-            "use mesh.tensor: 1 (all devices on the data axis)"
-        )
+    for axis, what in NOT_BUILT.items():
+        if shape[axis] != 1:
+            raise ConfigError(
+                f"mesh.{axis}={shape[axis]}: {what} is not implemented yet; "
+                f"use mesh.{axis}: 1 (all devices on the data axis)"
+            )
     sizes = tuple(shape[a] for a in AXES)
     slices = {getattr(d, "slice_index", 0) for d in devices}
     if len(slices) > 1:
@@ -40,6 +45,7 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
                 f"mesh.replica={shape['replica']} but the devices span {len(slices)} slices; "
                 f"use mesh.replica: {len(slices)} (one replica per slice; ZeRO runs inside each)"
             )
-        grid = mesh_utils.create_hybrid_device_mesh((1, *sizes[1:]), (len(slices), 1, 1), devices)
+        grid = mesh_utils.create_hybrid_device_mesh((1, *sizes[1:]), (len(slices), *[1] * (len(AXES) - 1)),
+                                                    devices)
         return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
     return jax.make_mesh(sizes, AXES, devices=devices, axis_types=(AxisType.Auto,) * len(AXES))
