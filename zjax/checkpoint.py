@@ -55,7 +55,13 @@ class _NoMissingMetadataWarning(logging.Filter):
         return not str(record.msg).startswith("Metadata file does not exist")
 
 
-logging.getLogger("absl").addFilter(_NoMissingMetadataWarning())
+_QUIET_ORBAX = _NoMissingMetadataWarning()
+
+
+def _quiet_orbax() -> None:
+    """Installs the filter on absl's logger (once: adding the same filter twice is a no-op);
+    called where zjax reads checkpoints, not at import."""
+    logging.getLogger("absl").addFilter(_QUIET_ORBAX)
 
 
 class Checkpointer:
@@ -80,6 +86,7 @@ class Checkpointer:
         self.keep = keep
         self.every_steps = every_steps or None
         self.every_seconds = every_seconds
+        _quiet_orbax()
         self._last_save_time = time.monotonic()
         self._pending: int | None = None
         self._manager = ocp.CheckpointManager(
@@ -334,9 +341,7 @@ def _map_param_subtrees(fn, tree, treedef, shapes):
     """Applies ``fn`` to every subtree of ``tree`` with the params' structure and leaf
     ``shapes`` (optimizer moments); a single-array model's moments are such subtrees too."""
     def is_params(node):
-        if jax.tree.structure(node) != treedef:
-            return False
-        return tuple(tuple(getattr(x, "shape", ())) for x in jax.tree.leaves(node)) == shapes
+        return zero.is_param_subtree(node, treedef, shapes)
 
     return jax.tree.map(lambda n: fn(n) if is_params(n) else n, tree, is_leaf=is_params)
 
@@ -526,6 +531,7 @@ def load_params(directory, step: int | None = None) -> Any:
     """
     directory = Path(directory).absolute()
     step = intact_step(directory, step)
+    _quiet_orbax()
     handler = ocp.PyTreeCheckpointer()
     path = directory / str(step) / "state"
     params_meta = handler.metadata(path).item_metadata.tree["params"]

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from zjax.checkpoint import intact_step
+from zjax.checkpoint import _quiet_orbax, intact_step
 from zjax.errors import ConfigError
 
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32", "int64": "I64"}
@@ -37,6 +37,7 @@ def export_safetensors(directory, out_path, step: int | None = None) -> Path:
     directory = _checkpoint_dir(directory).absolute()
     step = intact_step(directory, step)
     state_dir = directory / str(step) / "state"
+    _quiet_orbax()
     handler = ocp.PyTreeCheckpointer()
     params_meta = handler.metadata(state_dir).item_metadata.tree["params"]
     entries = [(_name(path), meta) for path, meta in jax.tree_util.tree_leaves_with_path(params_meta)]

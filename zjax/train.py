@@ -201,7 +201,7 @@ class TrainStep:
         stored = map_layouts(lambda lay: jax.ShapeDtypeStruct(lay.stored_shape, self.dtypes.param), layouts)
         opt_shapes = jax.eval_shape(self.tx.init, stored)
         self._param_specs = map_layouts(lambda lay: lay.spec, layouts)
-        self._opt_specs = zero.state_specs(opt_shapes, layouts, self.data_size, self.stage > 0)
+        self._opt_specs = zero.state_specs(opt_shapes, layouts)
         scale_state = jax.eval_shape(self.scaler.init)
         self.state_specs = TrainState(
             step=P(),
@@ -401,10 +401,9 @@ class TrainStep:
         )
         finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if self.stage > 0 else local_finite
         # Split leaves add their shards' squares over devices; whole leaves count once.
-        squares = map_layouts(lambda lay, g: (lay.sharded, jnp.sum(jnp.square(g))), layouts, grads)
-        pairs = jax.tree.leaves(squares, is_leaf=lambda x: isinstance(x, tuple))
-        split = sum((sq for is_split, sq in pairs if is_split), jnp.float32(0))
-        whole = sum((sq for is_split, sq in pairs if not is_split), jnp.float32(0))
+        pairs = list(zip(jax.tree.leaves(layouts, is_leaf=zero.is_layout), jax.tree.leaves(grads)))
+        split = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if lay.sharded), jnp.float32(0))
+        whole = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if not lay.sharded), jnp.float32(0))
         grad_norm = jnp.sqrt(lax.psum(split, DATA) + whole)
         clip = self.config.gradient_clipping
         if clip > 0:

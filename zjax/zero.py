@@ -145,40 +145,45 @@ def split_dim(shape: tuple[int, ...], names: tuple[str, ...], shards: int) -> in
     return max(candidates, key=lambda i: (shape[i], -i))
 
 
-def state_specs(state_shapes: Any, layouts: Any, shards: int, partitioned: bool) -> Any:
+def state_specs(state_shapes: Any, layouts: Any) -> Any:
     """Shardings of optimizer state (shapes from ``jax.eval_shape(tx.init, params)``).
 
     A subtree with the params' structure and stored shapes (Adam's moments) is split like
     the params, so an element-wise update needs no communication; any other leaf is split
     like the one parameter of its shape, or, where no or several parameters have it
-    (Adafactor's factored moments), along its largest dimension that divides by
-    ``shards``, or kept whole.
+    (Adafactor's factored moments), along its largest dimension that divides by the shard
+    count, or kept whole.
     """
     leaves, treedef = jax.tree.flatten(layouts, is_leaf=is_layout)
+    if not any(lay.partitioned for lay in leaves):
+        return jax.tree.map(lambda _: P(), state_shapes)
+    shards = leaves[0].shards
     stored = tuple(lay.stored_shape for lay in leaves)
     param_specs = jax.tree.unflatten(treedef, [lay.spec for lay in leaves])
     by_shape: dict = {}
     for lay in leaves:
         by_shape.setdefault(lay.stored_shape, set()).add(lay.spec)
 
-    def is_params(node) -> bool:
-        return (jax.tree.structure(node) == treedef
-                and tuple(tuple(x.shape) for x in jax.tree.leaves(node)) == stored)
-
     def leaf_spec(x) -> P:
         shape = tuple(x.shape)
-        if not partitioned or not shape:
-            return P()
         if len(by_shape.get(shape, ())) == 1:
             return next(iter(by_shape[shape]))
-        divisible = [i for i, n in enumerate(shape) if n % shards == 0]
-        if not divisible:
+        dim = split_dim(shape, (), shards)
+        if dim is None or shape[dim] % shards:
             return P()
-        return P(*([None] * max(divisible, key=lambda i: (shape[i], -i))), DATA)
+        return P(*([None] * dim), DATA)
 
-    if not partitioned:
-        return jax.tree.map(lambda _: P(), state_shapes)
+    def is_params(node) -> bool:
+        return is_param_subtree(node, treedef, stored)
+
     return jax.tree.map(lambda n: param_specs if is_params(n) else leaf_spec(n), state_shapes, is_leaf=is_params)
+
+
+def is_param_subtree(node: Any, treedef: Any, shapes: tuple) -> bool:
+    """True when ``node`` has the params' tree structure and these leaf ``shapes`` (an
+    optimizer's moments; a single-array model's moments too)."""
+    return (jax.tree.structure(node) == treedef
+            and tuple(tuple(getattr(x, "shape", ())) for x in jax.tree.leaves(node)) == shapes)
 
 
 def is_layout(x: Any) -> bool:
