@@ -11,8 +11,9 @@ tests/third_party_models.py that calls its blocks in a Python loop, not through
   mesh (replicated params, sharded batch, XLA's SPMD partitioner inserting the
   gradient all-reduce): what a user writes without zjax.
 For the NNX loop model it also prints the compiled argument+temp bytes per device, the
-same tables with ``optax.lamb`` (its per-leaf trust ratio is not element-wise) and the
-collectives LAMB's update adds to Adam's step; the step-time goal is zjax stage 0
+same tables with ``optax.lamb`` (its per-leaf trust ratio is not element-wise), the
+collectives LAMB's update adds to Adam's step, and stages 2-3 of the same model with each
+block called through ``zjax.layer`` (ZeRO-3's per-block gathers); the step-time goal is zjax stage 0
 within 5% of the hand-written step. ``--model all`` (the default) runs both, GPT first.
 
 Usage:
@@ -30,6 +31,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
 import collections
+import functools
 import shlex
 import statistics
 import sys
@@ -160,8 +162,8 @@ def nnx_loop(args: argparse.Namespace) -> None:
     d, f, vocab = args.d_model, 4 * args.d_model, third_party_models.VOCAB
     batch = third_party_models.lm_batches(1, batch=args.batch, seq=args.seq + 1)[0]
 
-    def make_model(cfg):
-        return third_party_models.init_nnx_loop(cfg.seed, d=d, f=f, n_layers=args.layers)
+    def make_model(cfg, seam=False):
+        return third_party_models.init_nnx_loop(cfg.seed, d=d, f=f, n_layers=args.layers, seam=seam)
 
     psi = sum(x.size for x in jax.tree.leaves(nnx.state(make_model(make_config(args, 0, "fp32")), nnx.Param)))
     print(
@@ -172,9 +174,10 @@ def nnx_loop(args: argparse.Namespace) -> None:
     print(f"Ψ = {psi:,} parameters; N = {n} data devices; optimizer= optax.adamw or optax.lamb (the config's "
           "lr, betas, eps and weight decay)")
 
-    def zero_run(stage: int, precision: str, optimizer: str = "adamw") -> ZeroRun:
+    def zero_run(stage: int, precision: str, optimizer: str = "adamw", seam: bool = False) -> ZeroRun:
         cfg = make_config(args, stage, precision)
-        return ZeroRun(cfg, batch, make_model, third_party_models.nnx_loop_loss, OPTIMIZERS[optimizer](cfg))
+        return ZeroRun(cfg, batch, functools.partial(make_model, seam=seam), third_party_models.nnx_loop_loss,
+                       OPTIMIZERS[optimizer](cfg))
 
     def baseline_run(precision: str, mesh) -> BaselineRun:
         return BaselineRun(make_config(args, 0, precision), mesh, batch, args.accum, make_model,
@@ -197,6 +200,15 @@ def nnx_loop(args: argparse.Namespace) -> None:
         variants[f"zjax stage {s} lamb"] = (lamb_hlos[s], s)
     print_collectives(args, variants, hlos["baseline"], psi, n, count_ops=True)
     print_lamb_extra(hlos, lamb_hlos, lamb, n, psi)
+
+    # The same model with one line changed: each block called as zjax.layer(block)(x).
+    seam = {stage: zero_run(stage, args.precision, seam=True) for stage in (2, 3)}
+    print()
+    print("The same model, each block called through zjax.layer (ZeRO-3 gathers per block, forward and backward):")
+    print_compiled_memory([(f"zjax stage {s} adamw", s, run) for s, run in seam.items()], baseline, psi, n)
+    if args.precision == "fp32":
+        print_collectives(args, {f"zjax stage {s} adamw + zjax.layer": (run.hlo(), s) for s, run in seam.items()},
+                          hlos["baseline"], psi, n)
 
     ratios = print_timing(args, {"optax baseline": baseline,
                                  **{f"zjax stage {s} adamw": run for s, run in runs.items()}})

@@ -84,9 +84,13 @@ class NNXBlock(nnx.Module):
 
 
 class NNXLoopLM(nnx.Module):
-    """Embedding (vocabulary 257), ``n_layers`` blocks called in a Python loop, LayerNorm, head."""
+    """Embedding (vocabulary 257), ``n_layers`` blocks called in a Python loop, LayerNorm, head.
 
-    def __init__(self, vocab=VOCAB, d=D_MODEL, f=D_FF, n_layers=N_LAYERS, *, rngs: nnx.Rngs):
+    With ``seam=True`` each block is called through ``zjax.layer`` (the one line a user adds
+    for per-layer ZeRO-3 gathers and remat)."""
+
+    def __init__(self, vocab=VOCAB, d=D_MODEL, f=D_FF, n_layers=N_LAYERS, seam=False, *, rngs: nnx.Rngs):
+        self.seam = seam
         self.embed = nnx.Embed(
             vocab, d, embedding_init=_nnx_init(nnx.initializers.normal(1.0), ("vocab", "embed")), rngs=rngs
         )
@@ -105,14 +109,20 @@ class NNXLoopLM(nnx.Module):
         )
 
     def __call__(self, tokens):
+        import zjax
+
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x)
+            x = zjax.layer(layer)(x) if self.seam else layer(x)
         return self.head(self.final_norm(x))
 
 
 def init_nnx_loop(seed=0, **kwargs):
     return NNXLoopLM(rngs=nnx.Rngs(seed), **kwargs)
+
+
+def init_nnx_layer(seed=0, **kwargs):
+    return NNXLoopLM(rngs=nnx.Rngs(seed), seam=True, **kwargs)
 
 
 def nnx_loop_loss(model, batch):
@@ -249,6 +259,37 @@ def linen_logical_axes(boxed):
     )
 
 
+# -- a plain pytree whose blocks a Python loop calls through zjax.layer ----------------------------
+
+
+def init_dict_layer(seed=0, vocab=VOCAB, d=D_MODEL, f=D_FF, n_layers=N_LAYERS):
+    """Embedding, a list of ``n_layers`` residual MLP blocks (dicts), head: no logical axes."""
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * n_layers + 2))
+    return {
+        "embed": jax.random.normal(next(keys), (vocab, d)),
+        "blocks": [
+            {"w1": jax.random.normal(next(keys), (d, f)) / np.sqrt(d), "b1": jnp.zeros((f,)),
+             "w2": jax.random.normal(next(keys), (f, d)) / np.sqrt(f), "b2": jnp.zeros((d,))}
+            for _ in range(n_layers)
+        ],
+        "head": jax.random.normal(next(keys), (d, vocab)) / np.sqrt(d),
+    }
+
+
+def dict_block(p, x):
+    return x + jax.nn.gelu(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def dict_layer_loss(params, batch):
+    import zjax
+
+    tokens = batch["tokens"]
+    x = params["embed"][tokens[:, :-1]]
+    for p in params["blocks"]:
+        x = zjax.layer(dict_block)(p, x)
+    return _next_token_loss(x @ params["head"], tokens)
+
+
 # -- plain pytrees ------------------------------------------------------------------------------
 
 MLP_IN, MLP_HIDDEN, MLP_OUT = 13, 48, 5
@@ -337,6 +378,8 @@ def optax_loop(params, loss, tx, batches):
 
 MODELS = {
     "nnx_loop": (init_nnx_loop, nnx_loop_loss, lm_batches),
+    "nnx_layer": (init_nnx_layer, nnx_loop_loss, lm_batches),
+    "dict_layer": (init_dict_layer, dict_layer_loss, lm_batches),
     "linen_scan": (init_linen_scan, linen_scan_loss, lm_batches),
     "nnx_scan": (init_nnx_scan, nnx_scan_loss, lm_batches),
     "plain_mlp": (init_mlp, mlp_loss, classification_batches),

@@ -25,6 +25,7 @@ _EXPORTS = {
     "load_config": "zjax.config",
     "load_params": "zjax.checkpoint",
     "make_train_step": "zjax.train",
+    "layer": "zjax.layers",
     "scan_layers": "zjax.layers",
 }
 

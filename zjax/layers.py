@@ -1,9 +1,16 @@
-"""Scanning a stack of identical layers: the one place where remat and ZeRO-3 hook in.
+"""The layer seam: the one place where remat and ZeRO-3's just-in-time gathers hook in.
 
-Model code calls ``scan_layers(fn, carry, stacked_params)``. The train step sets,
-while it traces, how the backward pass treats each layer (the remat policy, see
-``zjax.remat``) and whether layer parameters arrive still sharded (ZeRO-3, gathered
-here one layer at a time). Outside a train step ``scan_layers`` is a plain ``lax.scan``.
+Model code marks its layers in one of two ways:
+
+- ``scan_layers(fn, carry, stacked_params)`` for a stack of identical layers whose
+  parameters carry a leading ``layers`` axis;
+- ``layer(block)(*args)`` around each block that a Python loop calls (an NNX module,
+  an Equinox module or any function of arrays).
+
+The train step sets, while it traces, how the backward pass treats each layer (the
+remat policy, see ``zjax.remat``) and whether layer parameters arrive still sharded
+(ZeRO-3, gathered here one layer at a time). Outside a train step ``scan_layers`` is a
+plain ``lax.scan`` and ``layer(block)`` is ``block``.
 """
 from __future__ import annotations
 
@@ -13,6 +20,9 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from zjax import zero
@@ -29,6 +39,9 @@ class _LayerContext:
     residuals: list | None = None
     # When a list, scan_layers appends its number of layers each time it is traced.
     calls: list | None = None
+    # ZeRO-3: id(gathered array) -> (gathered, shard, how to gather it again) for every
+    # parameter the step gathered whole; `layer` re-gathers these inside the block.
+    gathered: dict | None = None
 
 
 _CONTEXT = contextvars.ContextVar("zjax_layer_context", default=_LayerContext())
@@ -36,7 +49,7 @@ _CONTEXT = contextvars.ContextVar("zjax_layer_context", default=_LayerContext())
 
 @contextlib.contextmanager
 def layer_context(policy: Any = "none", sharded_params: bool = False, residuals: list | None = None,
-                  calls: list | None = None):
+                  calls: list | None = None, gathered: dict | None = None):
     """Sets the remat policy and ZeRO-3 mode seen by ``scan_layers`` while tracing.
 
     Args:
@@ -49,8 +62,9 @@ def layer_context(policy: Any = "none", sharded_params: bool = False, residuals:
       calls: a list that each ``scan_layers`` call appends its number of layers to (the
         train step reads it to tell a user whose model has no layer seam that the remat
         policy did nothing).
+      gathered: a dict that ``gather_param`` fills (ZeRO-3), read by ``layer``.
     """
-    token = _CONTEXT.set(_LayerContext(remat_policy(policy), sharded_params, residuals, calls))
+    token = _CONTEXT.set(_LayerContext(remat_policy(policy), sharded_params, residuals, calls, gathered))
     try:
         yield
     finally:
@@ -114,3 +128,152 @@ def scan_layers(fn: Callable[[Any, Any], Any], carry: Any, stacked_params: Any) 
 
     out, _ = jax.lax.scan(body, carry, stacked_params)
     return out
+
+
+# --- the seam for a Python loop over blocks ----------------------------------------------
+
+
+def gather_param(shard: jax.Array, lay: zero.LeafLayout, compute_dtype, reduce_dtype) -> jax.Array:
+    """ZeRO-3's whole-parameter gather for the loss, remembered so that ``layer`` can
+    gather the same parameter again inside its block instead (see ``layer``)."""
+    out = zero.gather_for_compute(shard, lay, compute_dtype, reduce_dtype)
+    found = _CONTEXT.get().gathered
+    if found is not None:
+        found[id(out)] = (out, shard, (lay, compute_dtype, reduce_dtype))
+    return out
+
+
+def note_params(params: Any) -> None:
+    """Remembers ``params``' arrays as parameters, so ``layer`` does not count them as its input."""
+    found = _CONTEXT.get().gathered
+    if found is not None:
+        found.update({id(x): (x, x, None) for x in jax.tree.leaves(params)})
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def layer(block: Callable) -> Callable:
+    """Marks one block of a model that loops over its blocks in Python.
+
+    ``x = zjax.layer(block)(x, *more)`` calls ``block(x, *more)``; inside a zjax train
+    step the block becomes one unit of rematerialization (the config's remat policy;
+    its array arguments are tagged ``layer_input``) and, under ZeRO-3, its parameters
+    are all-gathered when the block runs and again when its backward pass runs, so that
+    only one block's gathered parameters exist at a time, as with DeepSpeed's
+    per-module gathering. Outside a train step it calls ``block`` unchanged.
+
+    Args:
+      block: an NNX module (its state, ``nnx.Param`` and the rest, such as dropout
+        RNG counters, goes in and, updated, comes back out), an Equinox-style module
+        (a callable pytree) or a function. Its parameters may come in as the module's
+        fields or as arguments; parameters a function reads from its closure are
+        gathered with the loss, not per block.
+
+    Returns:
+      A function with ``block``'s signature and outputs.
+
+    Example:
+      >>> import jax.numpy as jnp, zjax
+      >>> zjax.layer(lambda w, x: x @ w)(jnp.eye(2), jnp.ones(2)).tolist()
+      [1.0, 1.0]
+    """
+    if not callable(block):
+        raise TypeError(f"zjax.layer(block) needs a callable block (an NNX module or a function), got {block!r}")
+
+    def call(*args, **kwargs):
+        ctx = _CONTEXT.get()
+        if ctx.calls is not None:
+            ctx.calls.append(1)
+        module = isinstance(block, nnx.Module)
+        if module:
+            graphdef, own = nnx.split(block)
+        else:
+            own = block
+        leaves, treedef = jax.tree.flatten((own, args, kwargs))
+        n_own = len(jax.tree.leaves(own))
+        known = ctx.gathered or {}
+        dynamic, inputs, how = [], [], []
+        for i, x in enumerate(leaves):
+            if _is_array(x):
+                entry = known.get(id(x))
+                dynamic.append(i)
+                # ZeRO-3: a parameter gathered for the loss enters as its shard and is gathered here.
+                inputs.append(entry[1] if entry is not None and entry[2] is not None else x)
+                how.append(entry[2] if entry is not None else ("input" if i >= n_own else None))
+
+        def run(*inputs):
+            full = list(leaves)
+            for i, x, h in zip(dynamic, inputs, how):
+                full[i] = checkpoint_name(x, LAYER_INPUT) if h == "input" else (
+                    x if h is None else zero.gather_for_compute(x, *h))
+            fn, a, kw = jax.tree.unflatten(treedef, full)
+            if not module:
+                return fn(*a, **kw), None
+            inner = nnx.merge(graphdef, fn)
+            return inner(*a, **kw), nnx.state(inner, nnx.Not(nnx.Param))
+
+        shards = [k for k, h in enumerate(how) if isinstance(h, tuple)]
+        inputs_at = {k for k, h in enumerate(how) if h == "input"}
+        policy = checkpoint_policy(ctx.policy, ctx.sharded_params and bool(shards))
+        if policy is not None:
+            run = jax.checkpoint(run, policy=policy)
+        if ctx.residuals is not None:
+            # a saved argument is the layer input when it is one of the block's array arguments
+            ctx.residuals.append((1, [
+                (aval, f"named '{LAYER_INPUT}'" if _argument_index(source) in inputs_at else source)
+                for aval, source in _saved_residuals(run, *inputs)
+            ]))
+        out, rest = (run if policy is None else _recompute_in_backward(run))(*inputs)
+        if module:
+            nnx.update(block, rest)
+        return out
+
+    return call
+
+
+def _argument_index(source: str) -> int | None:
+    """k for a residual described as ``from the argument inputs[k]``, else None."""
+    if source.startswith("from the argument inputs["):
+        return int(source.split("[")[1].split("]")[0])
+    return None
+
+
+def _recompute_in_backward(run: Callable) -> Callable:
+    """``run`` (checkpointed) whose backward pass recomputes only once the block's output
+    cotangent exists.
+
+    What ``jax.checkpoint`` recomputes (a ZeRO-3 gather, activations a remat policy does
+    not keep) is meant to be computed again in the block's backward pass, but nothing
+    ties it there: XLA may move it anywhere, and XLA:CPU merges it with the identical
+    forward computation (it drops the barrier ``jax.checkpoint`` puts between them), so
+    the forward values stay alive until the backward pass and nothing is saved. Here each
+    input of the block that the backward pass reads (a parameter shard, the layer input)
+    is made to depend on one element of the cotangent (times zero), so the recomputation
+    happens in the block's own backward pass, on every backend.
+    """
+    where: list[int] = []
+
+    @jax.custom_vjp
+    def seam(*inputs):
+        return run(*inputs)
+
+    def fwd(*inputs):
+        out, backward = jax.vjp(run, *inputs)
+        held = {id(x) for x in inputs}
+        where[:] = [i for i, x in enumerate(jax.tree.leaves(backward)) if id(x) in held]
+        return out, backward
+
+    def bwd(backward, ct):
+        leaves, treedef = jax.tree.flatten(backward)
+        floats = [x for x in jax.tree.leaves(ct) if jnp.issubdtype(x.dtype, jnp.floating) and x.size]
+        if floats:
+            zero_from_ct = floats[0].reshape(-1)[0] * 0
+            for i in where:
+                if jnp.issubdtype(leaves[i].dtype, jnp.floating):
+                    leaves[i] = leaves[i] + zero_from_ct.astype(leaves[i].dtype)
+        return jax.tree.unflatten(treedef, leaves)(ct)
+
+    seam.defvjp(fwd, bwd)
+    return seam

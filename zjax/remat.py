@@ -225,8 +225,12 @@ def layer_residuals(train: Any, batch: Any, policy: RematPolicy, dtype: Any) -> 
     micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct((train.micro_batch_size,) + x.shape[1:], x.dtype), batch)
     key = jax.eval_shape(lambda: jax.random.key(0))
     found: list = []
-    with layers.layer_context(visible, residuals=found):
-        jax.eval_shape(lambda p, b, k: train.adapter.loss_fn(p, b, k), params, micro, key)
+    with layers.layer_context(visible, residuals=found, gathered={}):
+        def loss(p, b, k):
+            layers.note_params(p)
+            return train.adapter.loss_fn(p, b, k)
+
+        jax.eval_shape(loss, params, micro, key)
     return [
         (n_layers, [(name, math.prod(aval.shape) * np.dtype(aval.dtype).itemsize)
                     for aval, source in residuals if (name := residual_name(source)) is not None])

@@ -41,7 +41,7 @@ import pallas_kernels
 from zjax import adapters, loss_scale, zero
 from zjax.config import Config, load_config
 from zjax.errors import ConfigError, LossScaleError
-from zjax.layers import layer_context
+from zjax.layers import gather_param, layer_context
 from zjax.mesh import make_mesh
 from zjax.optim import default_decay_mask, make_optimizer, make_schedule
 from zjax.zero import BATCH_AXES, DATA, REPLICA, map_layouts
@@ -385,13 +385,14 @@ class TrainStep:
         unscaled and clipped gradients, the loss, whether every gradient is finite, and the
         gradient's global norm before clipping."""
         calls: list = []
-        with layer_context(self.config.remat, sharded_params=self.stage >= 2, calls=calls):
+        with layer_context(self.config.remat, sharded_params=self.stage >= 2, calls=calls, gathered={}):
             grads, loss, weight = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
-                "remat.policy=%r had no effect: the model calls zjax.scan_layers nowhere, the seam where zjax "
-                "applies a remat policy (and gathers ZeRO-3 layers one at a time); pass the layer stack "
-                "through zjax.scan_layers(layer_fn, carry, stacked_params), or set remat.policy: none",
+                "remat.policy=%r had no effect: the model calls neither zjax.layer nor zjax.scan_layers, the seams "
+                "where zjax applies a remat policy (and gathers ZeRO-3 layers one at a time); call each block "
+                "of a Python loop as zjax.layer(block)(x), or pass a stacked layer tree through "
+                "zjax.scan_layers(layer_fn, carry, stacked_params), or set remat.policy: none",
                 self.config.remat.policy)
         layouts = self.layouts
         # one pass: divide by loss scale x total weight and check every element is finite
@@ -426,7 +427,7 @@ class TrainStep:
                 return map_layouts(
                     lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
                     if lay.stacked and placeholders
-                    else zero.gather_for_compute(s, lay, dt.compute, dt.reduce),
+                    else gather_param(s, lay, dt.compute, dt.reduce),
                     layouts,
                     d,
                 )
@@ -490,7 +491,7 @@ class TrainStep:
         if self._eval is None:
             def local(state, batch):
                 key = jax.random.fold_in(state.rng, 2**31 - 1)
-                with layer_context("none", sharded_params=self.stage >= 2):
+                with layer_context("none", sharded_params=self.stage >= 2, gathered={}):
                     diff, to_params = self._params_for_loss(state, batch, key)
                     lw, w = self._weighted_loss(to_params(diff), batch, key)
                 return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
