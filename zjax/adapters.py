@@ -108,6 +108,19 @@ class Adapter:
     def logical_axes(self, abstract_params: Any) -> Any:
         return self.given_axes if self.given_axes is not None else self.found_axes
 
+    def trainable_mask(self, trainable: Any, params: Any) -> tuple[bool, ...]:
+        """One bool per params leaf (in ``jax.tree.leaves`` order) from ``make_train_step``'s
+        ``trainable=``: None (all), a predicate ``fn(path, leaf)``, or a pytree of bools."""
+        with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+        if trainable is None:
+            mask = (True,) * len(with_paths)
+        elif callable(trainable):
+            mask = tuple(bool(trainable(_keys(path), leaf)) for path, leaf in with_paths)
+        else:
+            mask = _mask_from_tree(trainable, params)
+        return _some(mask)
+
+
 
 class NNXAdapter(Adapter):
     """A Flax NNX module: ``loss_fn(module, batch)``; its ``nnx.Param`` state is trained."""
@@ -115,11 +128,22 @@ class NNXAdapter(Adapter):
     def __init__(self, loss_fn, logical_axes, model: nnx.Module):
         super().__init__(loss_fn, logical_axes)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.model_params_state = params
         self.model_params = nnx.to_pure_dict(params)
         self.found_axes = _nnx_axes(params)
 
     def to_user(self, params):
         return nnx.merge(self.graphdef, params, self.rest)
+
+    def trainable_mask(self, trainable: Any, params: Any) -> tuple[bool, ...]:
+        """``trainable=`` may be any NNX filter (a Variable type such as ``nnx.LoRAParam``,
+        ``nnx.PathContains(...)``, a predicate ``fn(path, variable)``) or a pytree of bools."""
+        if not _is_nnx_filter(trainable):
+            return super().trainable_mask(trainable, params)
+        module = nnx.merge(self.graphdef, self.model_params_state, self.rest)
+        chosen = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(module, trainable)))[0]
+        wanted = {_keys(path) for path, _ in chosen}
+        return _some(tuple(_keys(path) in wanted for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]))
 
     def params_source(self, given: Any) -> tuple[Callable, Any]:
         given = _read_if_file(given)
@@ -130,6 +154,36 @@ class NNXAdapter(Adapter):
         elif callable(given):
             return (lambda rng, _: nnx.to_pure_dict(nnx.state(given(rng), nnx.Param))), None
         return (lambda rng, tree: tree), given
+
+
+def _keys(path) -> tuple:
+    """A jax key path as plain names: dict keys, attribute names and sequence indices."""
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def _mask_from_tree(trainable: Any, params: Any) -> tuple[bool, ...]:
+    """A pytree of bools, the params' tree or a prefix of it, as one bool per leaf."""
+    try:
+        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: bool(m), sub), trainable, params)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(
+            f"trainable= is a pytree that does not match the params' tree ({err}); pass bools in the params' "
+            "structure (or a prefix of it), a predicate fn(path, leaf) -> bool, or an NNX filter"
+        ) from None
+    return tuple(jax.tree.leaves(full))
+
+
+def _some(mask: tuple[bool, ...]) -> tuple[bool, ...]:
+    if not any(mask):
+        raise ConfigError(f"trainable= selects none of the {len(mask)} parameters; select at least one to train")
+    return mask
+
+
+def _is_nnx_filter(x: Any) -> bool:
+    """A Variable type, a path substring, a predicate or NNX filter object, or a tuple of them."""
+    if isinstance(x, (tuple, list)):
+        return bool(x) and all(_is_nnx_filter(f) for f in x)
+    return not isinstance(x, bool) and (callable(x) or isinstance(x, (str, type)))
 
 
 def _nnx_axes(params: nnx.State) -> Any:

@@ -116,7 +116,7 @@ class Checkpointer:
         portable = to_portable(state)
         meta = {
             "devices": int(state.step.sharding.mesh.size),
-            "stacked": [lay.stacked for lay in jax.tree.leaves(state.layouts, is_leaf=zero.is_layout)],
+            "stacked": [lay.stacked for lay in jax.tree.leaves(state.all_layouts, is_leaf=zero.is_layout)],
             "config": config.model_dump(mode="json") if config is not None else None,
             "extra": extra or {},
         }
@@ -288,6 +288,10 @@ def _portable(state, layouts, treedef) -> dict:
         params = unpad(state.master)
     else:
         params = state.replicated
+    if state.frozen is not None:
+        frozen = map_layouts(lambda lay, x: zero.from_stored(x, lay), zero.split_layouts(state.layout_def, False),
+                             state.frozen)
+        params = zero.merge_frozen(params, frozen)
     stored = tuple(lay.stored_shape for lay in treedef.flatten_up_to(layouts))
     return {
         "step": state.step,
@@ -323,12 +327,19 @@ def restore_program(train):
 
     shapes = tuple(lay.shape for lay in treedef.flatten_up_to(layouts))
 
+    frozen_layouts = train.frozen_layouts
+
     def build(p):
+        params = zero.select(layouts, p["params"])
+        frozen = None if frozen_layouts is None else map_layouts(
+            lambda lay, x: zero.to_stored(x.astype(train.dtypes.compute), lay),
+            frozen_layouts, zero.select(frozen_layouts, p["params"]))
         return train.abstract_state.replace(
             step=p["step"],
-            replicated=jax.tree.map(lambda x: x.astype(train.replicated_dtype), p["params"])
+            replicated=jax.tree.map(lambda x: x.astype(train.replicated_dtype), params)
             if train.keeps_replicated else None,
-            master=pad(p["params"]) if train.keeps_master else None,
+            master=pad(params) if train.keeps_master else None,
+            frozen=frozen,
             opt_state=_map_param_subtrees(pad, p["opt_state"], treedef, shapes),
             loss_scale=p["loss_scale"],
             rng=jax.random.wrap_key_data(p["rng"]),
@@ -359,7 +370,8 @@ def _portable_shardings(state_sharding, keeps_master: bool, shapes) -> dict:
         return NamedSharding(mesh, spec)
 
     mesh = state_sharding.step.mesh
-    params = state_sharding.master if keeps_master else state_sharding.replicated
+    params = zero.merge_frozen(state_sharding.master if keeps_master else state_sharding.replicated,
+                               state_sharding.frozen)
     return {
         "step": portable(state_sharding.step, shapes["step"]),
         "params": jax.tree.map(portable, params, shapes["params"]),

@@ -221,7 +221,7 @@ def layer_residuals(train: Any, batch: Any, policy: RematPolicy, dtype: Any) -> 
 
     # Offloaded residuals lose their tag in the jaxpr; trace them as saved to name them.
     visible = dataclasses.replace(policy, save=policy.save + policy.offload, offload=())
-    params = jax.tree.map(lambda lay: jax.ShapeDtypeStruct(lay.shape, dtype), train.layouts, is_leaf=zero.is_layout)
+    params = jax.tree.map(lambda lay: jax.ShapeDtypeStruct(lay.shape, dtype), train.all_layouts, is_leaf=zero.is_layout)
     micro = jax.tree.map(lambda x: jax.ShapeDtypeStruct((train.micro_batch_size,) + x.shape[1:], x.dtype), batch)
     key = jax.eval_shape(lambda: jax.random.key(0))
     found: list = []

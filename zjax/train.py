@@ -21,6 +21,12 @@ stage     ``replicated`` (user shapes)        ``master`` (stored, sharded)
 ========  =================================  ============================
 
 Optimizer moments are shaped like the stored params and split like them for stages 1-3.
+
+Frozen parameters (``trainable=``) live only in ``frozen``, in the compute dtype:
+replicated at stages 0-2, split like a ZeRO-3 master at stage 3. They have no master
+copy, no optimizer state and no gradient; ``replicated``, ``master`` and ``opt_state``
+hold ``None`` where a frozen leaf is (and ``frozen`` holds ``None`` where a trainable
+one is), so every tree keeps the user's structure.
 """
 from __future__ import annotations
 
@@ -61,6 +67,8 @@ class TrainState(struct.PyTreeNode):
       opt_state: the optax state, over the stored params.
       loss_scale: the loss scaler's state (scale, counters, skipped steps).
       rng: the base PRNG key; each micro-step folds in step, micro-batch and device.
+      frozen: the parameters ``trainable=`` leaves out, in the compute dtype (None holes
+        where trainable leaves are), or None when everything trains.
     """
 
     step: jax.Array
@@ -69,25 +77,39 @@ class TrainState(struct.PyTreeNode):
     opt_state: Any
     loss_scale: loss_scale.LossScaleState
     rng: jax.Array
+    frozen: Any = None
     layout_def: Any = struct.field(pytree_node=False, default=None)
 
     @property
     def layouts(self):
-        treedef, leaves = self.layout_def
+        """Layouts of the trainable parameters (None where a leaf is frozen)."""
+        return zero.split_layouts(self.layout_def, True)
+
+    @property
+    def all_layouts(self):
+        """Layouts of every parameter, trainable or frozen."""
+        treedef, leaves, _ = self.layout_def
         return jax.tree.unflatten(treedef, leaves)
 
     @property
     def params(self) -> Any:
-        """The master params in the user's tree and shapes (fp32)."""
-        if self.master is None:
-            return self.replicated
-        return _unflatten_master(self.layout_def, self.master)
+        """The params in the user's tree and shapes: trainable ones from the master (fp32),
+        frozen ones in the compute dtype."""
+        trainable = self.replicated if self.master is None else _unflatten_master(self.layout_def, self.master)
+        if self.frozen is None:
+            return trainable
+        return zero.merge_frozen(trainable, _unflatten_frozen(self.layout_def, self.frozen))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _unflatten_master(layout_def, master):
-    treedef, leaves = layout_def
-    return map_layouts(lambda lay, x: zero.from_stored(x, lay), jax.tree.unflatten(treedef, leaves), master)
+    return map_layouts(lambda lay, x: zero.from_stored(x, lay), zero.split_layouts(layout_def, True), master)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unflatten_frozen(layout_def, frozen):
+    """Frozen leaves in user shapes (a ZeRO-3 frozen leaf is stored, maybe padded, like a master)."""
+    return map_layouts(lambda lay, x: zero.from_stored(x, lay), zero.split_layouts(layout_def, False), frozen)
 
 
 class _Dtypes(NamedTuple):
@@ -105,6 +127,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation | None = None,
     logical_axes: Any = None,
     devices: Any = None,
+    trainable: Any = None,
 ) -> "TrainStep":
     """Builds the training step for ``loss_fn`` from a zjax or DeepSpeed config.
 
@@ -121,6 +144,12 @@ def make_train_step(
         leaves whose first name is ``layers`` are scanned stacks (gathered one layer
         at a time under ZeRO-3). Read from NNX/Linen metadata when not given.
       devices: optional device list for the mesh (default: all devices).
+      trainable: which parameters train (default: all): an NNX filter (with ``model``,
+        e.g. ``nnx.LoRAParam`` or ``nnx.PathContains("lora")``), a pytree of bools
+        shaped like the params (or a prefix of them), or a predicate
+        ``fn(path, leaf) -> bool`` with ``path`` a tuple of keys. Frozen parameters get
+        no master copy, optimizer state or gradient, are kept in the compute dtype
+        (split over ``data`` at ZeRO-3) and stay bit for bit as given.
 
     Returns:
       A ``TrainStep``: ``train.init(params_or_fn, rng)`` then ``state, metrics = train(state, batch)``.
@@ -128,13 +157,15 @@ def make_train_step(
     Example:
       >>> train = make_train_step("configs/tiny.yaml", loss_fn)  # doctest: +SKIP
     """
-    return TrainStep(config, loss_fn, model=model, optimizer=optimizer, logical_axes=logical_axes, devices=devices)
+    return TrainStep(config, loss_fn, model=model, optimizer=optimizer, logical_axes=logical_axes, devices=devices,
+                     trainable=trainable)
 
 
 class TrainStep:
     """A jitted, donated ZeRO training step and the placement it implies."""
 
-    def __init__(self, config, loss_fn, *, model=None, optimizer=None, logical_axes=None, devices=None):
+    def __init__(self, config, loss_fn, *, model=None, optimizer=None, logical_axes=None, devices=None,
+                 trainable=None):
         self.config: Config = config if isinstance(config, Config) else load_config(config)
         cfg = self.config
         self.mesh = make_mesh(cfg.mesh, devices)
@@ -152,11 +183,13 @@ class TrainStep:
             jnp.dtype(p.accum_dtype),
         )
         self.adapter = adapters.adapt(loss_fn, model, logical_axes)
+        self.trainable = trainable
         self._user_optimizer = optimizer
         self.scaler = loss_scale.loss_scaler_from_config(cfg)
         self.schedule = None if optimizer is not None else make_schedule(cfg)
         self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
         self.layouts = None
+        self.frozen_layouts = None
         self.abstract_state = None
         self._eval = None
         # Whether the model's 'layers' stacks reach the loss gathered whole (it does not pass them
@@ -185,14 +218,22 @@ class TrainStep:
     def _setup(self, abstract_params: Any) -> None:
         """Fixes layouts, optimizer and shardings from the params' shapes."""
         axes = self.adapter.logical_axes(abstract_params)
-        layouts = zero.make_layouts(abstract_params, axes, self.shards, partitioned=self.stage > 0)
+        trained = zero.make_layouts(abstract_params, axes, self.shards, partitioned=self.stage > 0)
+        # frozen leaves: replicated below ZeRO-3, split like a master at ZeRO-3
+        frozen = zero.make_layouts(abstract_params, axes, self.shards if self.stage == 3 else 1,
+                                   partitioned=self.stage == 3)
+        mask = self.adapter.trainable_mask(self.trainable, abstract_params)
+        leaves, treedef = jax.tree.flatten(trained, is_leaf=zero.is_layout)
+        frozen_leaves = treedef.flatten_up_to(frozen)
+        layout_def = (treedef, tuple(t if m else f for t, f, m in zip(leaves, frozen_leaves, mask)), mask)
         if self.layouts is not None:
-            if layouts != self.layouts:
+            if layout_def != self.layout_def:
                 raise ConfigError("train.init was called with params of another tree or shapes than before")
             return
-        self.layouts = layouts
-        leaves, treedef = jax.tree.flatten(layouts, is_leaf=zero.is_layout)
-        self.layout_def = (treedef, tuple(leaves))
+        self.layout_def = layout_def
+        self.layouts = layouts = zero.split_layouts(layout_def, True)
+        self.frozen_layouts = zero.split_layouts(layout_def, False) if not all(mask) else None
+        self.all_layouts = jax.tree.unflatten(treedef, layout_def[1])
         if self._user_optimizer is not None:
             self.tx = self._user_optimizer
         else:
@@ -203,6 +244,7 @@ class TrainStep:
         self._param_specs = map_layouts(lambda lay: lay.spec, layouts)
         self._opt_specs = zero.state_specs(opt_shapes, layouts)
         scale_state = jax.eval_shape(self.scaler.init)
+        frozen_specs = None if self.frozen_layouts is None else map_layouts(lambda lay: lay.spec, self.frozen_layouts)
         self.state_specs = TrainState(
             step=P(),
             replicated=map_layouts(lambda lay: P(), layouts) if self.keeps_replicated else None,
@@ -210,6 +252,7 @@ class TrainStep:
             opt_state=self._opt_specs,
             loss_scale=jax.tree.map(lambda _: P(), scale_state),
             rng=P(),
+            frozen=frozen_specs,
             layout_def=self.layout_def,
         )
         self.state_sharding = self._place(self.state_specs)
@@ -297,7 +340,14 @@ class TrainStep:
 
     def _init_state(self, make_params, rng, tree) -> TrainState:
         layouts = self.layouts
-        params = jax.tree.map(lambda x: jnp.asarray(x, self.dtypes.param), make_params(rng, tree))
+        given = make_params(rng, tree)
+        params = jax.tree.map(lambda x: jnp.asarray(x, self.dtypes.param), zero.select(layouts, given))
+        frozen = None
+        if self.frozen_layouts is not None:
+            frozen = self._constrain(
+                map_layouts(lambda lay, x: zero.to_stored(jnp.asarray(x, self.dtypes.compute), lay),
+                            self.frozen_layouts, zero.select(self.frozen_layouts, given)),
+                self.state_specs.frozen)
         stored = self._constrain(map_layouts(lambda lay, x: zero.to_stored(x, lay), layouts, params),
                                  self._param_specs)
         opt_state = self._constrain(self.tx.init(stored), self._opt_specs)
@@ -308,6 +358,7 @@ class TrainStep:
             opt_state=opt_state,
             loss_scale=self.scaler.init(),
             rng=jax.random.fold_in(rng, 1),
+            frozen=frozen,
             layout_def=self.layout_def,
         )
 
@@ -413,7 +464,25 @@ class TrainStep:
         return grads, loss, finite, grad_norm
 
     def _compute_params(self, state: TrainState):
-        """The differentiable inputs of the loss and how to turn them into the user's params.
+        """The differentiable inputs of the loss and how to turn them into the user's params
+        (the trainable ones from the inputs, the frozen ones merged in, gathered at ZeRO-3)."""
+        diff, to_params = self._trainable_params(state)
+        if self.frozen_layouts is None:
+            return diff, to_params
+        dt, stacked_ok = self.dtypes, not self._whole_stacks
+
+        def frozen():
+            if self.stage < 3:
+                return state.frozen
+            return map_layouts(
+                lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
+                if lay.stacked and stacked_ok else gather_param(s, lay, dt.compute, dt.reduce),
+                self.frozen_layouts, state.frozen)
+
+        return diff, lambda d: zero.merge_frozen(to_params(d), frozen())
+
+    def _trainable_params(self, state: TrainState):
+        """The differentiable inputs of the loss and how to turn them into the trainable params.
 
         Stages 2 and 3 differentiate with respect to this device's shard, so every
         parameter's gradient is reduce-scattered as soon as its (layer's) backward pass

@@ -358,3 +358,30 @@ def materialize_layer(layer_params: Any) -> Any:
         layer_params,
         is_leaf=lambda p: isinstance(p, ShardedParam),
     )
+
+
+# --- frozen parameters: trees with None holes ------------------------------------------------
+
+
+def split_layouts(layout_def: tuple, trainable: bool) -> Any:
+    """The trainable (or frozen) layouts of ``layout_def = (treedef, layouts, trainable mask)``,
+    with None where a leaf is of the other kind."""
+    treedef, leaves, mask = layout_def
+    return jax.tree.unflatten(treedef, [lay if m == trainable else None for lay, m in zip(leaves, mask)])
+
+
+def _hole(x: Any) -> bool:
+    return x is None or isinstance(x, ShardedParam)
+
+
+def merge_frozen(trainable: Any, frozen: Any) -> Any:
+    """One tree from two with complementary ``None`` holes (``frozen`` None: ``trainable``)."""
+    if frozen is None:
+        return trainable
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=_hole)
+
+
+def select(layouts: Any, tree: Any) -> Any:
+    """``tree`` with ``None`` wherever ``layouts`` (a layout tree with ``None`` holes) has one."""
+    return jax.tree.map(lambda lay, x: None if lay is None else x, layouts, tree,
+                        is_leaf=lambda x: x is None or is_layout(x))
