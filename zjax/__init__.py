@@ -27,6 +27,7 @@ _EXPORTS = {
     "make_train_step": "zjax.train",
     "layer": "zjax.layers",
     "scan_layers": "zjax.layers",
+    "shard": "zjax.sharding",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -33,7 +33,7 @@ DType = Literal["float32", "bfloat16", "float16"]
 DEFAULT_LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "batch": "data",
     "layers": None,
-    "embed": None,
+    "embed": "data",
     "length": None,
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -459,6 +459,11 @@ class Config(_Section):
                 raise ValueError(
                     f"{name}={axis!r} is not a mesh axis; use one of {', '.join(MESH_AXES)} or null"
                 )
+        if rules.get("batch", "data") != "data":
+            raise ValueError(
+                f"batch={rules['batch']!r}: the batch is always split over replica x data (data parallelism); "
+                "use batch: data"
+            )
         return rules
 
     @model_validator(mode="after")

@@ -55,6 +55,7 @@ import math
 from typing import Any
 
 from zjax import zero
+from zjax.zero import ZeroStage
 from zjax.config import Config, load_config
 from zjax.errors import ConfigError
 
@@ -224,10 +225,10 @@ def zjax_bytes(cfg: Config, psi: float, n: int, stage: int, accum_steps: int = 1
                scanned: float | None = None) -> dict[str, float | None]:
     """What zjax's TrainState holds per device at ``stage``, plus its gradient buffers.
 
-    Mirrors ``TrainStep.keeps_replicated`` / ``keeps_master``: stages 0-2 keep the
-    params replicated (in the compute dtype when a sharded fp32 master exists, else
-    as the fp32 master itself); stage 3, and mixed-precision stages 1-2, keep a sharded
-    fp32 master. Moments are sharded from stage 1.
+    Reads the same ``zero.ZeroStage`` as the step: stages 0-2 keep the params
+    replicated (in the compute dtype when a sharded fp32 master exists, else as the
+    fp32 master itself); stage 3, and mixed-precision stages 1-2, keep a sharded fp32
+    master. Moments are sharded from stage 1.
 
     With ``accum_steps > 1`` the accumulator (a carry of the micro-batch scan) sits
     next to the micro-step gradient of the scanned layers (compute dtype, full for
@@ -250,15 +251,13 @@ def zjax_bytes(cfg: Config, psi: float, n: int, stage: int, accum_steps: int = 1
     """
     p = cfg.precision
     param, compute, accum = (ITEMSIZE[d] for d in (p.param_dtype, p.compute_dtype, p.accum_dtype))
-    shards = n if stage > 0 else 1
-    keeps_master = stage == 3 or (stage > 0 and p.compute_dtype != p.param_dtype)
-    replicated = 0.0
-    if stage < 3:
-        replicated = psi * (compute if keeps_master else param)
-    grad_shards = n if stage >= 2 else 1
+    z = ZeroStage(stage, n, p.compute_dtype != p.param_dtype)
+    shards, keeps_master = z.shards, z.keeps_master
+    replicated = psi * (compute if keeps_master else param) if z.keeps_replicated else 0.0
+    grad_shards = n if z.reduces_in_backward else 1
     micro_grads = 0.0
     if accum_steps > 1:
-        micro_grads = (psi if scanned is None else scanned) * (param if stage >= 2 else compute) / grad_shards
+        micro_grads = (psi if scanned is None else scanned) * (param if z.reduces_in_backward else compute) / grad_shards
     rows = {
         "compute params": replicated if keeps_master else 0.0,
         "master params": psi * param / shards if keeps_master else replicated,
@@ -316,7 +315,7 @@ def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, fl
     )
     layouts = jax.tree.leaves(train.layouts, is_leaf=zero.is_layout)
     stacked = [lay.size for lay in layouts if lay.stacked]
-    if train.stage >= 2:
+    if train.zero.reduces_in_backward:
         # Each parameter's gradient is reduce-scattered as soon as the layer's backward
         # makes it (zero.ShardedParam), so one of them is live in full, not the layer's;
         # the unscanned parameters' full gradient gathers the head's and the input
@@ -330,7 +329,7 @@ def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, fl
     else:
         workspace = {"layer params and grads": float(sum(stacked) * (compute.itemsize + reduce.itemsize))}
     workspace["layer backward"] = (rematerialized + layer_acts) / 2
-    if train.stage == 0 and dt.compute != dt.param:
+    if not train.zero.keeps_master and train.zero.mixed:
         # stage 0 keeps fp32 params; the step casts all of them to the compute dtype once
         workspace["compute copy"] = float(sum(math.prod(lay.shape) for lay in layouts) * dt.compute.itemsize)
     per_device = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(batch))

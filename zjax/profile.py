@@ -282,12 +282,12 @@ def zero_theory_bytes(cfg: Config, train: Any) -> tuple[float, str]:
     p = cfg.precision
     r = ITEMSIZE[p.reduce_dtype or p.compute_dtype]
     g = ITEMSIZE[p.compute_dtype] if train.keeps_master else ITEMSIZE[p.param_dtype]
-    stage = cfg.zero.stage
-    if stage == 0:
+    z = train.zero
+    if not z.partitioned:
         return 2 * psi * r * f, f"2Ψ·{r}B·(N-1)/N"
-    if stage == 1:
+    if not z.reduces_in_backward:
         return (psi * r + psi * g) * f, f"(Ψ·{r}B + Ψ·{g}B)·(N-1)/N"
-    if stage == 2:
+    if not z.gathers_for_loss:
         return (a * psi * r + psi * g) * f, f"({a}·Ψ·{r}B + Ψ·{g}B)·(N-1)/N"
     other = psi - psi_layers
     return ((other * g + 2 * a * psi_layers * g + a * psi * r) * f,

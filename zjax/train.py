@@ -48,6 +48,7 @@ from zjax import adapters, loss_scale, zero
 from zjax.config import Config, load_config
 from zjax.errors import ConfigError, LossScaleError
 from zjax.layers import gather_param, layer_context
+from zjax.sharding import axis_rules, logical_spec
 from zjax.mesh import make_mesh
 from zjax.optim import default_decay_mask, make_optimizer, make_schedule
 from zjax.zero import BATCH_AXES, DATA, REPLICA, map_layouts
@@ -182,12 +183,13 @@ class TrainStep:
             jnp.dtype(p.reduce_dtype or p.compute_dtype),
             jnp.dtype(p.accum_dtype),
         )
+        self.zero = zero.ZeroStage(self.stage, self.data_size, self.dtypes.compute != self.dtypes.param)
         self.adapter = adapters.adapt(loss_fn, model, logical_axes)
         self.trainable = trainable
         self._user_optimizer = optimizer
         self.scaler = loss_scale.loss_scaler_from_config(cfg)
         self.schedule = None if optimizer is not None else make_schedule(cfg)
-        self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+        self.batch_sharding = NamedSharding(self.mesh, logical_spec(("batch",), cfg.logical_axis_rules))
         self.layouts = None
         self.frozen_layouts = None
         self.abstract_state = None
@@ -200,15 +202,15 @@ class TrainStep:
 
     @property
     def shards(self) -> int:
-        return 1 if self.stage == 0 else self.data_size
+        return self.zero.shards
 
     @property
     def keeps_replicated(self) -> bool:
-        return self.stage < 3
+        return self.zero.keeps_replicated
 
     @property
     def keeps_master(self) -> bool:
-        return self.stage == 3 or (self.stage > 0 and self.dtypes.compute != self.dtypes.param)
+        return self.zero.keeps_master
 
     @property
     def replicated_dtype(self):
@@ -218,10 +220,11 @@ class TrainStep:
     def _setup(self, abstract_params: Any) -> None:
         """Fixes layouts, optimizer and shardings from the params' shapes."""
         axes = self.adapter.logical_axes(abstract_params)
-        trained = zero.make_layouts(abstract_params, axes, self.shards, partitioned=self.stage > 0)
+        # the logical axes the rules split over data (ZeRO's preferred dimensions)
+        names = tuple(n for n, a in self.config.logical_axis_rules.items() if a == DATA and n != "batch")
+        trained = zero.make_layouts(abstract_params, axes, self.zero.shards, self.zero.partitioned, names)
         # frozen leaves: replicated below ZeRO-3, split like a master at ZeRO-3
-        frozen = zero.make_layouts(abstract_params, axes, self.shards if self.stage == 3 else 1,
-                                   partitioned=self.stage == 3)
+        frozen = zero.make_layouts(abstract_params, axes, self.zero.frozen_shards, self.zero.gathers_for_loss, names)
         mask = self.adapter.trainable_mask(self.trainable, abstract_params)
         leaves, treedef = jax.tree.flatten(trained, is_leaf=zero.is_layout)
         frozen_leaves = treedef.flatten_up_to(frozen)
@@ -436,7 +439,8 @@ class TrainStep:
         unscaled and clipped gradients, the loss, whether every gradient is finite, and the
         gradient's global norm before clipping."""
         calls: list = []
-        with layer_context(self.config.remat, sharded_params=self.stage >= 2, calls=calls, gathered={}):
+        with layer_context(self.config.remat, sharded_params=self.zero.reduces_in_backward, calls=calls, gathered={}), \
+                axis_rules(self.config.logical_axis_rules):
             grads, loss, weight = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
@@ -451,7 +455,7 @@ class TrainStep:
             jax.tree.map(lambda g: g.astype(jnp.float32), grads), weight * state.loss_scale.scale,
             impl=self.config.kernels,
         )
-        finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if self.stage > 0 else local_finite
+        finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if self.zero.partitioned else local_finite
         # Split leaves add their shards' squares over devices; whole leaves count once.
         pairs = list(zip(jax.tree.leaves(layouts, is_leaf=zero.is_layout), jax.tree.leaves(grads)))
         split = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if lay.sharded), jnp.float32(0))
@@ -472,7 +476,7 @@ class TrainStep:
         dt, stacked_ok = self.dtypes, not self._whole_stacks
 
         def frozen():
-            if self.stage < 3:
+            if not self.zero.gathers_for_loss:
                 return state.frozen
             return map_layouts(
                 lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
@@ -491,7 +495,7 @@ class TrainStep:
         layouts, dt = self.layouts, self.dtypes
         # A stack the model scans itself is gathered whole; zjax.scan_layers opens placeholders.
         placeholders = not self._whole_stacks
-        if self.stage == 3:
+        if self.zero.gathers_for_loss:
             def to_params(d):
                 return map_layouts(
                     lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
@@ -503,7 +507,7 @@ class TrainStep:
 
             return state.master, to_params
         compute = jax.tree.map(lambda x: x.astype(dt.compute), state.replicated)
-        if self.stage == 2:
+        if self.zero.reduces_in_backward:
             def to_params(d):
                 return map_layouts(
                     lambda lay, s, full: zero.ShardedParam(s, lay, dt.compute, dt.reduce, full=full)
@@ -525,7 +529,7 @@ class TrainStep:
         A model that scans them itself (Linen ``nn.scan``, NNX ``nnx.scan``) cannot take the
         per-layer placeholders of ZeRO-2/3: its stacks are then gathered whole for the loss."""
         stacked = any(lay.stacked for lay in jax.tree.leaves(self.layouts, is_leaf=zero.is_layout))
-        if self._whole_stacks is None and self.stage >= 2 and stacked:
+        if self._whole_stacks is None and self.zero.reduces_in_backward and stacked:
             self._whole_stacks = False
 
             def trace(state):
@@ -560,7 +564,7 @@ class TrainStep:
         if self._eval is None:
             def local(state, batch):
                 key = jax.random.fold_in(state.rng, 2**31 - 1)
-                with layer_context("none", sharded_params=self.stage >= 2, gathered={}):
+                with layer_context("none", sharded_params=self.zero.reduces_in_backward, gathered={}):
                     diff, to_params = self._params_for_loss(state, batch, key)
                     lw, w = self._weighted_loss(to_params(diff), batch, key)
                 return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
@@ -573,7 +577,7 @@ class TrainStep:
 
     def _accumulate(self, state: TrainState, batch: Any):
         """Scans micro-batches; returns summed (weighted, scaled) grads, mean loss, total weight."""
-        layouts, dt, stage = self.layouts, self.dtypes, self.stage
+        layouts, dt, in_backward = self.layouts, self.dtypes, self.zero.reduces_in_backward
         accum, micro = self.grad_accum_steps, self.micro_batch_size
         batch = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
         scale = state.loss_scale.scale
@@ -587,7 +591,7 @@ class TrainStep:
 
         grad_fn = jax.grad(micro_loss, has_aux=True)
 
-        if stage in (0, 1):
+        if not in_backward:
             acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, dt.accum), state.replicated)
         else:
             acc0 = map_layouts(lambda lay: jnp.zeros(lay.local_shape, dt.accum), layouts)
@@ -603,7 +607,7 @@ class TrainStep:
         carry0 = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), (acc0, jnp.float32(0), jnp.float32(0)))
         (acc, loss_sum, w_sum), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
 
-        if stage in (0, 1):
+        if not in_backward:
             acc = map_layouts(
                 lambda lay, x: zero.reduce_scatter_grads(zero.to_stored(x.astype(dt.reduce), lay), lay), layouts, acc
             )

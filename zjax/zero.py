@@ -36,6 +36,76 @@ ZERO_AXIS = "embed"
 
 
 @dataclasses.dataclass(frozen=True)
+class ZeroStage:
+    """Everything a ZeRO stage decides, in one place (the step, ``zjax plan``, ``zjax profile``
+    and checkpoints read it; none of them branches on the stage number).
+
+    Attributes:
+      stage: 0-3.
+      data: the ``data`` axis size N.
+      mixed: True when the compute dtype is lower than the fp32 param dtype.
+    """
+
+    stage: int
+    data: int
+    mixed: bool = False
+
+    def __post_init__(self):
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero.stage={self.stage}: use 0, 1, 2 or 3")
+
+    @property
+    def shards(self) -> int:
+        """ZeRO partitions of each parameter's stored form and optimizer state."""
+        return 1 if self.stage == 0 else self.data
+
+    @property
+    def partitioned(self) -> bool:
+        """Optimizer state (and the master, where kept) split over ``data``."""
+        return self.stage >= 1
+
+    @property
+    def keeps_replicated(self) -> bool:
+        """A user-shaped replicated copy of the params lives in the state (stages 0-2)."""
+        return self.stage <= 2
+
+    @property
+    def keeps_master(self) -> bool:
+        """A sharded fp32 master lives in the state: stage 3, and stages 1-2 in mixed precision
+        (in fp32 at stages 0-2 the replicated params are the master)."""
+        return self.stage == 3 or (self.stage >= 1 and self.mixed)
+
+    @property
+    def reduces_in_backward(self) -> bool:
+        """The loss is differentiated with respect to this device's shard, so each layer's
+        gradient is reduce-scattered inside the backward pass (stages 2-3); else the full
+        local gradient is accumulated and reduced once after the micro-batches."""
+        return self.stage >= 2
+
+    @property
+    def gathers_for_loss(self) -> bool:
+        """Parameters reach the loss by all-gathering shards (stage 3), not from a replicated copy."""
+        return self.stage == 3
+
+    @property
+    def gathers_after_update(self) -> bool:
+        """Updated shards are all-gathered into the replicated copy (stages 1-2)."""
+        return self.partitioned and self.keeps_replicated
+
+    @property
+    def frozen_shards(self) -> int:
+        """Partitions of a frozen parameter: split like a master at stage 3, else replicated."""
+        return self.data if self.gathers_for_loss else 1
+
+    def state_bytes(self, psi: float, compute_bytes: int, param_bytes: int = 4, moment_bytes: int = 8) -> float:
+        """Persistent TrainState bytes per device for ``psi`` trainable parameters (ZeRO's table)."""
+        n = self.shards
+        replicated = (compute_bytes if self.keeps_master else param_bytes) * psi if self.keeps_replicated else 0
+        master = param_bytes * psi / n if self.keeps_master else 0
+        return replicated + master + moment_bytes * psi / n
+
+
+@dataclasses.dataclass(frozen=True)
 class LeafLayout:
     """Where one parameter lives: its user shape and its stored, sharded form.
 
@@ -106,7 +176,8 @@ class LeafLayout:
         return LeafLayout(self.layer_shape, False, self.shards, self.partitioned, self.dim)
 
 
-def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool) -> Any:
+def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
+                 zero_names: tuple[str, ...] = (ZERO_AXIS,)) -> Any:
     """One LeafLayout per leaf of ``params`` (shapes only are read).
 
     Args:
@@ -116,6 +187,7 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool)
         treated as a scanned stack.
       shards: the ZeRO partition count (1 for stage 0).
       partitioned: whether the leaves are split over ``data`` (stages 1-3).
+      zero_names: the logical axes the rules map to ``data``, preferred in this order.
     """
     leaves, treedef = jax.tree.flatten(params)
     if logical_axes is None:
@@ -128,19 +200,23 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool)
         stacked = bool(names) and names[0] == "layers" and len(shape) >= 1
         layer_names = tuple(names[1:] if stacked else names) if names else ()
         layer_shape = shape[1:] if stacked else shape
-        dim = split_dim(layer_shape, layer_names, shards) if partitioned else None
+        dim = split_dim(layer_shape, layer_names, shards, zero_names) if partitioned else None
         layouts.append(LeafLayout(shape, stacked, shards, partitioned, dim))
     return jax.tree.unflatten(treedef, layouts)
 
 
-def split_dim(shape: tuple[int, ...], names: tuple[str, ...], shards: int) -> int | None:
-    """The dimension ZeRO splits: ``ZERO_AXIS`` if it divides by ``shards``, else the largest
-    dimension that does, else the largest (to be padded); None for a scalar."""
+def split_dim(shape: tuple[int, ...], names: tuple[str, ...], shards: int,
+              zero_names: tuple[str, ...] = (ZERO_AXIS,)) -> int | None:
+    """The dimension ZeRO splits: the first of ``zero_names`` (the logical axes the rules map
+    to ``data``) that the leaf has and that divides by ``shards``, else the largest dimension
+    that does, else the largest (to be padded); None for a scalar."""
     if not shape:
         return None
     divisible = [i for i, n in enumerate(shape) if n % shards == 0]
-    if len(names) == len(shape) and ZERO_AXIS in names and names.index(ZERO_AXIS) in divisible:
-        return names.index(ZERO_AXIS)
+    if len(names) == len(shape):
+        for name in zero_names:
+            if name in names and names.index(name) in divisible:
+                return names.index(name)
     candidates = divisible or range(len(shape))
     return max(candidates, key=lambda i: (shape[i], -i))
 

@@ -25,6 +25,10 @@ import pallas_kernels
 from pallas_kernels.dispatch import backend
 from zjax.errors import ConfigError
 from zjax.layers import scan_layers
+from zjax.sharding import shard
+
+# The logical axes of the hidden states between layers (zjax.shard places them by the rules).
+ACTIVATION_AXES = ("batch", "length", "embed")
 
 KERNELS = pallas_kernels.IMPLS
 # What the model runs through pallas_kernels when ``kernels`` is not ``xla``.
@@ -111,7 +115,7 @@ class GPT(nnx.Module):
         if seq_len > self.max_seq_len:
             raise ValueError(f"tokens have length {seq_len}, longer than model.max_seq_len="
                              f"{self.max_seq_len}; raise max_seq_len or shorten the batch")
-        x = jnp.take(self.embedding[...], tokens, axis=0)
+        x = shard(jnp.take(self.embedding[...], tokens, axis=0), ACTIVATION_AXES)
         rope = rotary_angles(seq_len, self.head_dim, self.rope_theta)
         # the fused attention masks by segment ids itself; XLA attention needs the mask
         mask = attention_mask(seq_len, segment_ids) if self.kernels == "xla" else segment_ids
@@ -121,7 +125,7 @@ class GPT(nnx.Module):
         block_def, block_state = nnx.split(self.blocks)
 
         def layer(h, layer_state):
-            return nnx.merge(block_def, layer_state)(h, rope, mask, self.kernels)
+            return shard(nnx.merge(block_def, layer_state)(h, rope, mask, self.kernels), ACTIVATION_AXES)
 
         x = scan_layers(layer, x, block_state)
         return self.final_norm(x, self.kernels)
