@@ -92,7 +92,8 @@ esac
 # Records its argv, then trains until SIGTERM, which it answers like zjax: save, exit 0.
 FAKE_ZJAX = """\
 #!/usr/bin/env bash
-printf '%s\\n' "$@" > "$HOME/zjax-argv"
+# written whole, then renamed: a test that sees the file sees all of it
+printf '%s\\n' "$@" > "$HOME/zjax-argv.tmp" && mv "$HOME/zjax-argv.tmp" "$HOME/zjax-argv"
 trap 'echo "stopped by SIGTERM; saved"; exit 0' TERM
 echo "step 1 loss 5.5"
 while true; do sleep 0.05; done
