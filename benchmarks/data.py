@@ -1,4 +1,4 @@
-"""Data loader throughput: tokens per second that one process's ``zjax.pipeline`` loader reads.
+"""Data loader throughput: tokens per second that one process's ``zjax.data.loader`` loader reads.
 
 Run: .venv/bin/python benchmarks/data.py [--batch 32] [--seq 128] [--batches 200] [--repeats 3]
 
@@ -13,9 +13,9 @@ import statistics
 import sys
 import time
 
-from zjax.config import DataConfig
-from zjax.pipeline import make_loader, token_datasets
-from zjax.run import MAX_CORPUS_BYTES
+from zjax.config.schema import DataConfig
+from zjax.data.loader import make_loader, token_datasets
+from zjax.train.loop import MAX_CORPUS_BYTES
 
 
 def main() -> None:

@@ -108,7 +108,7 @@ class GpuCheck:
 
     # 1. what this installation is
     def report(self) -> dict:
-        from zjax.report import format_report, report
+        from zjax.analysis.report import format_report, report
 
         r = report()
         print(format_report(r), flush=True)
@@ -226,7 +226,7 @@ class GpuCheck:
             env["JAX_PLATFORMS"] = ""
         # Only files that mark gpu tests are collected: collecting the rest would import packages
         # (grain) that a GPU image may lack and that no gpu test needs.
-        files = sorted(str(f) for f in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in f.read_text())
+        files = sorted(str(f) for f in (ROOT / "tests").rglob("test_*.py") if "mark.gpu" in f.read_text())
         command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
                    "-W", "ignore::DeprecationWarning", *files]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -404,7 +404,7 @@ def train_gpt(kernels: str, dry_run: bool, batch: int, steps: int = 20) -> dict:
     ``batch`` sequences, then frees what it held."""
     from zjax import load_config, make_train_step
     from zjax.models.gpt import count_params, gpt_loss, make_gpt
-    from zjax.profile import peak_flops
+    from zjax.analysis.profile import peak_flops
 
     if dry_run:
         model = dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)

@@ -1,6 +1,6 @@
 """Remat policies on the reference GPT at sequence length 512: memory, FLOPs, step time.
 
-For each policy this prints what ``zjax.remat.remat_report`` measures: the activation
+For each policy this prints what ``zjax.analysis.activations.remat_report`` measures: the activation
 bytes the backward pass keeps (saved residuals of every layer, per device), the
 compiled step's temp bytes and FLOPs, and the median step time, each relative to
 ``none``. It checks the issue's target for ``selective``: at least 40% less
@@ -32,7 +32,7 @@ import numpy as np
 
 from zjax import load_config, make_train_step
 from zjax.models.gpt import gpt_loss, make_gpt
-from zjax.remat import format_report, remat_report
+from zjax.analysis.activations import format_report, remat_report
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

@@ -48,9 +48,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zjax import load_config, make_train_step
-from zjax.hlo import collective_bytes, collectives
+from zjax.analysis.hlo import collective_bytes, collectives
 from zjax.models.gpt import count_params, gpt_loss, make_gpt
-from zjax.zero import is_layout
+from zjax.parallel.zero import is_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 # The third-party-style models live beside the tests that check them; one copy, imported from there.

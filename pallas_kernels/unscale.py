@@ -36,7 +36,7 @@ def unscale_and_check(grads, scale, impl: str = "auto"):
     Returns:
       ``(unscaled_grads, all_finite)``: a pytree like ``grads`` and a bool scalar.
       Inside ``shard_map`` the bool covers this shard only; combine it across the mesh
-      as ``zjax.loss_scale.all_finite`` does with ``axis_name``.
+      as ``zjax.train.loss_scale.all_finite`` does with ``axis_name``.
 
     Example:
       >>> import jax.numpy as jnp

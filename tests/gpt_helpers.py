@@ -5,7 +5,7 @@ import jax
 from flax import nnx
 
 import zjax
-from zjax.data import TextCorpus
+from zjax.data.corpus import TextCorpus
 from zjax.models import gpt_loss, make_gpt
 
 

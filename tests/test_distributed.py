@@ -14,7 +14,7 @@ import pytest
 import zjax
 from zjax.distributed import _supervise, initialize
 from zjax.errors import ConfigError
-from zjax.run import train_run
+from zjax.train.loop import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ZJAX = [sys.executable, "-m", "zjax"]

@@ -286,7 +286,7 @@ def test_sbatch_forwards_sigterm_and_requeues(tmp_path):
 
 def test_7b_config_plans_under_16gb_per_chip_with_zero3():
     import zjax
-    from zjax.plan import plan
+    from zjax.analysis.plan import plan
 
     cfg = zjax.load_config(CONFIG_7B)
     assert cfg.zero.stage == 3 and cfg.precision.compute_dtype == "bfloat16"

@@ -17,17 +17,17 @@ import importlib
 _EXPORTS = {
     "CheckpointError": "zjax.errors",
     "Checkpointer": "zjax.checkpoint",
-    "Config": "zjax.config",
+    "Config": "zjax.config.schema",
     "ConfigError": "zjax.errors",
     "LossScaleError": "zjax.errors",
-    "TrainState": "zjax.train",
-    "TrainStep": "zjax.train",
-    "load_config": "zjax.config",
+    "TrainState": "zjax.train.step",
+    "TrainStep": "zjax.train.step",
+    "load_config": "zjax.config.schema",
     "load_params": "zjax.checkpoint",
-    "make_train_step": "zjax.train",
+    "make_train_step": "zjax.train.step",
     "layer": "zjax.layers",
     "scan_layers": "zjax.layers",
-    "shard": "zjax.sharding",
+    "shard": "zjax.parallel.sharding",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -37,9 +37,9 @@ from jax.sharding import NamedSharding
 from flax.core.meta import Partitioned
 from jax.sharding import PartitionSpec as P
 
-from zjax import zero
+from zjax.parallel import zero
 from zjax.errors import CheckpointError, ConfigError
-from zjax.zero import map_layouts
+from zjax.parallel.zero import map_layouts
 
 logger = logging.getLogger("zjax")
 

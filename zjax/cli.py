@@ -58,7 +58,7 @@ def train(args: argparse.Namespace) -> None:
     # command at once: nothing has trained yet, so nothing is lost.
     previous = {sig: signal.signal(sig, _stop_before_training) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        from zjax.config import load_config
+        from zjax.config.schema import load_config
         from zjax.distributed import initialize, launch_local
 
         cfg = load_config(args.config, args.overrides)
@@ -66,7 +66,7 @@ def train(args: argparse.Namespace) -> None:
             sys.exit(launch_local(["train", args.config, *args.overrides], args.local_processes))
         # Before anything touches a device: a multi-host job joins its peers here.
         initialize()
-        from zjax.run import train_run
+        from zjax.train.loop import train_run
 
         train_run(cfg)
     finally:
@@ -83,7 +83,7 @@ def _stop_before_training(signum, frame):
 
 
 def explain(args: argparse.Namespace) -> None:
-    from zjax.config import load_config
+    from zjax.config.schema import load_config
 
     # The ignored keys are printed below; the loader's warning would repeat them.
     logging.getLogger("zjax").setLevel(logging.ERROR)
@@ -110,7 +110,7 @@ def export(args: argparse.Namespace) -> None:
 def plan(args: argparse.Namespace) -> None:
     import json
 
-    from zjax.plan import fit, format_fit, format_plan, plan as make_plan
+    from zjax.analysis.plan import fit, format_fit, format_plan, plan as make_plan
 
     if args.fit is not None:
         if args.params is not None or args.devices is not None:
@@ -128,7 +128,7 @@ def plan(args: argparse.Namespace) -> None:
 def report(args: argparse.Namespace) -> None:
     import json
 
-    from zjax.report import format_report, report as make_report
+    from zjax.analysis.report import format_report, report as make_report
 
     result = make_report()
     print(json.dumps(result, indent=2) if args.json else format_report(result))
@@ -137,7 +137,7 @@ def report(args: argparse.Namespace) -> None:
 def profile(args: argparse.Namespace) -> None:
     import json
 
-    from zjax.profile import format_profile, profile as make_profile, write_png
+    from zjax.analysis.profile import format_profile, profile as make_profile, write_png
 
     result = make_profile(args.config, args.overrides, steps=args.steps, trace_dir=args.trace,
                           compare=not args.no_compare)

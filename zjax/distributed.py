@@ -70,10 +70,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       ConfigError: a variable or argument is missing or malformed; the message names it.
     """
     import jax
-    from jax._src import distributed
 
     env = os.environ if environ is None else environ
-    if distributed.global_state.client is not None:
+    if jax.distributed.is_initialized():
         return ProcessInfo(jax.process_index(), jax.process_count(), "already")
     heartbeat = heartbeat_timeout_seconds or _int_var(HEARTBEAT_VAR, env.get(HEARTBEAT_VAR, "100"), low=1)
     explicit = (coordinator_address, num_processes, process_id)

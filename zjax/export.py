@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -18,6 +17,9 @@ import orbax.checkpoint as ocp
 
 from zjax.checkpoint import _quiet_orbax, intact_step
 from zjax.errors import ConfigError
+from zjax.train.adapters import load_safetensors
+
+__all__ = ["export_safetensors", "load_safetensors"]
 
 _DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32", "int64": "I64"}
 
@@ -62,20 +64,6 @@ def export_safetensors(directory, out_path, step: int | None = None) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return out_path
-
-
-def load_safetensors(path) -> dict:
-    """A safetensors file as a nested dict of numpy arrays (keys split at dots)."""
-    from safetensors.numpy import load_file
-
-    tree: dict[str, Any] = {}
-    for name, array in load_file(str(path)).items():
-        node = tree
-        *parents, leaf = name.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = array
-    return tree
 
 
 def _read_one(handler, state_dir: Path, path, params_meta) -> np.ndarray:

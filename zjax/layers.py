@@ -8,7 +8,7 @@ Model code marks its layers in one of two ways:
   an Equinox module or any function of arrays).
 
 The train step sets, while it traces, how the backward pass treats each layer (the
-remat policy, see ``zjax.remat``) and whether layer parameters arrive still sharded
+remat policy, see ``zjax.config.remat``) and whether layer parameters arrive still sharded
 (ZeRO-3, gathered here one layer at a time). Outside a train step ``scan_layers`` is a
 plain ``lax.scan`` and ``layer(block)`` is ``block``.
 """
@@ -25,10 +25,10 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from zjax import zero
+from zjax.parallel import zero
 # The function behind the public jax.ad_checkpoint.print_saved_residuals, as data.
 from jax._src.ad_checkpoint import saved_residuals as _saved_residuals
-from zjax.remat import LAYER_INPUT, RematPolicy, remat_policy
+from zjax.config.remat import LAYER_INPUT, RematPolicy, remat_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +53,12 @@ def layer_context(policy: Any = "none", sharded_params: bool = False, residuals:
     """Sets the remat policy and ZeRO-3 mode seen by ``scan_layers`` while tracing.
 
     Args:
-      policy: a policy name from ``zjax.remat.POLICIES``, or the ``remat`` config
+      policy: a policy name from ``zjax.config.remat.POLICIES``, or the ``remat`` config
         block (needed for ``custom``: it carries ``names``), or a ``RematPolicy``.
       sharded_params: whether stacked parameters arrive as ``zero.ShardedParam``
         (ZeRO-2 and ZeRO-3), opened one layer at a time.
       residuals: a list that each ``scan_layers`` call appends to, once per trace, with
-        ``(n_layers, saved_residuals of one layer)`` (what ``zjax.remat.remat_report`` reads).
+        ``(n_layers, saved_residuals of one layer)`` (what ``zjax.analysis.activations.remat_report`` reads).
       calls: a list that each ``scan_layers`` call appends its number of layers to (the
         train step reads it to tell a user whose model has no layer seam that the remat
         policy did nothing).

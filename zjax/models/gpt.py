@@ -24,29 +24,19 @@ from jax.ad_checkpoint import checkpoint_name
 import pallas_kernels
 from pallas_kernels.dispatch import backend
 from zjax.errors import ConfigError
+from zjax.config import remat
 from zjax.layers import scan_layers
-from zjax.sharding import shard
+from zjax.parallel.sharding import shard
 
 # The logical axes of the hidden states between layers (zjax.shard places them by the rules).
 ACTIVATION_AXES = ("batch", "length", "embed")
+# The tags this model puts on its activations (what remat policies name).
+ACTIVATION_NAMES = remat.ACTIVATION_NAMES
 
 KERNELS = pallas_kernels.IMPLS
 # What the model runs through pallas_kernels when ``kernels`` is not ``xla``.
 MODEL_KERNELS = ("rms_norm", "flash_attention", "swiglu", "softmax_cross_entropy")
 
-ACTIVATION_NAMES = (
-    "attn_norm",
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "attn_out",
-    "attn_proj",
-    "mlp_norm",
-    "mlp_gate",
-    "mlp_up",
-    "mlp_hidden",
-    "mlp_out",
-)
 
 INIT_STD = 0.02
 

@@ -1,0 +1,603 @@
+"""``zjax plan``: per-device memory of every ZeRO stage, before anything runs.
+
+Two accountings side by side (Ψ parameters, N data devices):
+
+- the ZeRO paper's (Rajbhandari et al. 2020, Table 1): fp16 params (2Ψ) and grads
+  (2Ψ) plus K = 12 bytes of Adam state per parameter; stage 1 is 4Ψ + 12Ψ/N,
+  stage 2 is 2Ψ + 14Ψ/N, stage 3 is 16Ψ/N;
+- zjax's own: what its ``TrainState`` holds (``zjax.train.step``'s table; docs/architecture.md), the
+  gradient buffers its step allocates (a full local accumulator in
+  ``precision.accum_dtype`` for stages 0-1, a sharded one (Ψ/N) for stages 2-3, and,
+  when ``grad_accum_steps > 1``, the micro-step gradient of the scanned layers next to
+  it), and, from the
+  traced model, the batch, the activations the remat policy keeps and the workspace
+  of one layer's backward pass.
+
+The workspace is what XLA's temp holds beyond the buffers above while the peak
+(one layer's backward pass) runs, by named terms:
+
+- ``layer params and grads``: the largest layer's parameters in the compute dtype
+  (ZeRO-3 gathers them, the others read them) and their gradient in the reduce
+  dtype before it is reduced or accumulated; in stages 2-3, which reduce-scatter each
+  parameter's gradient as soon as it is made, only the largest one parameter's;
+- ``unscanned grads`` (stages 2-3): the full gradient of the parameters outside the
+  scanned layers (embedding, final norm), which collects the head's part before the
+  layers' backward and the input embedding's after it, then is reduce-scattered
+  (stages 0-1 count it in the gradient row);
+- ``layer backward``: the backward pass of that layer walks it in reverse, freeing
+  each activation after its last use while each cotangent is made and consumed, so
+  half of what it reads is live on average: half of the activations it
+  rematerializes (all of one layer's activations, ``remat: none``'s, less what the
+  policy keeps) plus half of one layer's activations as cotangents;
+- ``compute copy`` (stage 0 in mixed precision only): the step's cast of the fp32
+  params to the compute dtype.
+
+On CPU, XLA computes bfloat16 and float16 in float32, so there the activations and
+the layer terms take float32's bytes.
+
+For a config whose step can be compiled here, ``plan`` lowers and compiles the
+reference GPT's step for each stage and sets the prediction against
+``memory_analysis()``: argument plus temp bytes, both per device. Measured on 8 CPU
+devices, stages 0-3 x remat none/full/selective x ``grad_accum_steps`` 1, 2 and 4:
+within 10% (0.95-1.09) on ``configs/tiny.yaml`` (tests/analysis/test_plan.py) and on a wider,
+deeper, longer variant. The stage 2-3 and accumulation terms were read off XLA's live
+ranges at the peak (``XLA_FLAGS=--xla_dump_to=DIR``'s ``*live-range.txt``). In
+bfloat16 on CPU the prediction is low: ZeRO-2 by 10-12% (remat any, no
+accumulation), and with ``grad_accum_steps: 2`` (remat full) stages 1-3 by 12-21%;
+for ZeRO-2 the live ranges show XLA:CPU upcasting the whole replicated bfloat16
+stack to float32 outside the layer scan, which no term counts.
+``fit`` searches the cheapest setting whose compiled step fits a budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from zjax.parallel import zero
+from zjax.parallel.zero import ZeroStage
+from zjax.config.schema import Config, load_config
+from zjax.errors import ConfigError
+
+GB = 1e9
+STAGES = (0, 1, 2, 3)
+STAGE_NAMES = ("baseline", "optimizer states", "+ gradients", "+ parameters")
+PAPER_ROWS = ("params", "gradients", "optimizer state")
+ZJAX_ROWS = ("compute params", "master params", "moments", "gradients", "batch", "activations", "workspace")
+# What the step traces, not what the state holds: None in an analytic plan.
+TRACED_ROWS = ("batch", "activations", "workspace")
+# --fit's order of remat policies, lightest (least recomputation) first.
+FIT_POLICIES = ("none", "selective", "full")
+# Bytes of optimizer moments per parameter: Adam keeps m and v in fp32, Lion one momentum.
+_MOMENT_BYTES = {"adam": 8, "adamw": 8, "lion": 4}
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclasses.dataclass
+class StagePlan:
+    """Per-device bytes of one ZeRO stage.
+
+    Attributes:
+      stage: the ZeRO stage.
+      paper: the ZeRO paper's rows (``PAPER_ROWS``) in bytes.
+      zjax: zjax's rows (``ZJAX_ROWS``) in bytes; the ``TRACED_ROWS`` are None without a compile.
+      workspace: the named terms of the ``workspace`` row (empty without a compile).
+      compiled: from the compiled step, else None: ``argument`` and ``temp`` bytes of
+        ``memory_analysis()``, ``total`` (their sum), ``predicted`` (zjax's total) and
+        ``ratio`` (predicted / compiled).
+    """
+
+    stage: int
+    paper: dict[str, float]
+    zjax: dict[str, float | None]
+    workspace: dict[str, float] = dataclasses.field(default_factory=dict)
+    compiled: dict[str, float] | None = None
+
+    @property
+    def paper_total(self) -> float:
+        return sum(self.paper.values())
+
+    @property
+    def zjax_total(self) -> float:
+        return sum(v for v in self.zjax.values() if v is not None)
+
+
+@dataclasses.dataclass
+class Plan:
+    """The plan of a config: its size, chosen stage and one ``StagePlan`` per stage."""
+
+    params: int
+    devices: int
+    chosen_stage: int
+    compute_dtype: str
+    remat: str
+    stages: list[StagePlan]
+    note: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "params": self.params,
+            "devices": self.devices,
+            "chosen_stage": self.chosen_stage,
+            "compute_dtype": self.compute_dtype,
+            "remat": self.remat,
+            "note": self.note,
+            "stages": [
+                {
+                    "stage": s.stage,
+                    "paper": {**s.paper, "total": s.paper_total},
+                    "zjax": {**s.zjax, "total": s.zjax_total},
+                    "workspace": s.workspace,
+                    "compiled": s.compiled,
+                }
+                for s in self.stages
+            ],
+        }
+
+
+def plan(config: Any = None, overrides=None, *, params: float | None = None,
+         devices: int | None = None, compile: bool = True) -> Plan:
+    """The per-device memory of every ZeRO stage for ``config``.
+
+    Args:
+      config: a config path, dict or ``Config`` (default: every default).
+      overrides: ``key=value`` overrides, as for ``load_config``.
+      params: a parameter count to plan for instead of the config's reference GPT;
+        analytic only (nothing is compiled).
+      devices: the number of data-parallel devices (default: the visible devices).
+      compile: compile each stage's step when the config's model can be built here.
+
+    Returns:
+      A ``Plan``.
+
+    Example:
+      >>> p = plan(params=7.5e9, devices=64)
+      >>> [round(s.paper_total / 1e9, 2) for s in p.stages]
+      [120.0, 31.41, 16.64, 1.88]
+    """
+    cfg = config if isinstance(config, Config) else load_config(Config() if config is None else config, overrides)
+    import jax
+
+    visible = len(jax.devices())
+    n = visible if devices is None else int(devices)
+    if n < 1:
+        raise ConfigError(f"--devices={devices}: the device count must be at least 1")
+    note = ""
+    if params is None:
+        from zjax.models.gpt import count_params
+
+        psi = count_params(cfg.model)
+        if compile and n != visible:
+            note = (f"compiled: n/a (--devices={n} but {visible} devices are visible; "
+                    f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} on CPU)")
+            compile = False
+    else:
+        psi = int(params)
+        if psi < 1:
+            raise ConfigError(f"--params={params}: the parameter count must be at least 1")
+        compile = False
+        note = "analytic only (--params): batch, activations and workspace n/a"
+    # ZeRO shards over `data` alone; every other mesh axis (tensor, replica) divides the devices.
+    data = n // math.prod(size for axis, size in cfg.mesh.model_dump().items() if axis != "data" and size > 0)
+    stages = [
+        compiled_stage_plan(load_config(cfg, {"zero.stage": stage})) if compile
+        else StagePlan(stage, paper_bytes(psi, data, stage), zjax_bytes(cfg, psi, data, stage))
+        for stage in STAGES
+    ]
+    return Plan(psi, n, cfg.zero.stage, cfg.precision.compute_dtype, cfg.remat.policy, stages, note)
+
+
+def compiled_stage_plan(cfg: Config) -> StagePlan:
+    """The ``StagePlan`` of ``cfg``'s own stage, predicted in full and compiled (on the visible devices).
+
+    Example:
+      >>> s = compiled_stage_plan(load_config("configs/tiny.yaml"))  # doctest: +SKIP
+      >>> s.compiled["ratio"]  # predicted / compiled  # doctest: +SKIP
+    """
+    import jax
+
+    from zjax.models.gpt import count_params
+
+    train, state, batch = abstract_step(cfg)
+    psi, stage = count_params(cfg.model), cfg.zero.stage
+    layouts = jax.tree.leaves(train.layouts, is_leaf=zero.is_layout)
+    scanned = sum(math.prod(lay.shape) for lay in layouts if lay.stacked)
+    rows = zjax_bytes(cfg, psi, train.data_size, stage, accum_steps=train.grad_accum_steps, scanned=scanned)
+    traced, workspace = traced_bytes(train, batch)
+    rows.update(traced)
+    s = StagePlan(stage, paper_bytes(psi, train.data_size, stage), rows, workspace,
+                  compiled_memory(cfg, (train, state, batch)))
+    s.compiled["predicted"] = s.zjax_total
+    s.compiled["ratio"] = s.zjax_total / s.compiled["total"]
+    return s
+
+
+def paper_bytes(psi: float, n: int, stage: int) -> dict[str, float]:
+    """The ZeRO paper's per-device bytes: fp16 params and grads, K = 12 bytes of Adam state."""
+    return {
+        "params": 2 * psi / (n if stage >= 3 else 1),
+        "gradients": 2 * psi / (n if stage >= 2 else 1),
+        "optimizer state": 12 * psi / (n if stage >= 1 else 1),
+    }
+
+
+def zjax_bytes(cfg: Config, psi: float, n: int, stage: int, accum_steps: int = 1,
+               scanned: float | None = None) -> dict[str, float | None]:
+    """What zjax's TrainState holds per device at ``stage``, plus its gradient buffers.
+
+    Reads the same ``zero.ZeroStage`` as the step: stages 0-2 keep the params
+    replicated (in the compute dtype when a sharded fp32 master exists, else as the
+    fp32 master itself); stage 3, and mixed-precision stages 1-2, keep a sharded fp32
+    master. Moments are sharded from stage 1.
+
+    With ``accum_steps > 1`` the accumulator (a carry of the micro-batch scan) sits
+    next to the micro-step gradient of the scanned layers (compute dtype, full for
+    stages 0-1; the master's dtype, sharded, for stages 2-3): the backward layer scan
+    builds it whole as its own carry before ``_accumulate`` adds it. The gradient of
+    the other parameters (embedding, final norm) never stands alone: XLA writes its
+    scatter and adds straight into the accumulator's buffer (the compiled buffer
+    assignment of ``configs/tiny.yaml``).
+
+    Args:
+      cfg: the config.
+      psi: the parameter count.
+      n: the number of data devices.
+      stage: the ZeRO stage.
+      accum_steps: micro-batches per step.
+      scanned: parameters in scanned (stacked) layers; default ``psi``, an upper bound.
+
+    Returns:
+      ``ZJAX_ROWS`` in bytes; the ``TRACED_ROWS`` are None.
+    """
+    p = cfg.precision
+    param, compute, accum = (ITEMSIZE[d] for d in (p.param_dtype, p.compute_dtype, p.accum_dtype))
+    z = ZeroStage(stage, n, p.compute_dtype != p.param_dtype)
+    shards, keeps_master = z.shards, z.keeps_master
+    replicated = psi * (compute if keeps_master else param) if z.keeps_replicated else 0.0
+    grad_shards = n if z.reduces_in_backward else 1
+    micro_grads = 0.0
+    if accum_steps > 1:
+        micro_grads = (psi if scanned is None else scanned) * (param if z.reduces_in_backward else compute) / grad_shards
+    rows = {
+        "compute params": replicated if keeps_master else 0.0,
+        "master params": psi * param / shards if keeps_master else replicated,
+        "moments": psi * _moment_bytes(cfg) / shards,
+        "gradients": psi * accum / grad_shards + micro_grads,
+    }
+    return {**rows, **{name: None for name in TRACED_ROWS}}
+
+
+def _moment_bytes(cfg: Config) -> int:
+    opt = cfg.optimizer
+    if opt.type == "sgd":
+        return 4 if opt.momentum > 0 else 0
+    if opt.type == "adafactor":
+        # Factored second moments: O(rows + cols) per matrix, negligible against Ψ.
+        return 0
+    return _MOMENT_BYTES[opt.type]
+
+
+def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """The ``TRACED_ROWS`` of a prepared train step, and the named terms of its workspace.
+
+    Activations are measured from the jaxpr (``saved_residuals`` of one layer of each
+    ``scan_layers`` call, times its layer count: ``zjax.analysis.activations.layer_residuals``, as ``remat_report``
+    does), once with the config's remat policy and once with ``none`` for all a layer
+    produces. Nothing is compiled.
+
+    Args:
+      train: a ``TrainStep`` after ``prepare``.
+      batch: its global batch (arrays or ShapeDtypeStructs).
+
+    Returns:
+      ``({"batch", "activations", "workspace"}, {"layer params and grads"[, "unscanned grads"],
+      "layer backward"[, "compute copy"]})``, bytes per device (``unscanned grads``: stages 2-3;
+      ``compute copy``: stage 0 in mixed precision).
+    """
+    import jax
+    import numpy as np
+
+    from zjax.config.remat import remat_policy
+
+    policy = remat_policy(train.config.remat)
+    dt = train.dtypes
+    compute, reduce = dt.compute, dt.reduce
+    if train.mesh.devices.flat[0].platform == "cpu":
+        # XLA:CPU computes bfloat16 and float16 in float32 (its float-normalization
+        # pass): activations, gathered layers and their gradients take float32's bytes.
+        compute = reduce = np.dtype(np.float32)
+    kept = _layer_residuals(train, batch, policy, compute)
+    everything = _layer_residuals(train, batch, remat_policy("none"), compute)
+    saved = sum(layers * device for layers, device, _ in kept)
+    # The largest layer's backward: what it reads (none's activations) less what the policy kept.
+    layer_acts, rematerialized = max(
+        ((all_, all_ - device - host) for (_, all_, _), (_, device, host) in zip(everything, kept)), default=(0, 0)
+    )
+    layouts = jax.tree.leaves(train.layouts, is_leaf=zero.is_layout)
+    stacked = [lay.size for lay in layouts if lay.stacked]
+    if train.zero.reduces_in_backward:
+        # Each parameter's gradient is reduce-scattered as soon as the layer's backward
+        # makes it (zero.ShardedParam), so one of them is live in full, not the layer's;
+        # the unscanned parameters' full gradient gathers the head's and the input
+        # embedding's parts across every layer's backward before its reduce-scatter.
+        unscanned = sum(math.prod(lay.shape) for lay in layouts if not lay.stacked)
+        workspace = {
+            "layer params and grads": float(sum(stacked) * compute.itemsize
+                                            + max(stacked, default=0) * reduce.itemsize),
+            "unscanned grads": float(unscanned * reduce.itemsize),
+        }
+    else:
+        workspace = {"layer params and grads": float(sum(stacked) * (compute.itemsize + reduce.itemsize))}
+    workspace["layer backward"] = (rematerialized + layer_acts) / 2
+    if not train.zero.keeps_master and train.zero.mixed:
+        # stage 0 keeps fp32 params; the step casts all of them to the compute dtype once
+        workspace["compute copy"] = float(sum(math.prod(lay.shape) for lay in layouts) * dt.compute.itemsize)
+    per_device = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(batch))
+    rows = {
+        "batch": per_device / train.data_size,
+        "activations": float(saved),
+        "workspace": sum(workspace.values()),
+    }
+    return rows, workspace
+
+
+def _layer_residuals(train: Any, batch: Any, policy: Any, dtype: Any) -> list[tuple[int, int, int]]:
+    """``(layer count, device bytes, host bytes)`` one layer keeps, per ``scan_layers`` call.
+
+    Traced on one device's micro-batch with parameters in ``dtype``; parameters
+    and constants are not counted (they live in the train state).
+    """
+    from zjax.analysis.activations import layer_residuals
+
+    out = []
+    for n_layers, named in layer_residuals(train, batch, policy, dtype):
+        host = sum(nbytes for name, nbytes in named if name in policy.offload)
+        out.append((n_layers, sum(nbytes for _, nbytes in named) - host, host))
+    return out
+
+
+def abstract_step(cfg: Config):
+    """The reference GPT's prepared train step for ``cfg``, its abstract state and a zero batch."""
+    import jax
+    import numpy as np
+
+    from zjax.models import gpt_loss, make_gpt
+    from zjax.train.step import make_train_step
+
+    model = make_gpt(cfg.model, seed=cfg.seed, kernels=cfg.kernels)
+    train = make_train_step(cfg, gpt_loss, model=model)
+    train.prepare()
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), train.abstract_state, train.state_sharding
+    )
+    batch = {"tokens": np.zeros((train.global_batch_size, cfg.data.seq_len + 1), np.int32)}
+    return train, state, batch
+
+
+# Compiled figures by config (its YAML): plan and fit compile a setting once per process.
+_COMPILED: dict[str, dict[str, float]] = {}
+
+
+def compiled_memory(cfg: Config, step: tuple | None = None) -> dict[str, float]:
+    """Compiles the reference GPT's step for ``cfg``; its per-device memory.
+
+    Nothing runs: the state is abstract (shapes and shardings) and the batch is zeros.
+    ``argument_size_in_bytes`` and ``temp_size_in_bytes`` are per device (measured:
+    stage 0's argument bytes are 12Ψ, stage 3's 12Ψ/N on 8 CPU devices).
+
+    Args:
+      cfg: the config.
+      step: ``(train, state, batch)`` already built for ``cfg`` (see ``abstract_step``).
+
+    Returns:
+      ``{"argument", "temp", "total"}`` in bytes.
+    """
+    key = cfg.to_yaml()
+    if key not in _COMPILED:
+        train, state, batch = step or abstract_step(cfg)
+        memory = train.lower(state, batch).compile().memory_analysis()
+        argument, temp = int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes)
+        _COMPILED[key] = {"argument": argument, "temp": temp, "total": argument + temp}
+    return dict(_COMPILED[key])
+
+
+@dataclasses.dataclass
+class Fit:
+    """The result of ``fit``.
+
+    Attributes:
+      budget: the per-device budget in bytes.
+      chosen: the overrides of the cheapest setting that fits, or None.
+      chosen_memory: its compiled ``{"argument", "temp", "total"}``, or None.
+      rejected: the overrides of the setting just before ``chosen`` in the search order
+        (it did not fit), or None when the first setting fit.
+      rejected_bytes: its compiled total, or, when its state alone was over the budget
+        and it was not compiled, that state's bytes (a lower bound).
+      rejected_compiled: whether ``rejected_bytes`` comes from a compile.
+      compiled: how many settings were compiled; ``searched``: how many were looked at.
+    """
+
+    budget: int
+    chosen: dict[str, Any] | None
+    chosen_memory: dict[str, float] | None
+    rejected: dict[str, Any] | None
+    rejected_bytes: float | None
+    rejected_compiled: bool
+    compiled: int
+    searched: int
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_bytes(text: str | float) -> int:
+    """A byte count from ``2e9``, ``2GB`` (10^9), ``512MiB`` (2^20) or ``1.5 GB``.
+
+    Example:
+      >>> parse_bytes("512MiB"), parse_bytes("2e9"), parse_bytes("2GB")
+      (536870912, 2000000000, 2000000000)
+    """
+    import pydantic
+
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            value = pydantic.TypeAdapter(pydantic.ByteSize).validate_python(str(text).strip())
+        except pydantic.ValidationError:
+            value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ConfigError(
+            f"--fit={text!r} is not a byte count; give a positive number with an optional unit, "
+            "e.g. 2e9, 2GB or 512MiB"
+        )
+    return int(value)
+
+
+def fit(config: Any, overrides=None, *, budget: int | str) -> Fit:
+    """The cheapest setting whose compiled step fits ``budget`` bytes per device.
+
+    Settings are searched in order of cost: the lowest ZeRO stage (least
+    communication), then the lightest remat policy (``FIT_POLICIES``: least
+    recomputation), then the largest micro-batch (the config's, halved while the
+    global batch stays whole; the rest goes to gradient accumulation). The search
+    compiles each setting (nothing runs) and stops at the first that fits; a setting
+    whose train state alone (an exact part of its argument bytes) is over the budget
+    is passed over without compiling.
+
+    Args:
+      config: a config path, dict or ``Config``.
+      overrides: ``key=value`` overrides, as for ``load_config``.
+      budget: bytes per device (an int, or a string for ``parse_bytes``).
+
+    Returns:
+      A ``Fit``.
+
+    Raises:
+      ConfigError: nothing fits; the message names the budget and the smallest
+        compiled figure (or state) found.
+    """
+    from zjax.parallel.mesh import make_mesh
+    from zjax.models.gpt import count_params
+
+    budget = parse_bytes(budget)
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    mesh = make_mesh(cfg.mesh)
+    # the batch splits over every mesh axis but tensor; ZeRO shards over data
+    split, data = mesh.size // mesh.shape.get("tensor", 1), mesh.shape["data"]
+    total, micro, _ = cfg.batch.resolve(split)
+    micros = []
+    while micro >= 1 and total % (micro * split) == 0:
+        micros.append(micro)
+        if micro % 2:
+            break
+        micro //= 2
+    psi = count_params(cfg.model)
+    rejected, rejected_bytes, rejected_compiled = None, None, False
+    smallest: tuple[float, dict] | None = None
+    compiled = searched = 0
+    for stage in STAGES:
+        for policy in FIT_POLICIES:
+            for m in micros:
+                setting = {
+                    "zero.stage": stage, "remat.policy": policy, "remat.names": {},
+                    "batch.global_batch_size": total, "batch.micro_batch_size_per_device": m,
+                    "batch.grad_accum_steps": total // (m * split),
+                }
+                shown = {k: v for k, v in setting.items() if k != "remat.names"}
+                try:
+                    candidate = load_config(cfg, setting)
+                except ConfigError:
+                    # not a valid setting of this config (e.g. offload_param needs stage 3)
+                    continue
+                searched += 1
+                state = sum(v for k, v in zjax_bytes(candidate, psi, data, stage).items()
+                            if k in ("compute params", "master params", "moments"))
+                if state > budget:
+                    rejected, rejected_bytes, rejected_compiled = shown, state, False
+                    continue
+                memory = compiled_memory(candidate)
+                compiled += 1
+                if memory["total"] <= budget:
+                    return Fit(budget, shown, memory, rejected, rejected_bytes, rejected_compiled, compiled, searched)
+                rejected, rejected_bytes, rejected_compiled = shown, memory["total"], True
+                if smallest is None or memory["total"] < smallest[0]:
+                    smallest = (memory["total"], shown)
+    if smallest is not None:
+        found = f"the smallest compiled step needs {smallest[0]:,.0f} bytes ({_overrides(smallest[1])})"
+    else:
+        found = (f"no setting was compiled: even ZeRO-3's train state alone needs {rejected_bytes:,.0f} bytes "
+                 f"per device on {data} data devices")
+    raise ConfigError(
+        f"--fit={budget:,} bytes per device: no setting fits; {found}; "
+        f"searched {searched} settings (stages 0-3 x remat {'/'.join(FIT_POLICIES)} x micro-batch "
+        f"{'/'.join(map(str, micros))}); raise the budget, use more devices or a smaller model"
+    )
+
+
+def format_fit(result: Fit) -> str:
+    """The ``fit`` result as text: the chosen overrides and bytes, and the cheaper setting that did not fit."""
+    lines = [
+        f"budget {result.budget:,} bytes per device ({_gb(result.budget)} GB); compiled {result.compiled} "
+        f"of {result.searched} settings searched (lowest stage, then lightest remat, then largest micro-batch)",
+        f"fits: {_overrides(result.chosen)}",
+        f"  compiled: argument {result.chosen_memory['argument']:,} + temp {result.chosen_memory['temp']:,} "
+        f"= {result.chosen_memory['total']:,} bytes",
+    ]
+    if result.rejected is None:
+        lines.append("next cheaper setting: none (this is the first in the search order)")
+    else:
+        how = "compiled" if result.rejected_compiled else "train state alone, not compiled"
+        lines.append(f"next cheaper, does not fit: {_overrides(result.rejected)}")
+        lines.append(f"  {result.rejected_bytes:,.0f} bytes ({how}) > budget {result.budget:,}")
+    return "\n".join(lines)
+
+
+def _overrides(setting: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in setting.items())
+
+
+def format_plan(p: Plan) -> str:
+    """The plan as text: one block per stage, paper and zjax columns, GB = 1e9 bytes."""
+    lines = [
+        f"params {p.params:,} ({p.params / 1e9:.3g}B) on {p.devices} data-parallel devices; "
+        f"compute {p.compute_dtype}, remat {p.remat}; per-device memory, GB = 1e9 bytes",
+        "paper: fp16 params + fp16 grads + 12 bytes/param Adam state (ZeRO, Table 1); "
+        "zjax: its TrainState + gradient buffers + batch + kept activations + one layer's backward workspace",
+    ]
+    if p.note:
+        lines.append(p.note)
+    for s in p.stages:
+        mark = "  <- config" if s.stage == p.chosen_stage else ""
+        lines.append("")
+        lines.append(f"stage {s.stage} ({STAGE_NAMES[s.stage]}){mark}")
+        lines.append(f"  {'paper':<18}{'bytes':>16}{'GB':>10}    {'zjax':<16}{'bytes':>16}{'GB':>10}")
+        paper = list(s.paper.items())
+        mine = list(s.zjax.items())
+        for i in range(len(mine)):
+            left = _cell(*paper[i], 18) if i < len(paper) else " " * 44
+            lines.append(f"  {left}    {_cell(*mine[i], 16)}")
+        lines.append(f"  {_cell('total', s.paper_total, 18)}    {_cell('total', s.zjax_total, 16)}")
+        if s.workspace:
+            terms = " + ".join(f"{name} {value:,.0f}" for name, value in s.workspace.items())
+            lines.append(f"  workspace = {terms}")
+        if s.compiled:
+            c = s.compiled
+            lines.append(
+                f"  compiled: argument {_gb(c['argument'])} + temp {_gb(c['temp'])} = {_gb(c['total'])} GB; "
+                f"predicted {_gb(c['predicted'])} GB (predicted/compiled {c['ratio']:.3f})"
+            )
+    return "\n".join(lines)
+
+
+def _cell(name: str, value: float | None, width: int) -> str:
+    """``name bytes GB``, fixed width; ``n/a`` for a figure only a compile gives."""
+    if value is None:
+        return f"{name:<{width}}{'n/a':>16}{'n/a':>10}"
+    return f"{name:<{width}}{value:>16,.0f}{_gb(value):>10}"
+
+
+def _gb(value: float) -> str:
+    if value == 0:
+        return "0"
+    return f"{value / GB:.3g}" if value >= 1e6 else f"{value / GB:.2e}"

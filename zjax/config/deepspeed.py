@@ -1,0 +1,822 @@
+"""DeepSpeed config keys in zjax terms: what each one maps to, and why the rest are ignored.
+
+A zjax config may use DeepSpeed's own words (``train_micro_batch_size_per_gpu``,
+``zero_optimization.stage``, ``fp16.loss_scale_window``, ``scheduler: {type: WarmupLR}``)
+next to zjax keys. ``map_deepspeed`` rewrites them onto the zjax schema with DeepSpeed's
+meaning and defaults, read from DeepSpeed's source (``deepspeed/runtime/constants.py``,
+``zero/config.py``, ``lr_schedules.py``, ``fp16/loss_scaler.py``). Every DeepSpeed key
+gets one of four treatments, each a table or a handler below:
+
+- mapped onto a zjax key (``_HANDLERS``);
+- accepted and listed with the reason it does nothing here (``IGNORED``), silently when
+  its value switches it off (``false``, ``{enabled: false}``);
+- refused, naming the feature, when it switches on a feature zjax lacks (``UNSUPPORTED``);
+- refused when DeepSpeed refuses it too.
+
+A layer written only in DeepSpeed's words is a DeepSpeed config and also takes
+DeepSpeed's defaults for what it leaves out (no gradient clipping, a batch size that
+must be given); a layer that mixes in zjax keys keeps zjax's defaults.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from zjax.errors import ConfigError
+
+_COLLECTIVES = "XLA schedules and fuses collectives; zjax issues one collective per tensor"
+_OFFLOAD = "zjax offloads to host memory only through offload_optimizer/offload_param.device: cpu"
+_OFFLOAD_TUNING = "XLA moves the offloaded arrays itself; there are no buffers or pools to tune"
+_METRICS = (
+    "zjax writes loss, grad_norm, lr, loss_scale and tokens/s to output_dir/metrics.jsonl "
+    "(set output_dir); there is no TensorBoard, W&B, Comet or CSV writer"
+)
+_LR_ONLY = "zjax cycles only the learning rate; momentum stays at optimizer.b1"
+_FP32_MASTER = "zjax keeps float32 master params; there is no 16-bit copy to manage"
+_NO_BF16_SCALING = "bf16 needs no loss scaling; DeepSpeed does not read this key in the bf16 block either"
+
+# Every DeepSpeed key zjax accepts without acting on it, with the reason it is shown.
+IGNORED: dict[str, str] = {
+    "wall_clock_breakdown": "`zjax profile CONFIG` times the step; `--trace DIR` writes a jax.profiler trace",
+    "memory_breakdown": "`zjax plan CONFIG` and `zjax profile CONFIG` break the memory down",
+    "flops_profiler": "`zjax profile CONFIG` reports model and hardware FLOPs, MFU and step time",
+    "comms_logger": "`zjax profile CONFIG` lists the collectives by kind against ZeRO's theory",
+    "tensorboard": _METRICS,
+    "wandb": _METRICS,
+    "csv_monitor": _METRICS,
+    "comet": _METRICS,
+    "dump_state": "there is no engine state to dump; `zjax config explain` prints the effective config",
+    "prescale_gradients": "zjax averages gradients in one reduction; there is no separate pre-division",
+    "gradient_predivide_factor": "zjax averages gradients in one reduction; there is no separate pre-division",
+    "sparse_gradients": "JAX gradients are dense arrays",
+    "zero_allow_untested_optimizer": "every zjax optimizer runs at every ZeRO stage",
+    "zero_force_ds_cpu_optimizer": _OFFLOAD,
+    "checkpoint": "DeepSpeed's checkpoint options do not apply to zjax checkpoints",
+    "nebula": "zjax checkpoints with Orbax; there is no Nebula service",
+    "aio": _OFFLOAD,
+    "autotuning": "zjax has no autotuner; `zjax plan CONFIG --fit BUDGET` finds a setting that fits",
+    "fp32_allreduce": "set communication_data_type: fp32 instead",
+    "disable_allgather": _COLLECTIVES,
+    "dataloader_drop_last": "zjax's data pipeline always drops the last partial batch",
+    "activation_checkpointing.partition_activations": (
+        "saved activations are already per device: each data-parallel device keeps only its own "
+        "micro-batch's, and zjax does not split them further over the tensor axis"
+    ),
+    "activation_checkpointing.number_checkpoints": "zjax checkpoints every scanned layer; the count is model.n_layers",
+    "activation_checkpointing.contiguous_memory_optimization": "XLA owns the layout of activation buffers",
+    "activation_checkpointing.synchronize_checkpoint_boundary": (
+        "there are no CUDA streams to synchronize; XLA orders the compiled program"
+    ),
+    "activation_checkpointing.profile": "use zjax.analysis.activations.remat_report or jax.profiler instead",
+    "zero_optimization.reduce_bucket_size": _COLLECTIVES,
+    "zero_optimization.allgather_bucket_size": _COLLECTIVES,
+    "zero_optimization.overlap_comm": _COLLECTIVES,
+    "zero_optimization.contiguous_gradients": "XLA owns the layout of gradient buffers",
+    "zero_optimization.reduce_scatter": _COLLECTIVES,
+    "zero_optimization.allgather_partitions": _COLLECTIVES,
+    "zero_optimization.round_robin_gradients": _COLLECTIVES,
+    "zero_optimization.use_multi_rank_bucket_allreduce": _COLLECTIVES,
+    "zero_optimization.stage3_prefetch_bucket_size": _COLLECTIVES,
+    "zero_optimization.stage3_max_live_parameters": _COLLECTIVES,
+    "zero_optimization.stage3_max_reuse_distance": _COLLECTIVES,
+    "zero_optimization.stage3_param_persistence_threshold": _COLLECTIVES,
+    "zero_optimization.stage3_model_persistence_threshold": _COLLECTIVES,
+    "zero_optimization.stage3_use_all_reduce_for_fetch_params": _COLLECTIVES,
+    "zero_optimization.stage3_module_granularity_threshold": _COLLECTIVES,
+    "zero_optimization.sub_group_size": "the optimizer update is one XLA program; there are no sub-groups to size",
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": _FP32_MASTER,
+    "zero_optimization.stage3_gather_fp16_weights_on_model_save": _FP32_MASTER,
+    "zero_optimization.gather_16bit_weights_on_model_save": _FP32_MASTER,
+    "zero_optimization.elastic_checkpoint": "zjax checkpoints are not DeepSpeed's partitioned ZeRO checkpoints",
+    "zero_optimization.load_from_fp32_weights": _FP32_MASTER,
+    "zero_optimization.cpu_offload_use_pin_memory": _OFFLOAD_TUNING,
+    "zero_optimization.ignore_unused_parameters": "JAX computes a gradient for every parameter",
+    "zero_optimization.legacy_stage1": "zjax has one stage-1 implementation",
+    "zero_optimization.memory_efficient_linear": "XLA chooses the linear-layer kernels",
+    "zero_optimization.override_module_apply": "there are no torch module hooks to override",
+    "zero_optimization.pipeline_loading_checkpoint": "there is no pipeline engine",
+    "zero_optimization.log_trace_cache_warnings": "there is no ZeRO-3 trace cache; XLA compiles the gathers",
+    "fp16.consecutive_hysteresis": "zjax's loss scaler has a single hysteresis rule; it is not switchable",
+    "fp16.auto_cast": "zjax casts to precision.compute_dtype itself; there is no autocast switch",
+    "fp16.fp16_master_weights_and_grads": _FP32_MASTER,
+    "bf16.immediate_grad_update": "zjax applies the update once per optimizer step",
+    "bf16.check_grad_overflow": "overflow checks belong to fp16 loss scaling only",
+    **{f"bf16.{name}": _NO_BF16_SCALING for name in (
+        "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")},
+    "optimizer.legacy_fusion": "XLA fuses the optax update",
+    "optimizer.params.torch_adam": "optax runs the same Adam on every backend",
+    "optimizer.params.set_grad_none": "JAX gradients are values, not buffers to reset",
+    "scheduler.params.last_batch_iteration": "the schedule position is the optimizer step count",
+    "scheduler.params.cycle_min_mom": _LR_ONLY,
+    "scheduler.params.cycle_max_mom": _LR_ONLY,
+    "scheduler.params.decay_mom_rate": _LR_ONLY,
+    "tensor_parallel.tp.tp_grain_size": "tensor parallelism is off (size 1)",
+    "tensor_parallel.tp.mpu": "tensor parallelism is off (size 1)",
+    "tensor_parallel.tp.tp_group": "tensor parallelism is off (size 1)",
+    "tensor_parallel.tp.enabled": "tensor parallelism is off (size 1)",
+    "tensor_parallel.dtype": "precision comes from the bf16/fp16 blocks (precision.compute_dtype)",
+    "tensor_parallel.injection_policy_tuple": "tensor parallelism is off (size 1)",
+    "tensor_parallel.keep_module_on_host": "tensor parallelism is off (size 1)",
+    "tensor_parallel.replace_with_kernel_inject": "tensor parallelism is off (size 1)",
+}
+# ``bfloat16`` is DeepSpeed's older spelling of the ``bf16`` block.
+IGNORED.update({key.replace("bf16.", "bfloat16.", 1): reason for key, reason in IGNORED.items()
+                if key.startswith("bf16.")})
+
+
+def _block_off(value: Any) -> bool:
+    """A feature block is off unless its ``enabled`` (or, without one, any nested ``enabled``) is true."""
+    if not isinstance(value, Mapping):
+        return not value
+    if "enabled" in value:
+        return value["enabled"] is not True
+    return all(_block_off(child) for child in value.values() if isinstance(child, Mapping))
+
+
+def _never_off(value: Any) -> bool:
+    """Blocks without a switch (sparse_attention, pipeline): present means used."""
+    return False
+
+
+def _false(value: Any) -> bool:
+    return value in (False, None)
+
+
+# DeepSpeed features zjax does not have: accepted while switched off, refused by name when on.
+# key -> (the feature in DeepSpeed's words, the test that it is switched off).
+UNSUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "curriculum_learning": ("curriculum learning", _block_off),
+    "data_efficiency": ("data efficiency (data sampling, curriculum, random-LTD)", _block_off),
+    "compression_training": ("compression training (quantization, pruning, layer reduction)", _block_off),
+    "quantize_training": ("MoQ quantize-aware training", _block_off),
+    "weight_quantization": ("weight quantization", _block_off),
+    "hybrid_engine": ("the hybrid engine (RLHF generation)", _block_off),
+    "progressive_layer_drop": ("progressive layer drop", _block_off),
+    "eigenvalue": ("eigenvalue computation", _block_off),
+    "elasticity": ("elastic training (batch size chosen per world size)", _block_off),
+    "amp": ("Apex AMP (use bf16 or fp16 instead)", _block_off),
+    "sparse_attention": ("sparse attention", _never_off),
+    "pipeline": ("pipeline parallelism (planned in a later issue)", _never_off),
+    "zero_optimization.zero_quantized_weights": ("ZeRO++ quantized weights", _false),
+    "zero_optimization.zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", _false),
+    "zero_optimization.zero_quantized_gradients": ("ZeRO++ quantized gradients", _false),
+    "zero_optimization.zero_hpz_partition_size": (
+        "ZeRO++ hierarchical partitioning (hpZ)", lambda value: value in (0, 1, None)),
+    "zero_optimization.zeropp_loco_param": ("ZeRO++ LoCo error feedback", _false),
+    "zero_optimization.mics_shard_size": ("MiCS sharding", lambda value: value is None or value <= 0),
+    "zero_optimization.mics_hierarchical_params_gather": ("MiCS hierarchical gather", _false),
+}
+# DeepSpeed optimizers zjax does not have (its ``type`` names are case-insensitive).
+_UNSUPPORTED_OPTIMIZERS = {
+    "onebitadam": "1-bit Adam",
+    "zerooneadam": "0/1 Adam",
+    "onebitlamb": "1-bit LAMB",
+    "lamb": "LAMB",
+    "adagrad": "Adagrad",
+    "muadam": "muP Adam",
+    "muadamw": "muP AdamW",
+    "musgd": "muP SGD",
+}
+
+_BATCH = {
+    "train_batch_size": "batch.global_batch_size",
+    "train_micro_batch_size_per_gpu": "batch.micro_batch_size_per_device",
+    "gradient_accumulation_steps": "batch.grad_accum_steps",
+}
+# deepspeed/runtime/config.py lower-cases communication_data_type before checking it.
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_OPTIMIZER_PARAMS = {
+    "adam": ("lr", "betas", "eps", "weight_decay", "adam_w_mode", "amsgrad", "bias_correction"),
+    "adamw": ("lr", "betas", "eps", "weight_decay", "adam_w_mode", "amsgrad", "bias_correction"),
+    "sgd": ("lr", "momentum", "nesterov", "weight_decay", "dampening"),
+    "lion": ("lr", "betas", "weight_decay"),
+    "adafactor": ("lr", "weight_decay"),
+}
+# The optimizer's own default learning rate, which DeepSpeed leaves in place when params has no lr:
+# FusedAdam, DeepSpeedCPUAdam, FusedLion and torch.optim.SGD use 1e-3, torch.optim.Adafactor 1e-2.
+_OPTIMIZER_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 1e-3, "lion": 1e-3, "adafactor": 1e-2}
+# DeepSpeed/torch options zjax supports only at their default value.
+_DEFAULT_ONLY = {"amsgrad": False, "bias_correction": True, "dampening": 0}
+# Optimizer params DeepSpeed itself refuses (engine.py _configure_basic_optimizer).
+_REFUSED_PARAMS = {
+    "max_grad_norm": (
+        "DeepSpeed refuses it too ('max_grad_norm' is not supported as an optimizer parameter); "
+        "set the top-level gradient_clipping instead, e.g. gradient_clipping: 1.0"
+    ),
+}
+_SCHEDULERS = {
+    "warmuplr": "warmup",
+    "warmupdecaylr": "warmup_decay",
+    "warmupcosinelr": "warmup_cosine",
+    "onecycle": "onecycle",
+}
+_WARMUP = {
+    "warmup_min_lr": "schedule.warmup_min_lr",
+    "warmup_max_lr": "optimizer.lr",
+    "warmup_num_steps": "schedule.warmup_steps",
+    "warmup_type": "schedule.warmup_type",
+}
+_SCHEDULER_PARAMS = {
+    "warmup": _WARMUP,
+    "warmup_decay": {**_WARMUP, "total_num_steps": "schedule.total_steps"},
+    "warmup_cosine": {
+        "total_num_steps": "schedule.total_steps",
+        "warmup_min_ratio": "schedule.warmup_min_ratio",
+        "warmup_num_steps": "schedule.warmup_steps",
+        "cos_min_ratio": "schedule.cos_min_ratio",
+        "warmup_type": "schedule.warmup_type",
+    },
+    "onecycle": {
+        "cycle_min_lr": "schedule.cycle_min_lr",
+        "cycle_max_lr": "schedule.cycle_max_lr",
+        "decay_lr_rate": "schedule.decay_lr_rate",
+        "cycle_first_step_size": "schedule.cycle_first_step_size",
+        "cycle_second_step_size": "schedule.cycle_second_step_size",
+        "decay_step_size": "schedule.decay_step_size",
+    },
+}
+# The scheduler classes' defaults in deepspeed/runtime/lr_schedules.py, where zjax's differ.
+# WarmupLR and WarmupDecayLR peak at warmup_max_lr=0.001, not at the optimizer's lr.
+_SCHEDULER_DEFAULTS = {
+    "warmup": {"warmup_num_steps": 1000, "warmup_type": "log", "warmup_max_lr": 0.001},
+    "warmup_decay": {"warmup_num_steps": 1000, "warmup_type": "log", "warmup_max_lr": 0.001},
+    "warmup_cosine": {"warmup_num_steps": 1000, "warmup_type": "log", "cos_min_ratio": 0.0001},
+    "onecycle": {"cycle_first_step_size": 2000},
+}
+# fp16 keys that make DeepSpeed build the loss scaler from the config (runtime/config.py get_dynamic_loss_scale_args).
+_DYNAMIC_LOSS_ARGS = (
+    "initial_scale_power", "loss_scale_window", "min_loss_scale", "hysteresis", "consecutive_hysteresis")
+_AUTO_HINTS = {
+    "train_batch_size": "give the global batch size as an integer, e.g. 32",
+    "train_micro_batch_size_per_gpu": "give the per-device micro-batch size as an integer, e.g. 4",
+    "gradient_accumulation_steps": "give the micro-batches per optimizer step as an integer, e.g. 1",
+    "gradient_clipping": "give the max global gradient norm as a number, e.g. 1.0 (0 disables clipping)",
+    "zero_optimization.stage": "give the ZeRO stage: 0, 1, 2 or 3",
+    "fp16.enabled": "give true or false",
+    "bf16.enabled": "give true or false",
+    "bfloat16.enabled": "give true or false",
+    "optimizer.params.lr": "give the learning rate as a number, e.g. 3e-4",
+    "optimizer.params.betas": "give [b1, b2], e.g. [0.9, 0.999]",
+    "optimizer.params.eps": "give a number, e.g. 1e-8",
+    "optimizer.params.weight_decay": "give a number, e.g. 0.0",
+    "scheduler.params.warmup_min_lr": "give a number, e.g. 0",
+    "scheduler.params.warmup_max_lr": "give the peak learning rate, e.g. 3e-4",
+    "scheduler.params.warmup_num_steps": "give the warmup length in optimizer steps, e.g. 100",
+    "scheduler.params.total_num_steps": "give the run length in optimizer steps (the run's steps), e.g. 1000",
+}
+
+
+def map_deepspeed(raw: Mapping[str, Any]) -> tuple[dict, list[tuple[str, str]], list[tuple[str, str]]]:
+    """Rewrite the DeepSpeed keys of one config layer onto the zjax schema.
+
+    Args:
+      raw: one config layer; DeepSpeed and zjax keys may be mixed.
+
+    Returns:
+      ``(layer, ignored, mapped)``: the layer with only zjax keys; ``(key, reason)`` for
+      each DeepSpeed key it accepted but ignores; ``(key, "zjax.key = value")`` for each
+      DeepSpeed key (or DeepSpeed default) that set a zjax key.
+
+    Example:
+      >>> layer, ignored, mapped = map_deepspeed({"bf16": {"enabled": True}, "steps": 10})
+      >>> layer
+      {'steps': 10, 'precision': {'compute_dtype': 'bfloat16'}}
+      >>> mapped
+      [('bf16.enabled', 'precision.compute_dtype = bfloat16')]
+    """
+    ds_keys = [key for key, value in raw.items() if _is_deepspeed(key, value)]
+    _reject_autos({key: raw[key] for key in raw if key in ds_keys or key in _SHARED})
+    if not ds_keys:
+        return dict(raw), [], []
+    _refuse_switched_on(raw)
+    translation = _Translation(raw)
+    if all(key in ds_keys or key in _SHARED for key in raw):
+        _deepspeed_defaults(translation)
+    for key in sorted([*ds_keys, *(key for key in _SHARED if key in raw)], key=_HANDLER_ORDER.index):
+        _HANDLERS.get(key, _ignore_top_level)(key, raw[key], translation)
+    layer = {key: value for key, value in raw.items() if key not in ds_keys and key not in _SHARED}
+    return translation.apply(layer)
+
+
+def _deepspeed_defaults(out: _Translation) -> None:
+    """What a config written only in DeepSpeed's words means where it is silent."""
+    # deepspeed/runtime/constants.py: GRADIENT_CLIPPING_DEFAULT = 0. (no clipping).
+    out.default("gradient_clipping", 0.0, "gradient_clipping (DeepSpeed default)")
+    # TRAIN_BATCH_SIZE_DEFAULT, TRAIN_MICRO_BATCH_SIZE_PER_GPU_DEFAULT, GRADIENT_ACCUMULATION_STEPS_DEFAULT
+    # are None: any two give the third, and Config refuses a batch with neither size.
+    for ds_key, zjax_key in _BATCH.items():
+        out.default(zjax_key, None, f"{ds_key} (not given)")
+
+
+class _Translation:
+    """Dotted zjax key -> value, collected from DeepSpeed keys, plus the ignored keys."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.keys = set(keys)
+        self.values: dict[str, tuple[Any, str]] = {}
+        self.defaults: dict[str, tuple[Any, str]] = {}
+        self.ignored: list[tuple[str, str]] = []
+
+    def set(self, zjax_key: str, value: Any, ds_key: str) -> None:
+        """Record that ``ds_key`` gives ``zjax_key`` the value ``value``."""
+        if zjax_key in self.values and self.values[zjax_key][0] != value:
+            previous, source = self.values[zjax_key]
+            raise ConfigError(
+                f"{ds_key} sets {zjax_key}={value!r} but {source} sets it to {previous!r}; keep one of them"
+            )
+        self.values[zjax_key] = (value, ds_key)
+
+    def default(self, zjax_key: str, value: Any, source: str) -> None:
+        """Record a value that holds only where no key of this layer sets ``zjax_key``."""
+        self.defaults[zjax_key] = (value, source)
+
+    def ignore(self, ds_key: str, value: Any, reason: str | None = None) -> None:
+        """List ``ds_key`` as ignored, unless its value switches it off."""
+        if not (_false(value) or (isinstance(value, Mapping) and value.get("enabled", True) is False)):
+            self.ignored.append((ds_key, reason or IGNORED[ds_key]))
+
+    def stage(self) -> int:
+        """The ZeRO stage this layer's zero_optimization gives (DeepSpeed's default 0)."""
+        return self.values.get("zero.stage", (0, ""))[0]
+
+    def apply(self, layer: dict) -> tuple[dict, list[tuple[str, str]], list[tuple[str, str]]]:
+        """Write the values into ``layer``; a zjax key of the same layer must agree."""
+        mapped = []
+        for zjax_key, (value, ds_key) in self.values.items():
+            given = _get(layer, zjax_key)
+            if given is not _ABSENT and given != value:
+                raise ConfigError(
+                    f"{ds_key} sets {zjax_key}={value!r} but the config also sets {zjax_key}={given!r}; "
+                    "keep one of them"
+                )
+            _put(layer, zjax_key, value)
+            mapped.append((ds_key, f"{zjax_key} = {_show(value)}"))
+        for zjax_key, (value, source) in self.defaults.items():
+            if _get(layer, zjax_key) is _ABSENT:
+                _put(layer, zjax_key, value)
+                mapped.append((source, f"{zjax_key} = {_show(value)}"))
+        return layer, self.ignored, mapped
+
+
+def _show(value: Any) -> str:
+    return "null (derived)" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _map_batch(key: str, value: Any, out: _Translation) -> None:
+    out.set(_BATCH[key], _int(key, value), key)
+    # DeepSpeed semantics: any two of the triple give the third, so the unset ones are derived.
+    for ds_key, zjax_key in _BATCH.items():
+        out.default(zjax_key, None, f"{ds_key} (not given)")
+
+
+def _map_gradient_clipping(key: str, value: Any, out: _Translation) -> None:
+    out.set("gradient_clipping", _number(key, value), key)
+
+
+def _map_zero(key: str, block: Any, out: _Translation) -> None:
+    mapped = ("stage", "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param")
+    _check_keys(key, block, mapped)
+    stage = _int(f"{key}.stage", block.get("stage", 0))
+    if "stage" in block:
+        out.set("zero.stage", stage, f"{key}.stage")
+    # zero/config.py: the deprecated cpu_offload / cpu_offload_param become offload_optimizer /
+    # offload_param with device cpu when true, and may not be given next to them.
+    for legacy, name in (("cpu_offload", "offload_optimizer"), ("cpu_offload_param", "offload_param")):
+        if legacy not in block:
+            continue
+        if name in block:
+            raise ConfigError(
+                f"{key}.{legacy} and {key}.{name} are both given; DeepSpeed refuses this too (Cannot provide "
+                f"deprecated parameter '{legacy}' and replacing parameter '{name}' together): keep {name}"
+            )
+        if _bool(f"{key}.{legacy}", block[legacy]):
+            _map_offload(f"{key}.{legacy}", "cpu", f"zero.{name}", stage, out)
+    for name in ("offload_optimizer", "offload_param"):
+        if name in block:
+            _map_offload_block(f"{key}.{name}", block[name], f"zero.{name}", stage, out)
+    _ignore_rest(key, block, mapped, out)
+
+
+def _map_offload_block(key: str, block: Any, target: str, stage: int, out: _Translation) -> None:
+    """``offload_*: {device: cpu|none, pin_memory, buffer_count, ...}``: only ``device`` acts."""
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{key}={block!r} must be a block, e.g. {key}: {{device: cpu}}")
+    device = block.get("device", "none")
+    if device not in ("cpu", "none"):
+        raise ConfigError(f"{key}.device={device!r}: zjax offloads to host memory only; use device: cpu or none")
+    _map_offload(f"{key}.device", device, target, stage, out)
+    for name in block:
+        if name != "device":
+            out.ignore(f"{key}.{name}", block[name], _OFFLOAD_TUNING)
+
+
+def _map_offload(source: str, device: str, target: str, stage: int, out: _Translation) -> None:
+    if target == "zero.offload_param" and stage < 3 and device != "none":
+        # DeepSpeed builds parameter offload only in its stage-3 optimizer.
+        out.ignore(source, device, f"DeepSpeed offloads parameters only at stage 3; stage {stage} ignores it")
+    else:
+        out.set(target, device, source)
+
+
+def _map_fp16(key: str, block: Any, out: _Translation) -> None:
+    mapped = ("enabled", "loss_scale", *_DYNAMIC_LOSS_ARGS[:-1])
+    _check_keys(key, block, mapped)
+    enabled = _bool("fp16.enabled", block.get("enabled", False))
+    if enabled:
+        out.set("precision.compute_dtype", "float16", "fp16.enabled")
+        out.set("loss_scale.enabled", True, "fp16.enabled")
+    # FP16_LOSS_SCALE_DEFAULT = 0: 0 selects dynamic scaling, a positive value a fixed scale.
+    scale = _number("fp16.loss_scale", block.get("loss_scale", 0))
+    if "loss_scale" in block:
+        out.set("loss_scale.dynamic", scale == 0, "fp16.loss_scale")
+        if scale != 0:
+            out.set("loss_scale.static_scale", scale, "fp16.loss_scale")
+    for name, convert in (
+        ("initial_scale_power", _int),
+        ("loss_scale_window", _int),
+        ("hysteresis", _int),
+        ("min_loss_scale", _number),
+    ):
+        if name in block:
+            out.set(f"loss_scale.{name}", convert(f"fp16.{name}", block[name]), f"fp16.{name}")
+    if enabled and scale == 0 and not any(name in block for name in _DYNAMIC_LOSS_ARGS):
+        # No dynamic-scaling key: ZeRO's CreateLossScaler(dynamic_loss_args=None) builds
+        # DynamicLossScaler() with its class defaults (fp16/loss_scaler.py), while stage 0's
+        # FP16_Optimizer starts at 2**16 (runtime/config.py get_initial_dynamic_scale).
+        power = 32 if out.stage() > 0 else 16
+        out.default("loss_scale.initial_scale_power", power, "fp16 (DeepSpeed default without scaling keys)")
+        out.default("loss_scale.hysteresis", 1, "fp16 (DeepSpeed default without scaling keys)")
+    _ignore_rest(key, block, mapped, out)
+
+
+def _map_bf16(key: str, block: Any, out: _Translation) -> None:
+    _check_keys(key, block, ("enabled",))
+    if _bool(f"{key}.enabled", block.get("enabled", False)):
+        out.set("precision.compute_dtype", "bfloat16", f"{key}.enabled")
+    _ignore_rest(key, block, ("enabled",), out)
+
+
+def _map_bfloat16(key: str, block: Any, out: _Translation) -> None:
+    """DeepSpeed's older spelling of bf16; runtime/config.py reads it only when bf16 is absent."""
+    if "bf16" in out.keys:
+        out.ignore(key, True, "DeepSpeed reads the bf16 block and ignores bfloat16 when both are given")
+        return
+    _map_bf16(key, block, out)
+
+
+def _map_optimizer(key: str, block: Any, out: _Translation) -> None:
+    _check_keys(key, block, ("type", "params"))
+    given_type = block.get("type")
+    name = str(given_type).lower()
+    if name in _UNSUPPORTED_OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.type={given_type!r}: {_UNSUPPORTED_OPTIMIZERS[name]} is not implemented in zjax; "
+            "use one of Adam, AdamW, SGD, Lion, Adafactor"
+        )
+    if name not in _OPTIMIZER_PARAMS:
+        raise ConfigError(
+            f"optimizer.type={given_type!r} is not supported; use one of Adam, AdamW, SGD, Lion, Adafactor"
+        )
+    params = block.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"optimizer.params={params!r} must be a block of keys, e.g. optimizer.params: {{lr: 1e-3}}")
+    for option, hint in _REFUSED_PARAMS.items():
+        if option in params:
+            raise ConfigError(f"optimizer.params.{option}={params[option]!r}: {hint}")
+    _check_keys("optimizer.params", params, _OPTIMIZER_PARAMS[name], f" for {given_type}")
+    for option, default in _DEFAULT_ONLY.items():
+        if option in params and params[option] != default:
+            raise ConfigError(
+                f"optimizer.params.{option}={params[option]!r} is not supported by zjax's {name}; "
+                f"remove it or set {option}: {default!r}"
+            )
+    zjax_type = _adam_flavour(name, params, out) if name in ("adam", "adamw") else name
+    out.set("optimizer.type", zjax_type, "optimizer.type")
+    out.default("optimizer.lr", _OPTIMIZER_LR[name], f"optimizer.params.lr ({given_type}'s default)")
+    if "betas" in params:
+        b1, b2 = _betas(params["betas"])
+        out.set("optimizer.b1", b1, "optimizer.params.betas")
+        out.set("optimizer.b2", b2, "optimizer.params.betas")
+    for option, convert in (("lr", _number), ("eps", _number), ("weight_decay", _number),
+                            ("momentum", _number), ("nesterov", _bool)):
+        if option in params:
+            ds_key = f"optimizer.params.{option}"
+            out.set(f"optimizer.{option}", convert(ds_key, params[option]), ds_key)
+    if out.values.get("optimizer.weight_decay", (0,))[0] > 0:
+        # DeepSpeed decays every parameter the script hands to deepspeed.initialize.
+        out.default("optimizer.decay_norms_and_biases", True, "optimizer.params.weight_decay (on every parameter)")
+    _ignore_rest("optimizer.params", params, (*_OPTIMIZER_PARAMS[name], "adam_w_mode"), out)
+    _ignore_rest(key, block, ("type", "params"), out)
+
+
+def _adam_flavour(name: str, params: Mapping[str, Any], out: _Translation) -> str:
+    """engine.py _configure_basic_optimizer: AdamW, and Adam with adam_w_mode (default true), decay decoupled."""
+    adam_w_mode = _bool("optimizer.params.adam_w_mode", params.get("adam_w_mode", True))
+    if name == "adamw" and not adam_w_mode:
+        out.ignore("optimizer.params.adam_w_mode", True,
+                   "DeepSpeed's AdamW decouples weight decay whatever adam_w_mode says")
+    decoupled = name == "adamw" or adam_w_mode
+    if params.get("torch_adam") is True and decoupled and "weight_decay" not in params:
+        # torch_adam selects torch.optim.AdamW, whose default weight_decay is 1e-2 (FusedAdam's is 0).
+        out.set("optimizer.weight_decay", 0.01, "optimizer.params.weight_decay (torch.optim.AdamW's default)")
+    weight_decay = _number("optimizer.params.weight_decay", params.get("weight_decay", 0.0))
+    if weight_decay > 0 and not decoupled:
+        raise ConfigError(
+            f"optimizer.params.adam_w_mode=False with weight_decay={weight_decay} is L2-coupled Adam, which "
+            "zjax does not implement; use adam_w_mode: true (decoupled, AdamW) or weight_decay: 0"
+        )
+    # Without weight decay, decoupled and coupled Adam are the same update.
+    return "adamw" if weight_decay > 0 or "optimizer.weight_decay" in out.values else "adam"
+
+
+def _betas(value: Any) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ConfigError(f"optimizer.params.betas={value!r} must be a pair [b1, b2], e.g. [0.9, 0.999]")
+    return _number("optimizer.params.betas", value[0]), _number("optimizer.params.betas", value[1])
+
+
+def _map_scheduler(key: str, block: Any, out: _Translation) -> None:
+    _check_keys(key, block, ("type", "params"))
+    given_type = block.get("type")
+    name = _SCHEDULERS.get(str(given_type).lower())
+    if name is None:
+        raise ConfigError(
+            f"scheduler.type={given_type!r} is not supported; use one of WarmupLR, WarmupDecayLR, "
+            "WarmupCosineLR, OneCycle"
+        )
+    params = block.get("params") or {}
+    mapping = _SCHEDULER_PARAMS[name]
+    stairs = ("cycle_first_stair_count", "cycle_second_stair_count") if name == "onecycle" else ()
+    momentum = ("cycle_momentum",) if name == "onecycle" else ()
+    _check_keys("scheduler.params", params, (*mapping, *stairs, *momentum), f" for {given_type}")
+    out.set("schedule.type", name, "scheduler.type")
+    for ds_name, value in _SCHEDULER_DEFAULTS[name].items():
+        if ds_name not in params:
+            source = f"scheduler.params.{ds_name} ({given_type}'s default)"
+            if mapping[ds_name] == "optimizer.lr":
+                _set_peak_lr(value, source, out, weak=True)
+            else:
+                out.default(mapping[ds_name], value, source)
+    for ds_name, zjax_key in mapping.items():
+        if ds_name not in params:
+            continue
+        ds_key = f"scheduler.params.{ds_name}"
+        value = _scalar(ds_key, params[ds_name])
+        if zjax_key == "optimizer.lr":
+            _set_peak_lr(_number(ds_key, value), ds_key, out, weak=False)
+        else:
+            out.set(zjax_key, value, ds_key)
+    if name == "onecycle":
+        _check_one_cycle(params, out)
+    _ignore_rest("scheduler.params", params, (*mapping, *stairs, *momentum), out)
+
+
+def _set_peak_lr(lr: float, source: str, out: _Translation, weak: bool) -> None:
+    """WarmupLR and WarmupDecayLR run from warmup_min_lr to warmup_max_lr whatever the optimizer's lr."""
+    replaced = out.values.pop("optimizer.lr", None)
+    if replaced is not None and replaced[0] != lr:
+        out.ignored.append((replaced[1], f"{source} sets the peak learning rate"))
+    out.defaults.pop("optimizer.lr", None)
+    if weak:
+        # Only a zjax optimizer.lr of the same layer outranks the scheduler class's own default.
+        out.default("optimizer.lr", lr, source)
+    else:
+        out.set("optimizer.lr", lr, source)
+
+
+def _check_one_cycle(params: Mapping[str, Any], out: _Translation) -> None:
+    if "cycle_max_lr" in params and "optimizer.lr" in out.values:
+        out.ignored.append((out.values["optimizer.lr"][1], "OneCycle peaks at scheduler.params.cycle_max_lr"))
+    for stair in ("cycle_first_stair_count", "cycle_second_stair_count"):
+        if params.get(stair) not in (None, 0):
+            raise ConfigError(
+                f"scheduler.params.{stair}={params[stair]!r}: stair-case OneCycle is not implemented; "
+                f"remove {stair} or set it to 0"
+            )
+    # OneCycle cycles momentum by default (cycle_momentum=True), for every optimizer with betas
+    # (it also sets beta2 to 0.99); SGD has none, and DeepSpeed then switches it off itself.
+    cycles = _bool("scheduler.params.cycle_momentum", params.get("cycle_momentum", True))
+    if cycles and out.values.get("optimizer.type", ("adamw", ""))[0] != "sgd":
+        raise ConfigError(
+            "scheduler.params.cycle_momentum=True (OneCycle's default): momentum cycling is not implemented "
+            "in zjax; set cycle_momentum: false to cycle only the learning rate"
+        )
+
+
+def _map_activation_checkpointing(key: str, block: Any, out: _Translation) -> None:
+    """DeepSpeed checkpoints each layer, keeping its input: ``full``; on the host with ``cpu_checkpointing``."""
+    _check_keys(key, block, ("cpu_checkpointing",))
+    to_host = _bool(f"{key}.cpu_checkpointing", block.get("cpu_checkpointing", False))
+    if to_host:
+        out.set("remat.policy", "full_offload", f"{key}.cpu_checkpointing")
+    else:
+        # The block alone only says how checkpoints behave; a remat.policy of the same layer wins.
+        out.default("remat.policy", "full", key)
+    _ignore_rest(key, block, ("cpu_checkpointing",), out)
+
+
+def _map_data_types(key: str, block: Any, out: _Translation) -> None:
+    _check_keys(key, block, ("grad_accum_dtype",))
+    if block.get("grad_accum_dtype") is not None:
+        ds_key = "data_types.grad_accum_dtype"
+        out.set("precision.accum_dtype", _dtype(ds_key, block["grad_accum_dtype"]), ds_key)
+
+
+def _map_communication_dtype(key: str, value: Any, out: _Translation) -> None:
+    if value is not None:
+        out.set("precision.reduce_dtype", _dtype(key, value), key)
+
+
+def _map_steps_per_print(key: str, value: Any, out: _Translation) -> None:
+    if value is not None:
+        out.set("log_every", _int(key, value), key)
+
+
+def _map_tensor_parallel(key: str, block: Any, out: _Translation) -> None:
+    """AutoTP's ``autotp_size`` (0 = off) and ``tp.tp_size`` map onto ``mesh.tensor``."""
+    _check_keys(key, block, ("autotp_size", "tp"))
+    tp = block.get("tp", {})
+    _check_keys(f"{key}.tp", tp, ("tp_size",))
+    sizes = ((f"{key}.autotp_size", block.get("autotp_size", 0)), (f"{key}.tp.tp_size", tp.get("tp_size", 1)))
+    for ds_key, size in sizes:
+        if _int(ds_key, size) > 1:
+            raise ConfigError(
+                f"{ds_key}={size}: tensor parallelism is not implemented in zjax yet (a later issue; "
+                f"mesh.tensor must be 1); set {ds_key.rsplit('.', 1)[1]}: 1"
+            )
+    out.set("mesh.tensor", 1, key)
+    _ignore_rest(f"{key}.tp", tp, ("tp_size",), out)
+    _ignore_rest(key, block, ("autotp_size", "tp"), out)
+
+
+def _map_sequence_parallel_size(key: str, value: Any, out: _Translation) -> None:
+    """DeepSpeed-Ulysses' ``sequence_parallel_size`` maps onto ``mesh.sequence``."""
+    if _int(key, value) > 1:
+        raise ConfigError(
+            f"{key}={value}: sequence parallelism is not implemented in zjax yet (a later issue; "
+            f"mesh.sequence must be 1); set {key}: 1"
+        )
+    out.set("mesh.sequence", 1, key)
+
+
+def _ignore_top_level(key: str, value: Any, out: _Translation) -> None:
+    if key in IGNORED:
+        out.ignore(key, value)
+
+
+_HANDLERS: dict[str, Callable[[str, Any, _Translation], None]] = {
+    **dict.fromkeys(_BATCH, _map_batch),
+    # The ZeRO stage goes first: fp16's loss-scaler defaults depend on it.
+    "zero_optimization": _map_zero,
+    "fp16": _map_fp16,
+    "bf16": _map_bf16,
+    "bfloat16": _map_bfloat16,
+    # The optimizer goes before the scheduler, whose peak lr replaces the optimizer's.
+    "optimizer": _map_optimizer,
+    "scheduler": _map_scheduler,
+    "gradient_clipping": _map_gradient_clipping,
+    "data_types": _map_data_types,
+    "activation_checkpointing": _map_activation_checkpointing,
+    "communication_data_type": _map_communication_dtype,
+    "steps_per_print": _map_steps_per_print,
+    "tensor_parallel": _map_tensor_parallel,
+    "sequence_parallel_size": _map_sequence_parallel_size,
+}
+# Keys that are zjax keys too: mapped in a DeepSpeed layer, but alone they do not make one.
+_SHARED = ("gradient_clipping",)
+_TOP_LEVEL_IGNORED = tuple(key for key in IGNORED if "." not in key)
+_TOP_LEVEL_UNSUPPORTED = tuple(key for key in UNSUPPORTED if "." not in key)
+_HANDLER_ORDER = (*_HANDLERS, *_TOP_LEVEL_IGNORED, *_TOP_LEVEL_UNSUPPORTED)
+TOP_LEVEL_KEYS: tuple[str, ...] = tuple(key for key in _HANDLER_ORDER if key not in _SHARED)
+
+
+def _is_deepspeed(key: str, value: Any) -> bool:
+    if key == "optimizer":
+        # zjax's own optimizer block is flat with a lower-case zjax type; DeepSpeed's nests params
+        # under its type name (Adam, AdamW, OneBitAdam, ...).
+        return isinstance(value, Mapping) and ("params" in value or value.get("type", "adamw") not in _OPTIMIZER_PARAMS)
+    return key in TOP_LEVEL_KEYS
+
+
+def _refuse_switched_on(raw: Mapping[str, Any]) -> None:
+    """One error naming every feature zjax lacks that this layer switches on."""
+    found = []
+    for key, (feature, is_off) in UNSUPPORTED.items():
+        value = _get(raw, key)
+        if value is not _ABSENT and not is_off(value):
+            found.append(f"{key}: {feature}" if isinstance(value, Mapping) else f"{key}={value!r}: {feature}")
+    if found:
+        raise ConfigError(
+            "this config switches on DeepSpeed features zjax does not implement; remove them or switch them "
+            "off (enabled: false) to train without them:\n  " + "\n  ".join(found)
+        )
+
+
+def _reject_autos(raw: Mapping[str, Any]) -> None:
+    """One error for every ``"auto"`` value: the HF Trainer's placeholder, which it fills in before DeepSpeed."""
+    autos = list(_autos(raw, ""))
+    if not autos:
+        return
+    lines = []
+    for key in autos:
+        if key in IGNORED:
+            lines.append(f"{key}: zjax ignores it ({IGNORED[key]}); delete the key")
+        else:
+            lines.append(f"{key}: {_AUTO_HINTS.get(key, 'give a concrete value')}")
+    raise ConfigError(
+        f"{len(autos)} value{'s are' if len(autos) > 1 else ' is'} 'auto', the HF Trainer's placeholder that it "
+        "fills in itself; zjax needs the numbers:\n  " + "\n  ".join(lines)
+    )
+
+
+def _autos(tree: Mapping[str, Any], prefix: str) -> Iterable[str]:
+    for name, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _autos(value, f"{prefix}{name}.")
+        elif value == "auto" or (isinstance(value, (list, tuple)) and "auto" in value):
+            yield f"{prefix}{name}"
+
+
+def _check_keys(block_key: str, block: Any, mapped: Iterable[str], context: str = "") -> None:
+    """A DeepSpeed block must be a mapping of keys zjax maps, knowingly ignores or refuses when on."""
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{block_key}={block!r} must be a block of keys, e.g. {block_key}: {{...}}")
+    known = [*mapped, *(key.rsplit(".", 1)[1] for key in (*IGNORED, *UNSUPPORTED)
+                        if key.rsplit(".", 1)[0] == block_key)]
+    for name in block:
+        if name not in known:
+            raise ConfigError(f"unknown key {f'{block_key}.{name}'!r}{context}; {suggest(name, known, block_key)}")
+
+
+def suggest(name: str, valid: Iterable[str], parent: str = "") -> str:
+    """``did you mean 'x'? valid keys: ...`` with a suggestion only when it is really near."""
+    valid = list(valid)
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.75)
+    where = f" at {parent}" if parent else ""
+    hint = f"did you mean {'.'.join(filter(None, [parent, match[0]]))!r}? " if match else ""
+    return f"{hint}valid keys{where}: {', '.join(valid)}"
+
+
+def _ignore_rest(block_key: str, block: Mapping[str, Any], mapped: Iterable[str], out: _Translation) -> None:
+    for name in block:
+        key = f"{block_key}.{name}"
+        if name not in mapped and key not in UNSUPPORTED:
+            out.ignore(key, block[name])
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}={value!r} must be an integer, e.g. {key}: 4")
+    return value
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number, e.g. {key}: 1.0")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    return value
+
+
+def _scalar(key: str, value: Any) -> Any:
+    """Numbers and strings pass through for the schema to check; blocks and lists are errors."""
+    if isinstance(value, (Mapping, list, tuple)):
+        raise ConfigError(f"{key}={value!r} must be a single value, not a block or list")
+    return value
+
+
+def _dtype(key: str, value: Any) -> str:
+    name = value.lower() if isinstance(value, str) else value
+    if name not in _DTYPES:
+        raise ConfigError(
+            f"{key}={value!r} is not a DeepSpeed dtype name, and DeepSpeed refuses it too; "
+            f"use one of {', '.join(_DTYPES)}"
+        )
+    return _DTYPES[name]
+
+
+_ABSENT = object()
+
+
+def _get(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for name in dotted.split("."):
+        if not isinstance(node, Mapping) or name not in node:
+            return _ABSENT
+        node = node[name]
+    return node
+
+
+def _put(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{name}={tree!r} must be a block of keys to hold {dotted}")
+    tree[leaf] = value

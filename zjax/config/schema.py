@@ -1,0 +1,634 @@
+"""The zjax config: one typed schema, loaded from YAML, JSON, a dict or a DeepSpeed config.
+
+Every default lives in the models below and, commented, in ``configs/base.yaml``;
+a test keeps the two equal. ``load_config`` is the only way in: it layers ``base:``
+files, maps DeepSpeed keys, applies ``key=value`` overrides, then validates, and it
+turns every pydantic error into a ``ConfigError`` that names the key, the value
+received and what would work.
+"""
+from __future__ import annotations
+
+import codecs
+import copy
+import json
+import logging
+import math
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from zjax.config import deepspeed
+from zjax.errors import ConfigError
+from zjax.config.remat import check_policy
+
+logger = logging.getLogger("zjax")
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+DEFAULT_LOGICAL_AXIS_RULES: dict[str, str | None] = {
+    "batch": "data",
+    "layers": None,
+    "embed": "data",
+    "length": None,
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
+
+def load_config(
+    path_or_dict: str | Path | Mapping[str, Any] | Config,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
+) -> Config:
+    """Load, map, override and validate a config.
+
+    Args:
+      path_or_dict: a path to a YAML or JSON file, a dict, or an existing ``Config``.
+        A file or dict may name ``base: other.yaml`` (relative to the file) to inherit
+        from, and may use DeepSpeed keys (``zero_optimization``, ``fp16``, ...).
+      overrides: ``"dotted.key=value"`` strings (values parsed as YAML scalars) or a
+        dict of dotted keys to values; applied after ``base:`` and DeepSpeed mapping.
+
+    Returns:
+      The validated ``Config``; ``Config.ignored`` lists the DeepSpeed keys it ignored and
+      ``Config.deepspeed_mapping`` what each DeepSpeed key (or DeepSpeed default) became.
+
+    Example:
+      >>> load_config({"train_batch_size": 32, "zero_optimization": {"stage": 3}}, ["steps=20"]).zero.stage
+      3
+    """
+    if isinstance(path_or_dict, Config):
+        raw = path_or_dict.model_dump()
+        ignored, mapped = list(path_or_dict.ignored), list(path_or_dict.deepspeed_mapping)
+    else:
+        raw, ignored, mapped = _read_layered(path_or_dict, chain=())
+    _apply_overrides(raw, overrides)
+    try:
+        config = Config.model_validate(raw)
+    except pydantic.ValidationError as err:
+        raise _config_error(err) from None
+    config._ignored, config._mapped = tuple(ignored), tuple(mapped)
+    if ignored and not isinstance(path_or_dict, Config):
+        # One warning per load, each reason once, so a DeepSpeed config does not flood the log.
+        by_reason: dict[str, list[str]] = {}
+        for key, reason in ignored:
+            by_reason.setdefault(reason, []).append(key)
+        logger.warning(
+            "zjax ignores these DeepSpeed keys (`zjax config explain` lists them): %s",
+            "; ".join(f"{', '.join(keys)} ({reason})" for reason, keys in by_reason.items()),
+        )
+    return config
+
+
+class _Section(BaseModel):
+    """Base of every config block: an unknown key is an error, never silently dropped.
+
+    Numbers must be finite, and true/false is not a number (pydantic would read it as 1/0).
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+            raise ValueError(f"got {value}, a boolean; give a number instead")
+        return value
+
+
+def _leaf_types(annotation: Any) -> set[type]:
+    """The types a field annotation admits (a Literal's by its values)."""
+    if typing.get_origin(annotation) is Literal:
+        return {type(arg) for arg in typing.get_args(annotation)}
+    args = typing.get_args(annotation)
+    return set().union(*map(_leaf_types, args)) if args else {annotation}
+
+
+class MeshConfig(_Section):
+    """Device-mesh size per axis; -1 takes every device the other axes leave.
+
+    The axes, outermost first: ``replica``, ``data`` (ZeRO), ``stage`` (pipeline),
+    ``tensor``, ``sequence`` and ``expert``; the last four must be 1 until their
+    parallelism lands (``zjax.parallel.mesh.make_mesh`` says which).
+
+    ``replica`` is the outermost axis: full replicas (e.g. TPU slices or nodes joined
+    over the data-center network) that each run ZeRO over their own ``data`` devices
+    and average gradients with one all-reduce of the ZeRO shards.
+    """
+
+    replica: int = 1
+    data: int = -1
+    stage: int = 1
+    tensor: int = 1
+    sequence: int = 1
+    expert: int = 1
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> MeshConfig:
+        sizes = self.model_dump()
+        if any(size != -1 and size < 1 for size in sizes.values()):
+            raise ValueError(f"{_axes(sizes)} has a size below 1; use sizes >= 1, or -1 for all remaining devices")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"{_axes(sizes)} has more than one -1; at most one axis can take the remaining devices")
+        return self
+
+
+def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    """Fill in the -1 axis and check the mesh uses exactly the devices available.
+
+    Args:
+      mesh_cfg: the ``mesh`` block.
+      n_devices: how many devices the run has.
+
+    Returns:
+      Axis name -> size, in mesh order, with a product of ``n_devices``.
+
+    Example:
+      >>> resolve_mesh_shape(MeshConfig(tensor=2), 8)
+      {'replica': 1, 'data': 4, 'stage': 1, 'tensor': 2, 'sequence': 1, 'expert': 1}
+    """
+    sizes = mesh_cfg.model_dump()
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if -1 not in sizes.values():
+        if fixed != n_devices:
+            raise ConfigError(
+                f"mesh {_axes(sizes)} needs {fixed} devices but {n_devices} are available; "
+                f"use data: -1 or sizes whose product is {n_devices}"
+            )
+        return sizes
+    if n_devices % fixed:
+        raise ConfigError(
+            f"mesh {_axes(sizes)} cannot fill {n_devices} devices: {n_devices} is not divisible by {fixed}, "
+            f"the product of the fixed axes; use fixed sizes whose product divides {n_devices}"
+        )
+    return {axis: n_devices // fixed if size == -1 else size for axis, size in sizes.items()}
+
+
+def _axes(sizes: Mapping[str, int]) -> str:
+    return "{" + ", ".join(f"{axis}: {size}" for axis, size in sizes.items()) + "}"
+
+
+MESH_AXES = tuple(MeshConfig.model_fields)
+
+
+class BatchConfig(_Section):
+    """The batch triple; any two give the third (global = micro x accum x data devices)."""
+
+    global_batch_size: int | None = Field(32, gt=0)
+    micro_batch_size_per_device: int | None = Field(None, gt=0)
+    grad_accum_steps: int | None = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _one_size_given(self) -> BatchConfig:
+        if self.global_batch_size is None and self.micro_batch_size_per_device is None:
+            raise ValueError(
+                "global_batch_size and micro_batch_size_per_device are both null; give one, e.g. "
+                "global_batch_size: 32 (in a DeepSpeed config, train_batch_size or train_micro_batch_size_per_gpu: "
+                "DeepSpeed also stops with 'Either train_batch_size or train_micro_batch_size_per_gpu needs to be "
+                "provided')"
+            )
+        return self
+
+    def resolve(self, data_size: int) -> tuple[int, int, int]:
+        """Derive the missing sizes and check the given ones agree.
+
+        Args:
+          data_size: devices the batch is split over (``replica`` x ``data`` mesh axes).
+
+        Returns:
+          ``(global_batch_size, micro_batch_size_per_device, grad_accum_steps)``.
+
+        Example:
+          >>> BatchConfig(global_batch_size=32, grad_accum_steps=2).resolve(8)
+          (32, 2, 2)
+        """
+        total, micro, accum = self.global_batch_size, self.micro_batch_size_per_device, self.grad_accum_steps
+        if total is not None and micro is not None and accum is not None:
+            if total != micro * accum * data_size:
+                raise ConfigError(
+                    f"batch: global_batch_size={total} != micro_batch_size_per_device={micro} x "
+                    f"grad_accum_steps={accum} x data devices={data_size} (={micro * accum * data_size}); "
+                    "set one of the three to null to derive it"
+                )
+            return total, micro, accum
+        if total is None:
+            accum = 1 if accum is None else accum
+            return micro * accum * data_size, micro, accum
+        if micro is None:
+            accum = 1 if accum is None else accum
+            if total % (data_size * accum):
+                raise ConfigError(
+                    f"batch: global_batch_size={total} is not divisible by grad_accum_steps={accum} x "
+                    f"data devices={data_size} (={accum * data_size}); use a multiple of {accum * data_size}"
+                )
+            return total, total // (data_size * accum), accum
+        if total % (micro * data_size):
+            raise ConfigError(
+                f"batch: global_batch_size={total} is not divisible by micro_batch_size_per_device={micro} x "
+                f"data devices={data_size} (={micro * data_size}); use a multiple of {micro * data_size}"
+            )
+        return total, micro, total // (micro * data_size)
+
+
+class ZeroConfig(_Section):
+    """ZeRO stage: 0 replicates, 1 shards optimizer state, 2 also gradients, 3 also params.
+
+    ``offload_optimizer: cpu`` keeps optimizer moments and master params in host
+    memory between steps (ZeRO-Offload); ``offload_param: cpu`` keeps ZeRO-3's
+    parameter shards there (ZeRO-Infinity's parameter offload, stage 3 only).
+    """
+
+    stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+
+    @model_validator(mode="after")
+    def _params_offload_needs_stage3(self) -> ZeroConfig:
+        if self.offload_param != "none" and self.stage != 3:
+            raise ValueError(
+                f"offload_param={self.offload_param!r} needs stage 3 (only ZeRO-3 keeps parameter shards); "
+                f"got stage={self.stage}: use zero.stage: 3 or offload_param: none"
+            )
+        return self
+
+
+class PrecisionConfig(_Section):
+    """Dtypes of master params, compute, gradient reduction and gradient accumulation."""
+
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "float32"
+    reduce_dtype: DType | None = None
+    accum_dtype: DType = "float32"
+
+    @field_validator("param_dtype")
+    @classmethod
+    def _master_params_are_float32(cls, value: str) -> str:
+        if value != "float32":
+            raise ValueError(
+                f"{value!r} is not supported: zjax keeps float32 master params; set param_dtype: float32 "
+                "and lower compute_dtype (bfloat16 or float16) instead"
+            )
+        return value
+
+
+class LossScaleConfig(_Section):
+    """fp16 loss scaling; the dynamic rule follows DeepSpeed's ``DynamicLossScaler``."""
+
+    enabled: bool | None = None
+    dynamic: bool = True
+    static_scale: float = Field(1.0, gt=0)
+    initial_scale_power: int = Field(16, ge=0)
+    loss_scale_window: int = Field(1000, gt=0)
+    hysteresis: int = Field(2, gt=0)
+    min_loss_scale: float = Field(1.0, gt=0)
+    at_min: Literal["error", "skip"] = "error"
+
+
+OptimizerType = Literal["adamw", "adam", "sgd", "lion", "adafactor"]
+
+
+class OptimizerConfig(_Section):
+    """Optimizer and its hyper-parameters; ``lr`` is the peak of the schedule."""
+
+    type: OptimizerType = "adamw"
+    lr: float = Field(3e-4, gt=0)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    nesterov: bool = False
+    decay_norms_and_biases: bool = False
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> OptimizerConfig:
+        if self.type == "adam" and self.weight_decay > 0:
+            raise ValueError(
+                f"type='adam' with weight_decay={self.weight_decay}: adam has no weight decay; "
+                "use type: adamw for decoupled weight decay"
+            )
+        if self.type == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("type='sgd' with nesterov=true needs momentum > 0, e.g. momentum: 0.9")
+        return self
+
+
+class ScheduleConfig(_Section):
+    """Learning-rate schedule; formulas follow DeepSpeed's ``lr_schedules.py``."""
+
+    type: Literal["constant", "warmup", "warmup_decay", "warmup_cosine", "onecycle"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_min_lr: float = Field(0.0, ge=0)
+    warmup_type: Literal["linear", "log"] = "linear"
+    total_steps: int | None = Field(None, gt=0)
+    warmup_min_ratio: float = Field(0.0, ge=0, le=1)
+    cos_min_ratio: float = Field(0.0, ge=0, le=1)
+    cycle_min_lr: float = Field(0.0, ge=0)
+    cycle_max_lr: float | None = Field(None, gt=0)
+    cycle_first_step_size: int | None = Field(None, gt=0)
+    cycle_second_step_size: int | None = Field(None, gt=0)
+    decay_lr_rate: float = Field(0.0, ge=0)
+    decay_step_size: int = Field(0, ge=0)
+
+
+class RematConfig(_Section):
+    """Which activations the backward pass recomputes instead of storing (see ``zjax.config.remat``)."""
+
+    policy: Literal[
+        "none", "full", "full_offload", "selective", "selective_offload", "dots", "dots_no_batch", "custom"
+    ] = "none"
+    names: dict[str, Literal["save", "remat", "offload"]] = Field(default_factory=dict)
+    extra_names: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> RematConfig:
+        check_policy(self.policy, self.names, self.extra_names)
+        return self
+
+
+class ModelConfig(_Section):
+    """Shape of the reference decoder-only transformer."""
+
+    vocab_size: int = Field(256, gt=0)
+    d_model: int = Field(128, gt=0)
+    n_layers: int = Field(2, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int = Field(2, gt=0)
+    d_ff: int = Field(352, gt=0)
+    max_seq_len: int = Field(256, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_embeddings: bool = True
+    norm_eps: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                f"use a multiple of {self.n_heads}, e.g. d_model: {self.n_heads * max(1, self.d_model // self.n_heads)}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                "use an n_kv_heads that divides n_heads, e.g. n_kv_heads: 1"
+            )
+        # RoPE rotates pairs of features, so each head needs an even width.
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"d_model={self.d_model} / n_heads={self.n_heads} gives an odd head width "
+                f"{self.d_model // self.n_heads}; RoPE needs an even one"
+            )
+        return self
+
+
+class CheckpointsConfig(_Section):
+    """When ``zjax train`` saves into ``output_dir/checkpoints`` and how many it keeps."""
+
+    every_steps: int = Field(0, ge=0)
+    every_seconds: float | None = Field(None, gt=0)
+    keep: int = Field(3, gt=0)
+
+
+class DataConfig(_Section):
+    """Training tokens and how they are cut into sequences (``zjax.data.loader`` reads them)."""
+
+    dataset: Literal["stdlib", "text_dir", "tokens"] = "stdlib"
+    path: str | None = None
+    eos_id: int | None = Field(None, ge=0)
+    seq_len: int = Field(128, gt=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    prefetch: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.dataset != "stdlib" and self.path is None:
+            what = "a directory of text files" if self.dataset == "text_dir" else "a .npy file of token ids"
+            raise ValueError(f"dataset={self.dataset!r} reads data.path, which is null; set data.path to {what}")
+        if self.dataset == "stdlib" and self.path is not None:
+            raise ValueError(
+                f"path={self.path!r} is not read by dataset='stdlib'; use data.dataset: text_dir (a directory "
+                "of text files) or tokens (a .npy file), or data.path: null"
+            )
+        if self.eos_id is not None and self.dataset != "tokens":
+            raise ValueError(
+                f"eos_id={self.eos_id} only applies to dataset='tokens' (got dataset={self.dataset!r}); "
+                "set data.eos_id: null or use data.dataset: tokens"
+            )
+        return self
+
+
+class Config(_Section):
+    """A whole zjax run. Build it with ``load_config``; ``Config()`` is all defaults."""
+
+    seed: int = 0
+    steps: int = Field(100, gt=0)
+    output_dir: str | None = None
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0)
+    eval_batches: int = Field(4, gt=0)
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    logical_axis_rules: dict[str, str | None] = Field(default_factory=lambda: dict(DEFAULT_LOGICAL_AXIS_RULES))
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    zero: ZeroConfig = Field(default_factory=ZeroConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    loss_scale: LossScaleConfig = Field(default_factory=LossScaleConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    gradient_clipping: float = Field(1.0, ge=0)
+    remat: RematConfig = Field(default_factory=RematConfig)
+    kernels: Literal["xla", "auto", "pallas", "interpret"] = "xla"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
+
+    _ignored: tuple[tuple[str, str], ...] = PrivateAttr(default=())
+    _mapped: tuple[tuple[str, str], ...] = PrivateAttr(default=())
+
+    @field_validator("logical_axis_rules")
+    @classmethod
+    def _rules_name_mesh_axes(cls, rules: dict[str, str | None]) -> dict[str, str | None]:
+        for name, axis in rules.items():
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(
+                    f"{name}={axis!r} is not a mesh axis; use one of {', '.join(MESH_AXES)} or null"
+                )
+        if rules.get("batch", "data") != "data":
+            raise ValueError(
+                f"batch={rules['batch']!r}: the batch is always split over replica x data (data parallelism); "
+                "use batch: data"
+            )
+        return rules
+
+    @model_validator(mode="after")
+    def _check_cross_block(self) -> Config:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} is longer than model.max_seq_len={self.model.max_seq_len}; "
+                "lower data.seq_len or raise model.max_seq_len"
+            )
+        return self
+
+    @property
+    def ignored(self) -> tuple[tuple[str, str], ...]:
+        """DeepSpeed keys this config accepted but ignores, as ``(key, reason)`` pairs."""
+        return self._ignored
+
+    @property
+    def deepspeed_mapping(self) -> tuple[tuple[str, str], ...]:
+        """What each DeepSpeed key (or DeepSpeed default) became, as ``(key, "zjax.key = value")`` pairs."""
+        return self._mapped
+
+    def to_yaml(self) -> str:
+        """The effective config as YAML that ``load_config`` reads back to an equal config."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_layered(source: str | Path | Mapping[str, Any], chain: tuple[Path, ...]) -> tuple[dict, list, list]:
+    """Read one layer, map its DeepSpeed keys, then merge it over its ``base:`` layer."""
+    if isinstance(source, Mapping):
+        raw, here = copy.deepcopy(dict(source)), Path.cwd()
+    else:
+        path = Path(source).resolve()
+        raw, here = _read_file(path), path.parent
+        chain = chain + (path,)
+    base = raw.pop("base", None)
+    # Map each layer on its own so a DeepSpeed key only conflicts with zjax keys of its own file.
+    layer, ignored, mapped = deepspeed.map_deepspeed(raw)
+    if base is None:
+        return layer, ignored, mapped
+    if not isinstance(base, (str, Path)):
+        raise ConfigError(f"base={base!r} must be a path to a YAML or JSON file, e.g. base: base.yaml")
+    base_path = (here / base).resolve()
+    if base_path in chain:
+        cycle = " -> ".join(str(p) for p in chain + (base_path,))
+        raise ConfigError(f"base={str(base)!r} makes a cycle ({cycle}); remove one of the base: keys")
+    parent, parent_ignored, parent_mapped = _read_layered(base_path, chain)
+    return _deep_merge(parent, layer), parent_ignored + ignored, parent_mapped + mapped
+
+
+def _read_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; give a path to a YAML or JSON file")
+    text = _decode(path)
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} holds a {type(raw).__name__}; it must be a mapping of keys")
+    return raw
+
+
+# Byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's); PowerShell's `>` writes UTF-16 LE.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def _decode(path: Path) -> str:
+    """The file's text: UTF-8, or any UTF with a byte-order mark."""
+    data = path.read_bytes()
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), "utf-8")
+    if encoding == "utf-8" and b"\x00" in data:
+        # NUL bytes are valid UTF-8 but never part of a config: the file is wider text without a BOM.
+        raise ConfigError(
+            f"config file {str(path)!r} is not UTF-8 text: it holds NUL bytes, as UTF-16 or UTF-32 without a "
+            "byte-order mark does; save it as UTF-8"
+        )
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {str(path)!r} is not {encoding} text: {err.reason} at byte {err.start}; save it as UTF-8"
+        ) from None
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_overrides(raw: dict, overrides: Sequence[str] | Mapping[str, Any] | None) -> None:
+    if overrides is None:
+        return
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    pairs = overrides.items() if isinstance(overrides, Mapping) else map(_parse_override, overrides)
+    for key, value in pairs:
+        node = raw
+        *parents, leaf = key.split(".")
+        for depth, name in enumerate(parents):
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(f"override {key}={value!r}: {section} is {node!r}, not a block with keys")
+        node[leaf] = value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value; write e.g. zero.stage=3 or optimizer.lr=1e-3")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not a YAML scalar ({err}); quote it") from None
+
+
+def _config_error(err: pydantic.ValidationError) -> ConfigError:
+    return ConfigError("\n".join(_describe(error) for error in err.errors()))
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One line for one pydantic error: the dotted key, the value, what would work."""
+    loc = tuple(str(part) for part in error["loc"])
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        return _unknown_key(loc)
+    if error["type"] == "value_error":
+        # Our own validators already name the values in their message.
+        message = str(error["ctx"]["error"])
+        return f"{key}: {message}" if key else message
+    message = error["msg"].replace("Input should be", "should be")
+    return f"{key}={error['input']!r}: {message}"
+
+
+def _unknown_key(loc: tuple[str, ...]) -> str:
+    *parents, name = loc
+    if not parents and name in deepspeed.TOP_LEVEL_KEYS:
+        # Only overrides get here: they apply after DeepSpeed keys were mapped.
+        return (
+            f"{name!r} is a DeepSpeed key, which only a config file or dict can use; "
+            "override the zjax key instead (`zjax config explain` lists them), e.g. zero.stage=3"
+        )
+    section = _section_at(parents)
+    valid = list(section.model_fields) if section else []
+    if not parents:
+        valid += [key for key in ("base", *deepspeed.TOP_LEVEL_KEYS) if key not in valid]
+    return f"unknown key {'.'.join(loc)!r}; {deepspeed.suggest(name, valid, '.'.join(parents))}"
+
+
+def _section_at(path: Sequence[str]) -> type[BaseModel] | None:
+    section: type[BaseModel] = Config
+    for name in path:
+        field = section.model_fields.get(name)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        section = annotation
+    return section

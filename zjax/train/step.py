@@ -1,0 +1,620 @@
+"""``make_train_step``: one config -> a sharded, mixed-precision, ZeRO training step.
+
+The gradients are computed inside one ``jax.shard_map`` over the mesh, so every
+collective of the forward and backward pass is written here and can be counted:
+gradients are reduce-scattered (stages 1-3) or all-reduced (stage 0) over ``data`` and
+ZeRO-3 gathers each layer just in time (see ``zjax.parallel.zero``). The optimizer then updates
+the global, sharded arrays outside ``shard_map``: it sees every parameter whole and in
+its own shape, so any optax transform is exact, and XLA keeps an element-wise update on
+each device's shard. Updated parameters are all-gathered (stages 1-2) by a second
+``shard_map``.
+
+What the TrainState holds per stage (Ψ parameters, N data devices):
+
+========  =================================  ============================
+stage     ``replicated`` (user shapes)        ``master`` (stored, sharded)
+========  =================================  ============================
+0         fp32 params (they are the master)  -
+1, 2      compute-dtype copy, or the fp32    fp32 master, only when the
+          master itself in fp32 runs         compute dtype is lower
+3         -                                  fp32 master
+========  =================================  ============================
+
+Optimizer moments are shaped like the stored params and split like them for stages 1-3.
+
+Frozen parameters (``trainable=``) live only in ``frozen``, in the compute dtype:
+replicated at stages 0-2, split like a ZeRO-3 master at stage 3. They have no master
+copy, no optimizer state and no gradient; ``replicated``, ``master`` and ``opt_state``
+hold ``None`` where a frozen leaf is (and ``frozen`` holds ``None`` where a trainable
+one is), so every tree keeps the user's structure.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import pallas_kernels
+from zjax.train import adapters, loss_scale
+from zjax.parallel import zero
+from zjax.config.schema import Config, load_config
+from zjax.errors import ConfigError, LossScaleError
+from zjax.layers import gather_param, layer_context
+from zjax.parallel.sharding import axis_rules, logical_spec
+from zjax.parallel.mesh import make_mesh
+from zjax.train.optim import default_decay_mask, make_optimizer, make_schedule
+from zjax.parallel.zero import BATCH_AXES, DATA, REPLICA, map_layouts
+
+METRICS = ("loss", "grad_norm", "lr", "loss_scale", "skipped")
+logger = logging.getLogger("zjax")
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step reads and writes; checkpoint it whole.
+
+    Attributes:
+      step: number of calls to the step (skipped ones included).
+      replicated: user-shaped replicated params (stages 0-2), else None.
+      master: sharded fp32 master params in their stored shapes (stage 3, and stages
+        1-2 in mixed precision), else None.
+      opt_state: the optax state, over the stored params.
+      loss_scale: the loss scaler's state (scale, counters, skipped steps).
+      rng: the base PRNG key; each micro-step folds in step, micro-batch and device.
+      frozen: the parameters ``trainable=`` leaves out, in the compute dtype (None holes
+        where trainable leaves are), or None when everything trains.
+    """
+
+    step: jax.Array
+    replicated: Any
+    master: Any
+    opt_state: Any
+    loss_scale: loss_scale.LossScaleState
+    rng: jax.Array
+    frozen: Any = None
+    layout_def: Any = struct.field(pytree_node=False, default=None)
+
+    @property
+    def layouts(self):
+        """Layouts of the trainable parameters (None where a leaf is frozen)."""
+        return zero.split_layouts(self.layout_def, True)
+
+    @property
+    def all_layouts(self):
+        """Layouts of every parameter, trainable or frozen."""
+        treedef, leaves, _ = self.layout_def
+        return jax.tree.unflatten(treedef, leaves)
+
+    @property
+    def params(self) -> Any:
+        """The params in the user's tree and shapes: trainable ones from the master (fp32),
+        frozen ones in the compute dtype."""
+        trainable = self.replicated if self.master is None else _unflatten_master(self.layout_def, self.master)
+        if self.frozen is None:
+            return trainable
+        return zero.merge_frozen(trainable, _unflatten_frozen(self.layout_def, self.frozen))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unflatten_master(layout_def, master):
+    return map_layouts(lambda lay, x: zero.from_stored(x, lay), zero.split_layouts(layout_def, True), master)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unflatten_frozen(layout_def, frozen):
+    """Frozen leaves in user shapes (a ZeRO-3 frozen leaf is stored, maybe padded, like a master)."""
+    return map_layouts(lambda lay, x: zero.from_stored(x, lay), zero.split_layouts(layout_def, False), frozen)
+
+
+class _Dtypes(NamedTuple):
+    param: Any
+    compute: Any
+    reduce: Any
+    accum: Any
+
+
+def make_train_step(
+    config: Any,
+    loss_fn: Callable,
+    *,
+    model: Any = None,
+    optimizer: optax.GradientTransformation | None = None,
+    logical_axes: Any = None,
+    devices: Any = None,
+    trainable: Any = None,
+) -> "TrainStep":
+    """Builds the training step for ``loss_fn`` from a zjax or DeepSpeed config.
+
+    Args:
+      config: a ``Config``, a path to a YAML/JSON file, or a dict (zjax or DeepSpeed keys).
+      loss_fn: ``loss_fn(params, batch) -> loss | (loss, aux)``; an optional third
+        parameter ``rng`` gets a key per micro-step, device and step. ``aux`` may hold
+        ``"weight"`` (e.g. the token count) for a weighted mean over micro-batches and
+        devices. With ``model`` an NNX module, ``loss_fn`` receives the module.
+      model: optional Flax NNX module whose ``nnx.Param`` state is trained.
+      optimizer: any optax ``GradientTransformation`` instead of the config's
+        optimizer (clipping is applied by the step, by the true global norm).
+      logical_axes: optional pytree of logical axis-name tuples, one per parameter;
+        leaves whose first name is ``layers`` are scanned stacks (gathered one layer
+        at a time under ZeRO-3). Read from NNX/Linen metadata when not given.
+      devices: optional device list for the mesh (default: all devices).
+      trainable: which parameters train (default: all): an NNX filter (with ``model``,
+        e.g. ``nnx.LoRAParam`` or ``nnx.PathContains("lora")``), a pytree of bools
+        shaped like the params (or a prefix of them), or a predicate
+        ``fn(path, leaf) -> bool`` with ``path`` a tuple of keys. Frozen parameters get
+        no master copy, optimizer state or gradient, are kept in the compute dtype
+        (split over ``data`` at ZeRO-3) and stay bit for bit as given.
+
+    Returns:
+      A ``TrainStep``: ``train.init(params_or_fn, rng)`` then ``state, metrics = train(state, batch)``.
+
+    Example:
+      >>> train = make_train_step("configs/tiny.yaml", loss_fn)  # doctest: +SKIP
+    """
+    return TrainStep(config, loss_fn, model=model, optimizer=optimizer, logical_axes=logical_axes, devices=devices,
+                     trainable=trainable)
+
+
+class TrainStep:
+    """A jitted, donated ZeRO training step and the placement it implies."""
+
+    def __init__(self, config, loss_fn, *, model=None, optimizer=None, logical_axes=None, devices=None,
+                 trainable=None):
+        self.config: Config = config if isinstance(config, Config) else load_config(config)
+        cfg = self.config
+        self.mesh = make_mesh(cfg.mesh, devices)
+        self.data_size = self.mesh.shape[DATA]
+        self.replica_size = self.mesh.shape[REPLICA]
+        self.global_batch_size, self.micro_batch_size, self.grad_accum_steps = cfg.batch.resolve(
+            self.replica_size * self.data_size
+        )
+        self.stage = cfg.zero.stage
+        p = cfg.precision
+        self.dtypes = _Dtypes(
+            jnp.dtype(p.param_dtype),
+            jnp.dtype(p.compute_dtype),
+            jnp.dtype(p.reduce_dtype or p.compute_dtype),
+            jnp.dtype(p.accum_dtype),
+        )
+        self.zero = zero.ZeroStage(self.stage, self.data_size, self.dtypes.compute != self.dtypes.param)
+        self.adapter = adapters.adapt(loss_fn, model, logical_axes)
+        self.trainable = trainable
+        self._user_optimizer = optimizer
+        self.scaler = loss_scale.loss_scaler_from_config(cfg)
+        self.schedule = None if optimizer is not None else make_schedule(cfg)
+        self.batch_sharding = NamedSharding(self.mesh, logical_spec(("batch",), cfg.logical_axis_rules))
+        self.layouts = None
+        self.frozen_layouts = None
+        self.abstract_state = None
+        self._eval = None
+        # Whether the model's 'layers' stacks reach the loss gathered whole (it does not pass them
+        # through zjax.scan_layers: a Linen nn.scan or NNX nnx.scan stack); None until traced.
+        self._whole_stacks: bool | None = None
+
+    # -- placement ------------------------------------------------------------------
+
+    @property
+    def shards(self) -> int:
+        return self.zero.shards
+
+    @property
+    def keeps_replicated(self) -> bool:
+        return self.zero.keeps_replicated
+
+    @property
+    def keeps_master(self) -> bool:
+        return self.zero.keeps_master
+
+    @property
+    def replicated_dtype(self):
+        """Stage 0 keeps fp32 params; stages 1-2 keep a compute-dtype copy when mixed."""
+        return self.dtypes.compute if self.keeps_master else self.dtypes.param
+
+    def _setup(self, abstract_params: Any) -> None:
+        """Fixes layouts, optimizer and shardings from the params' shapes."""
+        axes = self.adapter.logical_axes(abstract_params)
+        # the logical axes the rules split over data (ZeRO's preferred dimensions)
+        names = tuple(n for n, a in self.config.logical_axis_rules.items() if a == DATA and n != "batch")
+        trained = zero.make_layouts(abstract_params, axes, self.zero.shards, self.zero.partitioned, names)
+        # frozen leaves: replicated below ZeRO-3, split like a master at ZeRO-3
+        frozen = zero.make_layouts(abstract_params, axes, self.zero.frozen_shards, self.zero.gathers_for_loss, names)
+        mask = self.adapter.trainable_mask(self.trainable, abstract_params)
+        leaves, treedef = jax.tree.flatten(trained, is_leaf=zero.is_layout)
+        frozen_leaves = treedef.flatten_up_to(frozen)
+        layout_def = (treedef, tuple(t if m else f for t, f, m in zip(leaves, frozen_leaves, mask)), mask)
+        if self.layouts is not None:
+            if layout_def != self.layout_def:
+                raise ConfigError("train.init was called with params of another tree or shapes than before")
+            return
+        self.layout_def = layout_def
+        self.layouts = layouts = zero.split_layouts(layout_def, True)
+        self.frozen_layouts = zero.split_layouts(layout_def, False) if not all(mask) else None
+        self.all_layouts = jax.tree.unflatten(treedef, layout_def[1])
+        if self._user_optimizer is not None:
+            self.tx = self._user_optimizer
+        else:
+            mask = default_decay_mask(map_layouts(lambda lay: lay.layer_shape, layouts))
+            self.tx = make_optimizer(self.config, decay_mask=None if self.config.optimizer.decay_norms_and_biases else mask)
+        stored = map_layouts(lambda lay: jax.ShapeDtypeStruct(lay.stored_shape, self.dtypes.param), layouts)
+        opt_shapes = jax.eval_shape(self.tx.init, stored)
+        self._param_specs = map_layouts(lambda lay: lay.spec, layouts)
+        self._opt_specs = zero.state_specs(opt_shapes, layouts)
+        scale_state = jax.eval_shape(self.scaler.init)
+        frozen_specs = None if self.frozen_layouts is None else map_layouts(lambda lay: lay.spec, self.frozen_layouts)
+        self.state_specs = TrainState(
+            step=P(),
+            replicated=map_layouts(lambda lay: P(), layouts) if self.keeps_replicated else None,
+            master=self._param_specs if self.keeps_master else None,
+            opt_state=self._opt_specs,
+            loss_scale=jax.tree.map(lambda _: P(), scale_state),
+            rng=P(),
+            frozen=frozen_specs,
+            layout_def=self.layout_def,
+        )
+        self.state_sharding = self._place(self.state_specs)
+        # check_vma=False: Pallas kernels in interpret mode cannot run under vma checks
+        # (jax 0.10.2), and nothing here relies on them: gathers have explicit VJPs and
+        # every reduction is written out (tests/parallel/test_zero_equivalence.py proves the grads).
+        self._grads = jax.shard_map(
+            self._local_grads,
+            mesh=self.mesh,
+            in_specs=(self.state_specs, P(BATCH_AXES)),
+            out_specs=(self._param_specs, P(), P(), P()),
+            check_vma=False,
+        )
+        self._gather = jax.shard_map(
+            lambda master: map_layouts(
+                lambda lay, m: zero.from_stored(zero.all_gather_params(m.astype(self.replicated_dtype), lay), lay),
+                layouts, master),
+            mesh=self.mesh,
+            in_specs=(self._param_specs,),
+            out_specs=map_layouts(lambda lay: P(), layouts),
+            check_vma=False,
+        )
+        self._step = jax.jit(
+            self._global_step,
+            donate_argnums=0,
+            out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())),
+        )
+
+    def _constrain(self, tree: Any, specs: Any) -> Any:
+        return jax.tree.map(lambda x, spec: lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec)),
+                            tree, specs)
+
+    def _place(self, specs: TrainState) -> TrainState:
+        """Shardings of the state; offloaded fields live in ``pinned_host`` memory between steps."""
+        zero_cfg = self.config.zero
+
+        def on(kind):
+            return lambda spec: NamedSharding(self.mesh, spec, memory_kind=kind)
+
+        host_master = "pinned_host" if "cpu" in (zero_cfg.offload_optimizer, zero_cfg.offload_param) else None
+        host_opt = "pinned_host" if zero_cfg.offload_optimizer == "cpu" else None
+        placed = jax.tree.map(on(None), specs)
+        return placed.replace(
+            master=jax.tree.map(on(host_master), specs.master),
+            opt_state=jax.tree.map(on(host_opt), specs.opt_state),
+        )
+
+    def _to_device(self, state: TrainState) -> TrainState:
+        """Inside jit: brings host-offloaded fields into device memory for the step."""
+        def fetch(x, sharding):
+            if sharding.memory_kind == "pinned_host":
+                return jax.device_put(x, sharding.with_memory_kind("device"))
+            return x
+
+        return jax.tree.map(fetch, state, self.state_sharding)
+
+    # -- init -------------------------------------------------------------------------
+
+    def init(self, params: Any = None, rng: Any = None) -> TrainState:
+        """Creates the sharded TrainState.
+
+        Args:
+          params: a params pytree (host or device arrays), an NNX module, or an init
+            function ``fn(rng) -> params`` (run under jit with the state's
+            out_shardings, so full params never sit on one device). None uses the
+            ``model`` given to ``make_train_step``.
+          rng: a PRNG key (default ``jax.random.key(config.seed)``).
+        """
+        rng = jax.random.key(self.config.seed) if rng is None else rng
+        make_params, tree = self.prepare(params, rng)
+        init_state = functools.partial(self._init_state, make_params)
+        return jax.jit(init_state, out_shardings=self.state_sharding)(rng, tree)
+
+    def prepare(self, params: Any = None, rng: Any = None):
+        """Fixes layouts and shardings from the params' shapes without creating anything.
+
+        ``init`` calls it; call it yourself before restoring a checkpoint instead of
+        initializing (same arguments as ``init``). Returns ``(make_params, tree)``.
+        """
+        rng = jax.random.key(self.config.seed) if rng is None else rng
+        make_params, tree = self.adapter.params_source(params)
+        self._setup(jax.eval_shape(make_params, rng, tree))
+        self.abstract_state = jax.eval_shape(functools.partial(self._init_state, make_params), rng, tree)
+        return make_params, tree
+
+    def _init_state(self, make_params, rng, tree) -> TrainState:
+        layouts = self.layouts
+        given = make_params(rng, tree)
+        params = jax.tree.map(lambda x: jnp.asarray(x, self.dtypes.param), zero.select(layouts, given))
+        frozen = None
+        if self.frozen_layouts is not None:
+            frozen = self._constrain(
+                map_layouts(lambda lay, x: zero.to_stored(jnp.asarray(x, self.dtypes.compute), lay),
+                            self.frozen_layouts, zero.select(self.frozen_layouts, given)),
+                self.state_specs.frozen)
+        stored = self._constrain(map_layouts(lambda lay, x: zero.to_stored(x, lay), layouts, params),
+                                 self._param_specs)
+        opt_state = self._constrain(self.tx.init(stored), self._opt_specs)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            replicated=jax.tree.map(lambda x: x.astype(self.replicated_dtype), params) if self.keeps_replicated else None,
+            master=stored if self.keeps_master else None,
+            opt_state=opt_state,
+            loss_scale=self.scaler.init(),
+            rng=jax.random.fold_in(rng, 1),
+            frozen=frozen,
+            layout_def=self.layout_def,
+        )
+
+    # -- the step ---------------------------------------------------------------------
+
+    def __call__(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """One optimizer step on the global batch (host arrays or sharded jax arrays)."""
+        state, metrics = self._step(state, self.shard_batch(batch))
+        if self.config.loss_scale.at_min == "error" and self.scaler_enabled:
+            if bool(state.loss_scale.overflow_at_min):
+                raise LossScaleError(
+                    "fp16 gradients overflowed at min_loss_scale="
+                    f"{self.config.loss_scale.min_loss_scale}; lower the learning rate or set "
+                    "loss_scale.at_min: skip to keep skipping such steps"
+                )
+        return state, metrics
+
+    @property
+    def scaler_enabled(self) -> bool:
+        ls = self.config.loss_scale
+        enabled = ls.enabled if ls.enabled is not None else self.dtypes.compute == jnp.float16
+        return bool(enabled and ls.dynamic)
+
+    def lower(self, state: TrainState, batch: Any):
+        """AOT-lowers the step (``.compile().memory_analysis()``, ``.as_text()``)."""
+        return self._step.lower(state, self.shard_batch(batch))
+
+    def shard_batch(self, batch: Any) -> Any:
+        """Places a global batch on the mesh, split over ``data`` along axis 0."""
+        def place(x):
+            if np.ndim(x) == 0 or x.shape[0] != self.global_batch_size:
+                raise ConfigError(
+                    f"batch leaf with shape {np.shape(x)} does not have the global batch size "
+                    f"batch.global_batch_size={self.global_batch_size} as its first axis; pass the global batch"
+                )
+            if isinstance(x, jax.Array) and x.sharding == self.batch_sharding:
+                return x
+            return jax.device_put(x, self.batch_sharding)
+
+        return jax.tree.map(place, batch)
+
+    def _global_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """The step on global arrays: gradients (in shard_map), the update, the gather."""
+        state = self._to_device(state)
+        grads, loss, finite, grad_norm = self._grads(state, batch)
+        if self.keeps_master:
+            master = state.master
+        else:
+            # The replicated params are the master; each device updates its own slice of them.
+            master = self._constrain(map_layouts(lambda lay, x: zero.to_stored(x, lay), self.layouts, state.replicated),
+                                     self._param_specs)
+        updates, opt_state = self.tx.update(grads, state.opt_state, master)
+        new_master = optax.apply_updates(master, updates)
+        new_master = self._constrain(loss_scale.select_tree(finite, new_master, master), self._param_specs)
+        opt_state = self._constrain(loss_scale.select_tree(finite, opt_state, state.opt_state), self._opt_specs)
+        applied = state.step - state.loss_scale.skipped
+        new_state = state.replace(
+            step=state.step + 1,
+            replicated=self._gather(new_master) if self.keeps_replicated else None,
+            master=new_master if self.keeps_master else None,
+            opt_state=opt_state,
+            loss_scale=self.scaler.update(state.loss_scale, finite),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": self.schedule(applied) if self.schedule is not None else jnp.float32(jnp.nan),
+            "loss_scale": state.loss_scale.scale,
+            "skipped": (~finite).astype(jnp.int32),
+        }
+        return new_state, metrics
+
+    def _local_grads(self, state: TrainState, batch: Any):
+        """The per-device program (inside shard_map): this device's part of the reduced,
+        unscaled and clipped gradients, the loss, whether every gradient is finite, and the
+        gradient's global norm before clipping."""
+        calls: list = []
+        with layer_context(self.config.remat, sharded_params=self.zero.reduces_in_backward, calls=calls, gathered={}), \
+                axis_rules(self.config.logical_axis_rules):
+            grads, loss, weight = self._accumulate(state, batch)
+        if not calls and self.config.remat.policy != "none":
+            logger.warning(
+                "remat.policy=%r had no effect: the model calls neither zjax.layer nor zjax.scan_layers, the seams "
+                "where zjax applies a remat policy (and gathers ZeRO-3 layers one at a time); call each block "
+                "of a Python loop as zjax.layer(block)(x), or pass a stacked layer tree through "
+                "zjax.scan_layers(layer_fn, carry, stacked_params), or set remat.policy: none",
+                self.config.remat.policy)
+        layouts = self.layouts
+        # one pass: divide by loss scale x total weight and check every element is finite
+        grads, local_finite = pallas_kernels.unscale_and_check(
+            jax.tree.map(lambda g: g.astype(jnp.float32), grads), weight * state.loss_scale.scale,
+            impl=self.config.kernels,
+        )
+        finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if self.zero.partitioned else local_finite
+        # Split leaves add their shards' squares over devices; whole leaves count once.
+        pairs = list(zip(jax.tree.leaves(layouts, is_leaf=zero.is_layout), jax.tree.leaves(grads)))
+        split = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if lay.sharded), jnp.float32(0))
+        whole = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if not lay.sharded), jnp.float32(0))
+        grad_norm = jnp.sqrt(lax.psum(split, DATA) + whole)
+        clip = self.config.gradient_clipping
+        if clip > 0:
+            coef = jnp.minimum(1.0, clip / (grad_norm + 1e-6))
+            grads = jax.tree.map(lambda g: g * coef, grads)
+        return grads, loss, finite, grad_norm
+
+    def _compute_params(self, state: TrainState):
+        """The differentiable inputs of the loss and how to turn them into the user's params
+        (the trainable ones from the inputs, the frozen ones merged in, gathered at ZeRO-3)."""
+        diff, to_params = self._trainable_params(state)
+        if self.frozen_layouts is None:
+            return diff, to_params
+        dt, stacked_ok = self.dtypes, not self._whole_stacks
+
+        def frozen():
+            if not self.zero.gathers_for_loss:
+                return state.frozen
+            return map_layouts(
+                lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
+                if lay.stacked and stacked_ok else gather_param(s, lay, dt.compute, dt.reduce),
+                self.frozen_layouts, state.frozen)
+
+        return diff, lambda d: zero.merge_frozen(to_params(d), frozen())
+
+    def _trainable_params(self, state: TrainState):
+        """The differentiable inputs of the loss and how to turn them into the trainable params.
+
+        Stages 2 and 3 differentiate with respect to this device's shard, so every
+        parameter's gradient is reduce-scattered as soon as its (layer's) backward pass
+        has produced it: ZeRO-3 gathers the shard, ZeRO-2 reads the replicated copy.
+        """
+        layouts, dt = self.layouts, self.dtypes
+        # A stack the model scans itself is gathered whole; zjax.scan_layers opens placeholders.
+        placeholders = not self._whole_stacks
+        if self.zero.gathers_for_loss:
+            def to_params(d):
+                return map_layouts(
+                    lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
+                    if lay.stacked and placeholders
+                    else gather_param(s, lay, dt.compute, dt.reduce),
+                    layouts,
+                    d,
+                )
+
+            return state.master, to_params
+        compute = jax.tree.map(lambda x: x.astype(dt.compute), state.replicated)
+        if self.zero.reduces_in_backward:
+            def to_params(d):
+                return map_layouts(
+                    lambda lay, s, full: zero.ShardedParam(s, lay, dt.compute, dt.reduce, full=full)
+                    if lay.stacked and placeholders
+                    else zero.take_for_compute(s, full, lay, dt.reduce),
+                    layouts,
+                    d,
+                    compute,
+                )
+
+            shards = map_layouts(lambda lay, x: zero.local_slice(zero.to_stored(x, lay), lay), layouts, compute)
+            return shards, to_params
+        # Marked varying so that the gradient stays local until we reduce it.
+        return jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), compute), lambda d: d
+
+    def _params_for_loss(self, state: TrainState, sample: Any, key: Any):
+        """``_compute_params``, after finding out once, by tracing the loss on ``sample`` (one
+        micro-batch), whether the model passes its ``layers`` stacks through ``zjax.scan_layers``.
+        A model that scans them itself (Linen ``nn.scan``, NNX ``nnx.scan``) cannot take the
+        per-layer placeholders of ZeRO-2/3: its stacks are then gathered whole for the loss."""
+        stacked = any(lay.stacked for lay in jax.tree.leaves(self.layouts, is_leaf=zero.is_layout))
+        if self._whole_stacks is None and self.zero.reduces_in_backward and stacked:
+            self._whole_stacks = False
+
+            def trace(state):
+                diff, to_params = self._compute_params(state)
+                jax.eval_shape(lambda d: self._weighted_loss(to_params(d), sample, key), diff)
+
+            try:
+                trace(state)
+            except Exception as placeholder_error:  # noqa: BLE001 - retried below with whole stacks
+                self._whole_stacks = True
+                try:
+                    trace(state)
+                except Exception:
+                    self._whole_stacks = None
+                    raise placeholder_error from None
+                logger.warning(
+                    "the model does not pass its 'layers' stacks through zjax.scan_layers (a Linen nn.scan or "
+                    "NNX nnx.scan stack?): ZeRO-%d gathers each stack whole for the loss instead of one layer at "
+                    "a time; call zjax.scan_layers(layer_fn, carry, stacked_params) for per-layer gathering",
+                    self.stage)
+        return self._compute_params(state)
+
+    def _weighted_loss(self, params, batch, key):
+        """(loss * weight, weight) of one micro-batch, in float32."""
+        loss, aux = self.adapter.loss_fn(params, batch, key)
+        weight = aux.get("weight", 1.0) if isinstance(aux, dict) else 1.0
+        weight = lax.stop_gradient(jnp.asarray(weight, jnp.float32))
+        return loss.astype(jnp.float32) * weight, weight
+
+    def evaluate(self, state: TrainState, batch: Any) -> jax.Array:
+        """The (weighted) mean loss on a global batch, without updating anything."""
+        if self._eval is None:
+            def local(state, batch):
+                key = jax.random.fold_in(state.rng, 2**31 - 1)
+                with layer_context("none", sharded_params=self.zero.reduces_in_backward, gathered={}):
+                    diff, to_params = self._params_for_loss(state, batch, key)
+                    lw, w = self._weighted_loss(to_params(diff), batch, key)
+                return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
+
+            local_eval = jax.shard_map(
+                local, mesh=self.mesh, in_specs=(self.state_specs, P(BATCH_AXES)), out_specs=P(), check_vma=False
+            )
+            self._eval = jax.jit(lambda state, batch: local_eval(self._to_device(state), batch))
+        return self._eval(state, self.shard_batch(batch))
+
+    def _accumulate(self, state: TrainState, batch: Any):
+        """Scans micro-batches; returns summed (weighted, scaled) grads, mean loss, total weight."""
+        layouts, dt, in_backward = self.layouts, self.dtypes, self.zero.reduces_in_backward
+        accum, micro = self.grad_accum_steps, self.micro_batch_size
+        batch = jax.tree.map(lambda x: x.reshape((accum, micro) + x.shape[1:]), batch)
+        scale = state.loss_scale.scale
+        device = lax.axis_index(REPLICA) * self.data_size + lax.axis_index(DATA)
+        step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
+        diff, to_params = self._params_for_loss(state, jax.tree.map(lambda x: x[0], batch), step_key)
+
+        def micro_loss(d, mb, key):
+            lw, w = self._weighted_loss(to_params(d), mb, key)
+            return lw * scale, (lw, w)
+
+        grad_fn = jax.grad(micro_loss, has_aux=True)
+
+        if not in_backward:
+            acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, dt.accum), state.replicated)
+        else:
+            acc0 = map_layouts(lambda lay: jnp.zeros(lay.local_shape, dt.accum), layouts)
+
+        def body(carry, xs):
+            acc, loss_sum, w_sum = carry
+            mb, i = xs
+            # stages 2-3: g is already this device's reduce-scattered shard
+            g, (lw, w) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
+            acc = jax.tree.map(lambda a, x: a + x.astype(dt.accum), acc, g)
+            return (acc, loss_sum + lw, w_sum + w), None
+
+        carry0 = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), (acc0, jnp.float32(0), jnp.float32(0)))
+        (acc, loss_sum, w_sum), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
+
+        if not in_backward:
+            acc = map_layouts(
+                lambda lay, x: zero.reduce_scatter_grads(zero.to_stored(x.astype(dt.reduce), lay), lay), layouts, acc
+            )
+        if self.replica_size > 1:
+            # ZeRO reduced inside each replica; one all-reduce of the shards averages across replicas.
+            acc = lax.psum(acc, REPLICA)
+        total_w = lax.psum(w_sum, BATCH_AXES)
+        loss = lax.psum(loss_sum, BATCH_AXES) / total_w
+        return acc, loss, total_w
