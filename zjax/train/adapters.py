@@ -87,10 +87,11 @@ class Adapter:
         self.found_axes = None
 
     def loss_fn(self, params, batch, key):
-        out = self.user_loss(self.to_user(params), batch, key) if self.takes_rng else self.user_loss(self.to_user(params), batch)
+        user = self.to_user(params, key)
+        out = self.user_loss(user, batch, key) if self.takes_rng else self.user_loss(user, batch)
         return _split_loss(out)
 
-    def to_user(self, params):
+    def to_user(self, params, key=None):
         return params
 
     def params_source(self, given: Any) -> tuple[Callable, Any]:
@@ -136,17 +137,30 @@ class Adapter:
 
 
 class NNXAdapter(Adapter):
-    """A Flax NNX module: ``loss_fn(module, batch)``; its ``nnx.Param`` state is trained."""
+    """A Flax NNX module: ``loss_fn(module, batch)``; its ``nnx.Param`` state is trained.
+
+    The module is rebuilt inside the step from the params and its other state (kept as
+    plain arrays, so that the module's own mutations, such as a dropout stream's counter,
+    happen inside the trace where NNX allows them). Each RNG stream (``nnx.Rngs``) is
+    reseeded from the step's key, which differs per step, micro-batch and device, so
+    dropout draws a new mask every time; other state the loss changes (batch statistics)
+    is not carried from one step to the next.
+    """
 
     def __init__(self, loss_fn, logical_axes, model: nnx.Module):
         super().__init__(loss_fn, logical_axes)
-        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.rest = nnx.to_pure_dict(rest)
+        self.streams = sorted({node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
         self.model_params_state = params
         self.model_params = nnx.to_pure_dict(params)
         self.found_axes = _nnx_axes(params)
 
-    def to_user(self, params):
-        return nnx.merge(self.graphdef, params, self.rest)
+    def to_user(self, params, key=None):
+        module = nnx.merge(self.graphdef, params, self.rest)
+        if key is not None and self.streams:
+            nnx.reseed(module, **{name: jax.random.fold_in(key, i) for i, name in enumerate(self.streams)})
+        return module
 
     def trainable_mask(self, trainable: Any, params: Any) -> tuple[bool, ...]:
         """``trainable=`` may be any NNX filter (a Variable type such as ``nnx.LoRAParam``,
