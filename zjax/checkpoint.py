@@ -244,9 +244,25 @@ def save_program(state):
     return _save_plan(state)[0]
 
 
+# Save plans by state structure, shapes, dtypes and shardings: a run saving every N steps
+# traces and compiles its save program once, not at every save.
+_SAVE_PLANS: dict = {}
+_SAVE_PLANS_KEPT = 8
+
+
 def _save_plan(state):
     """``(program, sources, portable_def)``: ``sources[k]`` is the index of the state leaf that
-    portable leaf ``k`` is, or None where ``program`` computes it."""
+    portable leaf ``k`` is, or None where ``program`` computes it (cached per state layout)."""
+    key = (jax.tree.structure(state),
+           tuple((x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(state)))
+    if key not in _SAVE_PLANS:
+        if len(_SAVE_PLANS) >= _SAVE_PLANS_KEPT:
+            _SAVE_PLANS.pop(next(iter(_SAVE_PLANS)))
+        _SAVE_PLANS[key] = _build_save_plan(state)
+    return _SAVE_PLANS[key]
+
+
+def _build_save_plan(state):
     layouts = state.layouts
     treedef = jax.tree.structure(layouts, is_leaf=zero.is_layout)
     state_def = jax.tree.structure(state)
