@@ -5,7 +5,7 @@ import pytest
 
 from zjax.cli import main
 from zjax.config.schema import load_config
-from zjax.analysis.plan import compiled_stage_plan, fit, parse_bytes, plan
+from zjax.analysis.plan import compiled_memory, compiled_stage_plan, fit, parse_bytes, plan
 
 TINY = "configs/tiny.yaml"
 
@@ -48,7 +48,7 @@ def test_tiny_plan_json_marks_the_stage_and_compiles_every_stage(tiny_plan):
     for s in out["stages"]:
         assert set(s["zjax"]) == {"compute params", "master params", "moments", "gradients", "batch",
                                   "activations", "workspace", "total"}
-        assert set(s["compiled"]) == {"argument", "temp", "total", "predicted", "ratio"}
+        assert set(s["compiled"]) == {"argument", "temp", "total", "collective_data", "collective_tensor", "predicted", "ratio"}
         assert s["zjax"]["activations"] > 0
 
 
@@ -108,7 +108,7 @@ def test_fit_picks_the_first_setting_that_compiles_under_the_budget(tiny_plan, c
     assert result.chosen_memory["total"] <= result.budget < result.rejected_bytes
     assert result.rejected_compiled
     # the setting rejected is stage 0 with the config's own remat and micro-batch: the same program the plan compiled
-    assert result.rejected == {"zero.stage": 0, "remat.policy": "none", "batch.global_batch_size": 16,
+    assert result.rejected == {"mesh.tensor": 1, "zero.stage": 0, "remat.policy": "none", "batch.global_batch_size": 16,
                                "batch.micro_batch_size_per_device": 2, "batch.grad_accum_steps": 1}
     assert result.rejected_bytes == stage0
     # ... and the next one in the order fits: stage 0, remat none, half the micro-batch, twice the accumulation
@@ -118,7 +118,8 @@ def test_fit_picks_the_first_setting_that_compiles_under_the_budget(tiny_plan, c
     # The command prints the chosen overrides and both figures (the compiles are cached in-process).
     assert main(["plan", TINY, "--fit", str(stage0 - 1)]) == 0
     out = capsys.readouterr().out
-    assert "fits: zero.stage=0 remat.policy=none batch.global_batch_size=16 batch.micro_batch_size_per_device=1" in out
+    assert ("fits: mesh.tensor=1 zero.stage=0 remat.policy=none batch.global_batch_size=16 "
+            "batch.micro_batch_size_per_device=1") in out
     assert f"{result.chosen_memory['total']:,} bytes" in out and f"{stage0:,} bytes (compiled)" in out
 
 
@@ -150,3 +151,34 @@ def test_a_nonpositive_device_count_is_a_clear_error(capsys):
         main(["plan", TINY, "--params", "1e9", "--devices", "0"])
     assert exit_.value.code == 2
     assert "--devices=0" in capsys.readouterr().err
+
+
+# --- the tensor axis ---------------------------------------------------------------------
+
+# Wide layers, short sequences: the state and ZeRO-3's gathered layer dominate the memory.
+WIDE = ("model.d_model=512", "model.d_ff=2048", "model.n_heads=8", "model.n_kv_heads=8", "model.n_layers=4",
+        "batch.global_batch_size=8", "data.seq_len=8", "precision.compute_dtype=float32")
+
+
+def test_plan_divides_the_state_by_the_tensor_axis_and_counts_its_collectives():
+    one, two = plan(TINY, compile=False), plan(TINY, ["mesh.tensor=2"], compile=False)
+    assert two.tensor == 2 and one.tensor_traffic is None
+    for a, b in zip(one.stages, two.stages):
+        # the same Ψ over data 8, or Ψ/2 over data 4: replicated rows halve, rows split over data stay
+        assert b.zjax["moments"] == pytest.approx(a.zjax["moments"] * (1 if b.stage else 0.5))
+    t = two.tensor_traffic
+    assert (t["sums_per_layer"], t["kind"]) == (4, "all-reduce")
+    # the prediction is what the compiled step moves over tensor (within 1%: the loss's [b, s] statistics)
+    compiled = compiled_memory(load_config(TINY, ["mesh.tensor=2"]))
+    assert compiled["collective_tensor"] == pytest.approx(t["ring_bytes"], rel=0.01)
+
+
+def test_fit_chooses_tensor_parallelism_only_when_data_parallelism_does_not_fit():
+    # ZeRO-3 at tensor 1 needs at least ~67 MB here (each device gathers whole 4.2M-parameter
+    # layers); at tensor 2 the same stage gathers half-layers
+    generous = fit(TINY, list(WIDE), budget="80MB", stages=(3,))
+    assert generous.chosen["mesh.tensor"] == 1
+    tight = fit(TINY, list(WIDE), budget="60MB", stages=(3,))
+    assert tight.chosen["mesh.tensor"] == 2 and tight.chosen_memory["total"] <= 60e6
+    assert tight.rejected["mesh.tensor"] == 1 and tight.rejected_compiled and tight.rejected_bytes > 60e6
+    assert tight.chosen_memory["collective_tensor"] > 0 == generous.chosen_memory["collective_tensor"]

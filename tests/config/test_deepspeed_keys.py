@@ -308,14 +308,18 @@ def test_deepspeed_clipping_dtypes_and_print_interval():
         load_config({**BATCH, "communication_data_type": "bfp16"})
 
 
-def test_tensor_parallel_size_1_maps_to_the_mesh_and_more_is_refused_by_name():
+def test_autotp_and_tp_size_map_onto_the_tensor_axis():
     cfg = load_config({**BATCH, "tensor_parallel": {"autotp_size": 1, "tp": {"tp_size": 1, "tp_grain_size": 64}}})
     assert cfg.mesh.tensor == 1
     assert load_config({**BATCH, "tensor_parallel": {"autotp_size": 0}}).mesh.tensor == 1
-    for block, key in (({"autotp_size": 4}, "tensor_parallel.autotp_size=4"), ({"tp": {"tp_size": 2}}, "tp_size=2")):
-        with pytest.raises(ConfigError, match=f"{key}: tensor parallelism is not implemented in zjax yet") as err:
-            load_config({**BATCH, "tensor_parallel": block})
-        assert "tensorboard" not in str(err.value)
+    for block in ({"autotp_size": 4}, {"tp": {"tp_size": 4}}, {"autotp_size": 4, "tp": {"tp_size": 4}}):
+        cfg = load_config({**BATCH, "tensor_parallel": block})
+        assert cfg.mesh.tensor == 4
+        assert any(key.startswith("tensor_parallel") and "mesh.tensor = 4" in to for key, to in cfg.deepspeed_mapping)
+    with pytest.raises(ConfigError, match="tensor_parallel.autotp_size=2 and tensor_parallel.tp.tp_size=4 disagree"):
+        load_config({**BATCH, "tensor_parallel": {"autotp_size": 2, "tp": {"tp_size": 4}}})
+    with pytest.raises(ConfigError, match=r"tensor_parallel.tp.tp_size=0: use a tensor-parallel size >= 1"):
+        load_config({**BATCH, "tensor_parallel": {"tp": {"tp_size": 0}}})
 
 
 def test_switched_off_features_are_accepted_silently():

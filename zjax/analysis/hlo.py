@@ -97,6 +97,7 @@ class Collective(NamedTuple):
     full_bytes: float  # size of the unsharded data it moves (all-gather: its result)
     group: int         # devices taking part
     runs: int          # executions per step (product of enclosing loop trip counts)
+    axes: tuple = ()   # the mesh axes it runs over (when a mesh shape was given)
 
     @property
     def ring_bytes(self) -> float:
@@ -105,12 +106,61 @@ class Collective(NamedTuple):
         return factor * self.full_bytes * (self.group - 1) / self.group * self.runs
 
 
-def collectives(hlo: str, num_devices: int) -> list[Collective]:
+def replica_groups(line: str) -> list[list[int]] | None:
+    """The device groups of one collective instruction (explicit ``{{0,1},{2,3}}`` or the
+    iota form ``[2,4]<=[4,2]T(1,0)``), or None when it does not spell them."""
+    m = re.search(r"replica_groups=\{((?:\{[0-9,]*\},?)+)\}", line)
+    if m:
+        return [[int(d) for d in g.split(",") if d] for g in re.findall(r"\{([0-9,]*)\}", m.group(1))]
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line)
+    if not m:
+        return None
+    dims = [int(d) for d in m.group(3).split(",")]
+    ids = list(range(math.prod(dims)))
+    if m.group(4):
+        perm = [int(p) for p in m.group(4).split(",")]
+        strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
+        shape = [dims[p] for p in perm]
+        ids = [sum(idx[k] * strides[perm[k]] for k in range(len(perm))) for idx in _indices(shape)]
+    size = int(m.group(2))
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+def _indices(shape: list[int]):
+    if not shape:
+        yield ()
+        return
+    for i in range(shape[0]):
+        for rest in _indices(shape[1:]):
+            yield (i, *rest)
+
+
+def group_axes(group: list[int], mesh_shape: dict[str, int]) -> tuple[str, ...]:
+    """The mesh axes along which the devices of ``group`` (ids in mesh order) differ."""
+    names, sizes = list(mesh_shape), list(mesh_shape.values())
+
+    def coords(i):
+        out = []
+        for n in reversed(sizes):
+            out.append(i % n)
+            i //= n
+        return out[::-1]
+
+    first = coords(group[0])
+    varying = set()
+    for d in group[1:]:
+        varying.update(k for k, c in enumerate(coords(d)) if c != first[k])
+    return tuple(names[k] for k in sorted(varying))
+
+
+def collectives(hlo: str, num_devices: int, mesh_shape: dict[str, int] | None = None) -> list[Collective]:
     """Every collective in ``hlo`` with its size, group and runs per step.
 
     Args:
       hlo: HLO text (``compiled.as_text()``).
       num_devices: group size to assume when an op does not spell its groups.
+      mesh_shape: the mesh's axis sizes in order (``dict(mesh.shape)``); when given, each
+        collective names the mesh axes it runs over.
     """
     comps = _computations(hlo)
     mult = _multipliers(comps)
@@ -133,7 +183,11 @@ def collectives(hlo: str, num_devices: int) -> list[Collective]:
             size = shape_bytes("%s[%s]" % shapes[-1]) if op.endswith("-start") else shape_bytes(result)
             if kind == "reduce-scatter":
                 size *= n
-            found.append(Collective(kind, size, n, mult.get(name, 1)))
+            axes = ()
+            if mesh_shape is not None:
+                groups = replica_groups(line)
+                axes = group_axes(groups[0], mesh_shape) if groups else tuple(a for a, k in mesh_shape.items() if k > 1)
+            found.append(Collective(kind, size, n, mult.get(name, 1), axes))
     return found
 
 

@@ -56,7 +56,7 @@ from typing import Any
 
 from zjax.parallel import zero
 from zjax.parallel.zero import ZeroStage
-from zjax.config.schema import Config, load_config
+from zjax.config.schema import Config, load_config, resolve_mesh_shape
 from zjax.errors import ConfigError
 
 GB = 1e9
@@ -113,11 +113,15 @@ class Plan:
     remat: str
     stages: list[StagePlan]
     note: str = ""
+    tensor: int = 1
+    tensor_traffic: dict[str, Any] | None = None
 
     def to_json(self) -> dict:
         return {
             "params": self.params,
             "devices": self.devices,
+            "tensor": self.tensor,
+            "tensor_traffic": self.tensor_traffic,
             "chosen_stage": self.chosen_stage,
             "compute_dtype": self.compute_dtype,
             "remat": self.remat,
@@ -178,13 +182,42 @@ def plan(config: Any = None, overrides=None, *, params: float | None = None,
         compile = False
         note = "analytic only (--params): batch, activations and workspace n/a"
     # ZeRO shards over `data` alone; every other mesh axis (tensor, replica) divides the devices.
-    data = n // math.prod(size for axis, size in cfg.mesh.model_dump().items() if axis != "data" and size > 0)
+    shape = resolve_mesh_shape(cfg.mesh, n)
+    data, tensor = shape["data"], shape["tensor"]
+    # Tensor parallelism splits the weights T ways (the norm scales, a rounding error, stay whole).
+    local = psi / tensor
     stages = [
         compiled_stage_plan(load_config(cfg, {"zero.stage": stage})) if compile
-        else StagePlan(stage, paper_bytes(psi, data, stage), zjax_bytes(cfg, psi, data, stage))
+        else StagePlan(stage, paper_bytes(local, data, stage), zjax_bytes(cfg, local, data, stage))
         for stage in STAGES
     ]
-    return Plan(psi, n, cfg.zero.stage, cfg.precision.compute_dtype, cfg.remat.policy, stages, note)
+    traffic = None
+    if tensor > 1 and params is None:
+        _, micro, accum = cfg.batch.resolve(shape["replica"] * data)
+        traffic = tensor_traffic(cfg, micro, tensor, accum)
+    return Plan(psi, n, cfg.zero.stage, cfg.precision.compute_dtype, cfg.remat.policy, stages, note, tensor,
+                traffic)
+
+
+def tensor_traffic(cfg: Config, micro: int, tensor: int, accum: int) -> dict[str, Any]:
+    """The reference GPT's activation collectives over the tensor axis per step, per device.
+
+    Megatron's layout: per layer the forward sums the attention and MLP outputs over the
+    tensor group (2 all-reduces of one ``[micro, seq, d_model]`` activation) and the
+    backward sums the gradients of their inputs (2 more); with sequence parallelism each
+    all-reduce is a reduce-scatter plus an all-gather, the same bytes. Outside the layers
+    the vocabulary-parallel embedding sums its lookup and the loss the hidden state's
+    gradient (2 more). A remat policy other than ``none`` recomputes the layer's forward,
+    its 2 sums included (at most: a policy that keeps a sum's inputs may not). Ring bytes,
+    an all-reduce counting ``2 (T-1)/T`` of its size.
+    """
+    activation = micro * cfg.data.seq_len * cfg.model.d_model * ITEMSIZE[cfg.precision.compute_dtype]
+    per_layer = 4 + (2 if cfg.remat.policy != "none" else 0)
+    sums = (per_layer * cfg.model.n_layers + 2) * accum
+    ring = 2 * activation * (tensor - 1) / tensor
+    kind = ("all-gather + reduce-scatter" if cfg.tensor_sequence_parallel else "all-reduce")
+    return {"activation_bytes": activation, "sums_per_layer": per_layer, "sums_per_step": sums,
+            "kind": kind, "ring_bytes": sums * ring}
 
 
 def compiled_stage_plan(cfg: Config) -> StagePlan:
@@ -196,12 +229,13 @@ def compiled_stage_plan(cfg: Config) -> StagePlan:
     """
     import jax
 
-    from zjax.models.gpt import count_params
-
     train, state, batch = abstract_step(cfg)
-    psi, stage = count_params(cfg.model), cfg.zero.stage
+    stage = cfg.zero.stage
     layouts = jax.tree.leaves(train.layouts, is_leaf=zero.is_layout)
-    scanned = sum(math.prod(lay.shape) for lay in layouts if lay.stacked)
+    mesh = dict(train.mesh.shape)
+    # parameters per device of the tensor axis: a weight split over it counts 1/T
+    psi = sum(math.prod(lay.shape) / _model_split(lay, mesh) for lay in layouts)
+    scanned = sum(math.prod(lay.shape) / _model_split(lay, mesh) for lay in layouts if lay.stacked)
     rows = zjax_bytes(cfg, psi, train.data_size, stage, accum_steps=train.grad_accum_steps, scanned=scanned)
     traced, workspace = traced_bytes(train, batch)
     rows.update(traced)
@@ -210,6 +244,11 @@ def compiled_stage_plan(cfg: Config) -> StagePlan:
     s.compiled["predicted"] = s.zjax_total
     s.compiled["ratio"] = s.zjax_total / s.compiled["total"]
     return s
+
+
+def _model_split(lay: zero.LeafLayout, mesh_shape: dict[str, int]) -> int:
+    """How many ways the model-parallel axes split a parameter."""
+    return math.prod(mesh_shape[a] for a in lay.model_axes if a is not None)
 
 
 def paper_bytes(psi: float, n: int, stage: int) -> dict[str, float]:
@@ -314,13 +353,14 @@ def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, fl
         ((all_, all_ - device - host) for (_, all_, _), (_, device, host) in zip(everything, kept)), default=(0, 0)
     )
     layouts = jax.tree.leaves(train.layouts, is_leaf=zero.is_layout)
-    stacked = [lay.size for lay in layouts if lay.stacked]
+    mesh = dict(train.mesh.shape)
+    stacked = [lay.size / _model_split(lay, mesh) for lay in layouts if lay.stacked]
     if train.zero.reduces_in_backward:
         # Each parameter's gradient is reduce-scattered as soon as the layer's backward
         # makes it (zero.ShardedParam), so one of them is live in full, not the layer's;
         # the unscanned parameters' full gradient gathers the head's and the input
         # embedding's parts across every layer's backward before its reduce-scatter.
-        unscanned = sum(math.prod(lay.shape) for lay in layouts if not lay.stacked)
+        unscanned = sum(math.prod(lay.shape) / _model_split(lay, mesh) for lay in layouts if not lay.stacked)
         workspace = {
             "layer params and grads": float(sum(stacked) * compute.itemsize
                                             + max(stacked, default=0) * reduce.itemsize),
@@ -331,7 +371,8 @@ def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, fl
     workspace["layer backward"] = (rematerialized + layer_acts) / 2
     if not train.zero.keeps_master and train.zero.mixed:
         # stage 0 keeps fp32 params; the step casts all of them to the compute dtype once
-        workspace["compute copy"] = float(sum(math.prod(lay.shape) for lay in layouts) * dt.compute.itemsize)
+        workspace["compute copy"] = float(sum(math.prod(lay.shape) / _model_split(lay, mesh) for lay in layouts)
+                                          * dt.compute.itemsize)
     per_device = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(batch))
     rows = {
         "batch": per_device / train.data_size,
@@ -349,11 +390,29 @@ def _layer_residuals(train: Any, batch: Any, policy: Any, dtype: Any) -> list[tu
     """
     from zjax.analysis.activations import layer_residuals
 
+    split = _activation_split(train)
     out = []
     for n_layers, named in layer_residuals(train, batch, policy, dtype):
+        named = [(name, nbytes / split.get(name, 1)) for name, nbytes in named]
         host = sum(nbytes for name, nbytes in named if name in policy.offload)
         out.append((n_layers, sum(nbytes for _, nbytes in named) - host, host))
     return out
+
+
+def _activation_split(train: Any) -> dict[str, int]:
+    """How many ways tensor parallelism splits each of the reference GPT's tagged activations
+    (traced whole): the heads' and the MLP's (untagged ones too) by T, the residual stream's by T under sequence
+    parallelism; the row-parallel outputs before their sum are whole on every device."""
+    from zjax.models import gpt
+
+    tensor = train.mesh.shape["tensor"]
+    if tensor == 1:
+        return {}
+    # untagged residuals are the attention's and MLP's internals (scores, probabilities, gates)
+    split = dict.fromkeys((*gpt.TENSOR_SPLIT_ACTIVATIONS, "untagged"), tensor)
+    if train.config.tensor_sequence_parallel:
+        split.update(dict.fromkeys(gpt.SEQUENCE_SPLIT_ACTIVATIONS, tensor))
+    return split
 
 
 def abstract_step(cfg: Config):
@@ -383,21 +442,29 @@ def compiled_memory(cfg: Config, step: tuple | None = None) -> dict[str, float]:
 
     Nothing runs: the state is abstract (shapes and shardings) and the batch is zeros.
     ``argument_size_in_bytes`` and ``temp_size_in_bytes`` are per device (measured:
-    stage 0's argument bytes are 12Ψ, stage 3's 12Ψ/N on 8 CPU devices).
+    stage 0's argument bytes are 12Ψ, stage 3's 12Ψ/N on 8 CPU devices). The collective
+    bytes per step are ring-equivalent bytes per device from the compiled HLO, over the
+    tensor axis and over the others (ZeRO's ``data``, ``replica``).
 
     Args:
       cfg: the config.
       step: ``(train, state, batch)`` already built for ``cfg`` (see ``abstract_step``).
 
     Returns:
-      ``{"argument", "temp", "total"}`` in bytes.
+      ``{"argument", "temp", "total", "collective_data", "collective_tensor"}`` in bytes.
     """
+    from zjax.analysis import hlo
+
     key = cfg.to_yaml()
     if key not in _COMPILED:
         train, state, batch = step or abstract_step(cfg)
-        memory = train.lower(state, batch).compile().memory_analysis()
+        compiled = train.lower(state, batch).compile()
+        memory = compiled.memory_analysis()
         argument, temp = int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes)
-        _COMPILED[key] = {"argument": argument, "temp": temp, "total": argument + temp}
+        found = hlo.collectives(compiled.as_text(), train.mesh.size, dict(train.mesh.shape))
+        _COMPILED[key] = {"argument": argument, "temp": temp, "total": argument + temp,
+                          "collective_data": sum(c.ring_bytes for c in found if "tensor" not in c.axes),
+                          "collective_tensor": sum(c.ring_bytes for c in found if "tensor" in c.axes)}
     return dict(_COMPILED[key])
 
 
@@ -454,13 +521,16 @@ def parse_bytes(text: str | float) -> int:
     return int(value)
 
 
-def fit(config: Any, overrides=None, *, budget: int | str) -> Fit:
+def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ...] = STAGES) -> Fit:
     """The cheapest setting whose compiled step fits ``budget`` bytes per device.
 
-    Settings are searched in order of cost: the lowest ZeRO stage (least
-    communication), then the lightest remat policy (``FIT_POLICIES``: least
-    recomputation), then the largest micro-batch (the config's, halved while the
-    global batch stays whole; the rest goes to gradient accumulation). The search
+    Settings are searched in order of cost: the smallest tensor-parallel size (the
+    config's, then powers of two inside one host: ``tensor_sizes``; tensor parallelism
+    sums activations over the tensor group in every layer, so it comes only when data
+    parallelism alone does not fit), then the lowest ZeRO stage (least communication),
+    then the lightest remat policy (``FIT_POLICIES``: least recomputation), then the
+    largest micro-batch (the config's, halved while the global batch stays whole; the
+    rest goes to gradient accumulation). The search
     compiles each setting (nothing runs) and stops at the first that fits; a setting
     whose train state alone (an exact part of its argument bytes) is over the budget
     is passed over without compiling.
@@ -469,6 +539,7 @@ def fit(config: Any, overrides=None, *, budget: int | str) -> Fit:
       config: a config path, dict or ``Config``.
       overrides: ``key=value`` overrides, as for ``load_config``.
       budget: bytes per device (an int, or a string for ``parse_bytes``).
+      stages: the ZeRO stages to try (default all).
 
     Returns:
       A ``Fit``.
@@ -477,72 +548,104 @@ def fit(config: Any, overrides=None, *, budget: int | str) -> Fit:
       ConfigError: nothing fits; the message names the budget and the smallest
         compiled figure (or state) found.
     """
-    from zjax.parallel.mesh import make_mesh
+    import jax
+
     from zjax.models.gpt import count_params
 
     budget = parse_bytes(budget)
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
-    mesh = make_mesh(cfg.mesh)
-    # the batch splits over every mesh axis but tensor; ZeRO shards over data
-    split, data = mesh.size // mesh.shape.get("tensor", 1), mesh.shape["data"]
-    total, micro, _ = cfg.batch.resolve(split)
-    micros = []
-    while micro >= 1 and total % (micro * split) == 0:
-        micros.append(micro)
-        if micro % 2:
-            break
-        micro //= 2
+    n = len(jax.devices())
     psi = count_params(cfg.model)
     rejected, rejected_bytes, rejected_compiled = None, None, False
     smallest: tuple[float, dict] | None = None
     compiled = searched = 0
-    for stage in STAGES:
-        for policy in FIT_POLICIES:
-            for m in micros:
-                setting = {
-                    "zero.stage": stage, "remat.policy": policy, "remat.names": {},
-                    "batch.global_batch_size": total, "batch.micro_batch_size_per_device": m,
-                    "batch.grad_accum_steps": total // (m * split),
-                }
-                shown = {k: v for k, v in setting.items() if k != "remat.names"}
-                try:
-                    candidate = load_config(cfg, setting)
-                except ConfigError:
-                    # not a valid setting of this config (e.g. offload_param needs stage 3)
-                    continue
-                searched += 1
-                state = sum(v for k, v in zjax_bytes(candidate, psi, data, stage).items()
-                            if k in ("compute params", "master params", "moments"))
-                if state > budget:
-                    rejected, rejected_bytes, rejected_compiled = shown, state, False
-                    continue
-                memory = compiled_memory(candidate)
-                compiled += 1
-                if memory["total"] <= budget:
-                    return Fit(budget, shown, memory, rejected, rejected_bytes, rejected_compiled, compiled, searched)
-                rejected, rejected_bytes, rejected_compiled = shown, memory["total"], True
-                if smallest is None or memory["total"] < smallest[0]:
-                    smallest = (memory["total"], shown)
+    tensors = tensor_sizes(cfg, n)
+    own = resolve_mesh_shape(cfg.mesh, n)
+    # the global batch is what the run trains on; each mesh splits it over its replica x data devices
+    total, own_micro, _ = cfg.batch.resolve(own["replica"] * own["data"])
+    for tensor in tensors:
+        shape = resolve_mesh_shape(cfg.mesh.model_copy(update={"tensor": tensor, "data": -1}), n)
+        # the batch splits over replica x data; ZeRO shards over data
+        split, data = shape["replica"] * shape["data"], shape["data"]
+        if total % split:
+            continue
+        micro = own_micro if (total // split) % own_micro == 0 else total // split
+        micros = []
+        while micro >= 1 and total % (micro * split) == 0:
+            micros.append(micro)
+            if micro % 2:
+                break
+            micro //= 2
+        for stage in stages:
+            for policy in FIT_POLICIES:
+                for m in micros:
+                    setting = {
+                        "mesh.tensor": tensor, "mesh.data": -1,
+                        "zero.stage": stage, "remat.policy": policy, "remat.names": {},
+                        "batch.global_batch_size": total, "batch.micro_batch_size_per_device": m,
+                        "batch.grad_accum_steps": total // (m * split),
+                    }
+                    shown = {k: v for k, v in setting.items() if k not in ("remat.names", "mesh.data")}
+                    try:
+                        candidate = load_config(cfg, setting)
+                    except ConfigError:
+                        # not a valid setting of this config (e.g. offload_param needs stage 3)
+                        continue
+                    searched += 1
+                    state = sum(v for k, v in zjax_bytes(candidate, psi / tensor, data, stage).items()
+                                if k in ("compute params", "master params", "moments"))
+                    if state > budget:
+                        rejected, rejected_bytes, rejected_compiled = shown, state, False
+                        continue
+                    memory = compiled_memory(candidate)
+                    compiled += 1
+                    if memory["total"] <= budget:
+                        return Fit(budget, shown, memory, rejected, rejected_bytes, rejected_compiled, compiled,
+                                   searched)
+                    rejected, rejected_bytes, rejected_compiled = shown, memory["total"], True
+                    if smallest is None or memory["total"] < smallest[0]:
+                        smallest = (memory["total"], shown)
     if smallest is not None:
         found = f"the smallest compiled step needs {smallest[0]:,.0f} bytes ({_overrides(smallest[1])})"
     else:
         found = (f"no setting was compiled: even ZeRO-3's train state alone needs {rejected_bytes:,.0f} bytes "
-                 f"per device on {data} data devices")
+                 f"per device")
     raise ConfigError(
         f"--fit={budget:,} bytes per device: no setting fits; {found}; "
-        f"searched {searched} settings (stages 0-3 x remat {'/'.join(FIT_POLICIES)} x micro-batch "
-        f"{'/'.join(map(str, micros))}); raise the budget, use more devices or a smaller model"
+        f"searched {searched} settings (mesh.tensor {'/'.join(map(str, tensors))} x stages "
+        f"{'/'.join(map(str, stages))} x remat "
+        f"{'/'.join(FIT_POLICIES)} x micro-batch); raise the budget, use more devices or a smaller model"
     )
+
+
+def tensor_sizes(cfg: Config, n: int) -> list[int]:
+    """The tensor-axis sizes ``fit`` tries, smallest first: the config's, then every larger
+    power of two that divides the devices of one host (the tensor group stays on one host's
+    fast links), the heads, the MLP width and what the other fixed axes leave."""
+    import jax
+
+    host = jax.local_device_count()
+    fixed = math.prod(size for axis, size in cfg.mesh.model_dump().items() if axis not in ("data", "tensor")
+                      and size > 0)
+    start = cfg.mesh.tensor if cfg.mesh.tensor > 0 else 1
+    sizes, t = [start], start * 2
+    while host % t == 0 and (n // fixed) % t == 0 and cfg.model.n_heads % t == 0 and cfg.model.d_ff % t == 0:
+        sizes.append(t)
+        t *= 2
+    return sizes
 
 
 def format_fit(result: Fit) -> str:
     """The ``fit`` result as text: the chosen overrides and bytes, and the cheaper setting that did not fit."""
     lines = [
         f"budget {result.budget:,} bytes per device ({_gb(result.budget)} GB); compiled {result.compiled} "
-        f"of {result.searched} settings searched (lowest stage, then lightest remat, then largest micro-batch)",
+        f"of {result.searched} settings searched (smallest tensor axis, then lowest stage, then lightest remat, "
+        "then largest micro-batch)",
         f"fits: {_overrides(result.chosen)}",
         f"  compiled: argument {result.chosen_memory['argument']:,} + temp {result.chosen_memory['temp']:,} "
         f"= {result.chosen_memory['total']:,} bytes",
+        f"  collectives per step per device: {result.chosen_memory['collective_data']:,.0f} bytes over data, "
+        f"{result.chosen_memory['collective_tensor']:,.0f} over tensor",
     ]
     if result.rejected is None:
         lines.append("next cheaper setting: none (this is the first in the search order)")
@@ -559,14 +662,22 @@ def _overrides(setting: dict[str, Any]) -> str:
 
 def format_plan(p: Plan) -> str:
     """The plan as text: one block per stage, paper and zjax columns, GB = 1e9 bytes."""
+    where = (f"{p.devices} devices (tensor {p.tensor} x {p.devices // p.tensor} data-parallel; each device "
+             f"holds 1/{p.tensor} of the weights)" if p.tensor > 1 else f"{p.devices} data-parallel devices")
     lines = [
-        f"params {p.params:,} ({p.params / 1e9:.3g}B) on {p.devices} data-parallel devices; "
+        f"params {p.params:,} ({p.params / 1e9:.3g}B) on {where}; "
         f"compute {p.compute_dtype}, remat {p.remat}; per-device memory, GB = 1e9 bytes",
         "paper: fp16 params + fp16 grads + 12 bytes/param Adam state (ZeRO, Table 1); "
         "zjax: its TrainState + gradient buffers + batch + kept activations + one layer's backward workspace",
     ]
     if p.note:
         lines.append(p.note)
+    if p.tensor_traffic:
+        t = p.tensor_traffic
+        lines.append(
+            f"tensor axis: {t['sums_per_layer']} activation sums per layer ({t['kind']}, {t['activation_bytes']:,} "
+            f"bytes each), {t['sums_per_step']} per step: {t['ring_bytes']:,.0f} bytes per device per step "
+            "(ring), the same at every ZeRO stage")
     for s in p.stages:
         mark = "  <- config" if s.stage == p.chosen_stage else ""
         lines.append("")

@@ -112,14 +112,14 @@ IGNORED: dict[str, str] = {
     "scheduler.params.cycle_min_mom": _LR_ONLY,
     "scheduler.params.cycle_max_mom": _LR_ONLY,
     "scheduler.params.decay_mom_rate": _LR_ONLY,
-    "tensor_parallel.tp.tp_grain_size": "tensor parallelism is off (size 1)",
-    "tensor_parallel.tp.mpu": "tensor parallelism is off (size 1)",
-    "tensor_parallel.tp.tp_group": "tensor parallelism is off (size 1)",
-    "tensor_parallel.tp.enabled": "tensor parallelism is off (size 1)",
+    "tensor_parallel.tp.tp_grain_size": "zjax splits each weight evenly along its logical axes (heads, mlp, vocab)",
+    "tensor_parallel.tp.mpu": "the tensor-parallel group is the mesh's tensor axis",
+    "tensor_parallel.tp.tp_group": "the tensor-parallel group is the mesh's tensor axis",
+    "tensor_parallel.tp.enabled": "tensor parallelism is on exactly when mesh.tensor > 1",
     "tensor_parallel.dtype": "precision comes from the bf16/fp16 blocks (precision.compute_dtype)",
-    "tensor_parallel.injection_policy_tuple": "tensor parallelism is off (size 1)",
-    "tensor_parallel.keep_module_on_host": "tensor parallelism is off (size 1)",
-    "tensor_parallel.replace_with_kernel_inject": "tensor parallelism is off (size 1)",
+    "tensor_parallel.injection_policy_tuple": "zjax splits parameters by their logical axes; no module injection",
+    "tensor_parallel.keep_module_on_host": "train.init creates parameters already split over the mesh",
+    "tensor_parallel.replace_with_kernel_inject": "zjax splits parameters by their logical axes; no module injection",
 }
 # ``bfloat16`` is DeepSpeed's older spelling of the ``bf16`` block.
 IGNORED.update({key.replace("bf16.", "bfloat16.", 1): reason for key, reason in IGNORED.items()
@@ -639,14 +639,17 @@ def _map_tensor_parallel(key: str, block: Any, out: _Translation) -> None:
     _check_keys(key, block, ("autotp_size", "tp"))
     tp = block.get("tp", {})
     _check_keys(f"{key}.tp", tp, ("tp_size",))
-    sizes = ((f"{key}.autotp_size", block.get("autotp_size", 0)), (f"{key}.tp.tp_size", tp.get("tp_size", 1)))
-    for ds_key, size in sizes:
-        if _int(ds_key, size) > 1:
-            raise ConfigError(
-                f"{ds_key}={size}: tensor parallelism is not implemented in zjax yet (a later issue; "
-                f"mesh.tensor must be 1); set {ds_key.rsplit('.', 1)[1]}: 1"
-            )
-    out.set("mesh.tensor", 1, key)
+    sizes = {f"{key}.autotp_size": _int(f"{key}.autotp_size", block.get("autotp_size", 0)) or 1,
+             f"{key}.tp.tp_size": _int(f"{key}.tp.tp_size", tp.get("tp_size", 1))}
+    given = {k: v for k, v in sizes.items() if v > 1}
+    if len(set(given.values())) > 1:
+        raise ConfigError(f"{' and '.join(f'{k}={v}' for k, v in given.items())} disagree; "
+                          "give one tensor-parallel size")
+    for ds_key, size in sizes.items():
+        if size < 1:
+            raise ConfigError(f"{ds_key}={size}: use a tensor-parallel size >= 1 (0 = off for autotp_size)")
+    source = next(iter(given), f"{key}.autotp_size")
+    out.set("mesh.tensor", max(sizes.values()), source)
     _ignore_rest(f"{key}.tp", tp, ("tp_size",), out)
     _ignore_rest(key, block, ("autotp_size", "tp"), out)
 

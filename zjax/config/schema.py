@@ -35,6 +35,7 @@ DEFAULT_LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "layers": None,
     "embed": "data",
     "length": None,
+    "residual_length": None,
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -443,6 +444,10 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     gradient_clipping: float = Field(1.0, ge=0)
     remat: RematConfig = Field(default_factory=RematConfig)
+    # Megatron sequence parallelism: the residual stream (norms, residual adds) split along the
+    # sequence over the tensor group, all-gathered before each column-parallel block and
+    # reduce-scattered after each row-parallel one; sets the rule residual_length: tensor.
+    tensor_sequence_parallel: bool = False
     kernels: Literal["xla", "auto", "pallas", "interpret"] = "xla"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -468,6 +473,13 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_cross_block(self) -> Config:
+        if self.tensor_sequence_parallel:
+            rule = self.logical_axis_rules.get("residual_length")
+            if rule not in (None, "tensor"):
+                raise ValueError(
+                    f"tensor_sequence_parallel=true splits the residual stream over tensor, but "
+                    f"logical_axis_rules.residual_length={rule!r}; set residual_length: tensor or null")
+            self.logical_axis_rules["residual_length"] = "tensor"
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is longer than model.max_seq_len={self.model.max_seq_len}; "

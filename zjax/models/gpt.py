@@ -13,6 +13,7 @@ the names to mesh axes later.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -26,10 +27,16 @@ from pallas_kernels.dispatch import backend
 from zjax.errors import ConfigError
 from zjax.config import remat
 from zjax.layers import scan_layers
-from zjax.parallel.sharding import shard
+from zjax.parallel.sharding import per_shard, region_spec, shard, split_axis
 
-# The logical axes of the hidden states between layers (zjax.shard places them by the rules).
-ACTIVATION_AXES = ("batch", "length", "embed")
+# The logical axes of the hidden states between layers (zjax.shard places them by the rules):
+# ``residual_length`` is split over ``tensor`` under Megatron sequence parallelism.
+ACTIVATION_AXES = ("batch", "residual_length", "embed")
+TOKEN_AXES = ("batch", "length")
+# Tagged activations that tensor parallelism splits T ways (the heads' and the MLP's), and
+# those that Megatron sequence parallelism splits too (the residual stream's); zjax plan reads them.
+TENSOR_SPLIT_ACTIVATIONS = ("q_proj", "k_proj", "v_proj", "attn_out", "mlp_gate", "mlp_up", "mlp_hidden")
+SEQUENCE_SPLIT_ACTIVATIONS = ("attn_norm", "mlp_norm", "layer_input")
 # The tags this model puts on its activations (what remat policies name).
 ACTIVATION_NAMES = remat.ACTIVATION_NAMES
 
@@ -105,7 +112,8 @@ class GPT(nnx.Module):
         if seq_len > self.max_seq_len:
             raise ValueError(f"tokens have length {seq_len}, longer than model.max_seq_len="
                              f"{self.max_seq_len}; raise max_seq_len or shorten the batch")
-        x = shard(jnp.take(self.embedding[...], tokens, axis=0), ACTIVATION_AXES)
+        x = shard(per_shard(functools.partial(_embed, vocab_size=self.vocab_size), (TOKEN_AXES, ("vocab", "embed")), ACTIVATION_AXES)(tokens, self.embedding[...]),
+                  ACTIVATION_AXES)
         rope = rotary_angles(seq_len, self.head_dim, self.rope_theta)
         # the fused attention masks by segment ids itself; XLA attention needs the mask
         mask = attention_mask(seq_len, segment_ids) if self.kernels == "xla" else segment_ids
@@ -119,6 +127,22 @@ class GPT(nnx.Module):
 
         x = scan_layers(layer, x, block_state)
         return self.final_norm(x, self.kernels)
+
+    def token_nll(self, inputs: jax.Array, targets: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """Float32 next-token negative log-likelihood ``[B, T]`` of ``targets`` given ``inputs``.
+
+        Under tensor parallelism the vocabulary stays split: each shard computes its part
+        of the logits and the log-sum-exp and target logit are summed over the shards
+        (Megatron's vocabulary-parallel cross-entropy); the logits are never gathered.
+        Otherwise, with ``kernels`` other than ``xla``, the fused cross-entropy kernel
+        computes it in vocabulary chunks.
+        """
+        hidden, weights = self.hidden(inputs, segment_ids=segment_ids), self.output_weights()
+        if self.kernels != "xla" and not any(region_spec(("embed", "vocab"), weights.shape)):
+            return pallas_kernels.softmax_cross_entropy(hidden, weights, targets, impl=self.kernels)
+        nll = functools.partial(_vocab_parallel_nll, vocab_size=self.vocab_size)
+        return per_shard(nll, (ACTIVATION_AXES, ("embed", "vocab"), TOKEN_AXES), TOKEN_AXES)(
+            hidden, weights, targets)
 
     def output_weights(self) -> jax.Array:
         """The ``[d_model, vocab]`` output projection (the embedding, transposed, when tied)."""
@@ -147,15 +171,7 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
     if segment_ids is not None:
         counted = counted * (segment_ids[:, 1:] == segment_ids[:, :-1])
         segment_ids = segment_ids[:, :-1]
-    if model.kernels == "xla":
-        logits = model(inputs, segment_ids=segment_ids)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    else:
-        # vocabulary in chunks: full float32 logits never exist at once
-        nll = pallas_kernels.softmax_cross_entropy(
-            model.hidden(inputs, segment_ids=segment_ids), model.output_weights(), targets, impl=model.kernels
-        )
+    nll = model.token_nll(inputs, targets, segment_ids)
     weight = counted.sum()
     loss = (nll * counted).sum() / jnp.maximum(weight, 1.0)
     return loss, {"weight": weight}
@@ -243,36 +259,67 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, (q_width, cfg.d_model), ("heads", "embed"), out_std, param_dtype)
 
     def __call__(self, x, rope, mask, kernels="xla"):
-        """``mask``: the [B, T, T] attention mask for XLA; segment ids (or None) for kernels."""
+        """``mask``: the [B, T, T] attention mask for XLA; segment ids (or None) for kernels.
+
+        Under tensor parallelism each shard runs its own heads (q/k/v column-parallel, the
+        output projection row-parallel) and the shards' outputs are summed once.
+        """
+        local = functools.partial(self._attend, kernels=kernels)
+        return per_shard(local, (ACTIVATION_AXES, ("embed", "heads"), ("embed", "kv_heads"), ("embed", "kv_heads"),
+                                 ("heads", "embed"), None, None), ACTIVATION_AXES)(
+            x, self.wq[...], self.wk[...], self.wv[...], self.wo[...], rope, mask)
+
+    def _attend(self, x, wq, wk, wv, wo, rope, mask, *, kernels):
+        hd = self.head_dim
+        tp = split_axis("heads")
+        x = _gather_sequence(x)
         batch, seq_len, _ = x.shape
-        groups = self.n_heads // self.n_kv_heads
-        q = checkpoint_name(x @ self.wq[...], "q_proj")
-        k = checkpoint_name(x @ self.wk[...], "k_proj")
-        v = checkpoint_name(x @ self.wv[...], "v_proj")
+        q = checkpoint_name(x @ wq, "q_proj")
+        k = checkpoint_name(x @ wk, "k_proj")
+        v = checkpoint_name(x @ wv, "v_proj")
+        n_q, n_kv = q.shape[-1] // hd, k.shape[-1] // hd
+        if tp is not None and (n_q != self.n_heads or k.shape[-1] != self.n_kv_heads * hd):
+            shards = jax.lax.axis_size(tp)
+            if self.n_heads % shards:
+                raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by the tensor axis size {shards} "
+                                  f"(mesh.tensor); use a tensor size that divides the number of heads")
+            if n_q == self.n_heads or self.n_kv_heads % shards:
+                # Fewer KV heads than shards (n_kv_heads % tensor != 0): the KV projections are split
+                # by columns like any weight; their outputs are gathered and each shard takes, per
+                # query head, the KV head of its group (attention then runs as multi-head).
+                if k.shape[-1] != self.n_kv_heads * hd:
+                    k = jax.lax.all_gather(k, tp, axis=-1, tiled=True)
+                    v = jax.lax.all_gather(v, tp, axis=-1, tiled=True)
+                first = jax.lax.axis_index(tp) * n_q if n_q != self.n_heads else 0
+                heads = (first + jnp.arange(n_q)) // (self.n_heads // self.n_kv_heads)
+                k = jnp.take(k.reshape(batch, seq_len, self.n_kv_heads, hd), heads, axis=2).reshape(batch, seq_len, -1)
+                v = jnp.take(v.reshape(batch, seq_len, self.n_kv_heads, hd), heads, axis=2).reshape(batch, seq_len, -1)
+                n_kv = n_q
+        groups = n_q // n_kv
         if kernels != "xla":
-            q = apply_rotary(q.reshape(batch, seq_len, self.n_heads, self.head_dim), rope)
-            k = apply_rotary(k.reshape(batch, seq_len, self.n_kv_heads, self.head_dim), rope)
-            v = v.reshape(batch, seq_len, self.n_kv_heads, self.head_dim)
+            q = apply_rotary(q.reshape(batch, seq_len, n_q, hd), rope)
+            k = apply_rotary(k.reshape(batch, seq_len, n_kv, hd), rope)
+            v = v.reshape(batch, seq_len, n_kv, hd)
             out = pallas_kernels.flash_attention(q, k, v, causal=True, segment_ids=mask, impl=kernels)
-            out = checkpoint_name(out.reshape(batch, seq_len, -1), "attn_out")
-            return checkpoint_name(out @ self.wo[...], "attn_proj")
-        q = apply_rotary(q.reshape(batch, seq_len, self.n_kv_heads, groups, self.head_dim), rope)
-        k = apply_rotary(k.reshape(batch, seq_len, self.n_kv_heads, self.head_dim), rope)
-        v = v.reshape(batch, seq_len, self.n_kv_heads, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None], scores / math.sqrt(self.head_dim),
-                           jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        else:
+            q = apply_rotary(q.reshape(batch, seq_len, n_kv, groups, hd), rope)
+            k = apply_rotary(k.reshape(batch, seq_len, n_kv, hd), rope)
+            v = v.reshape(batch, seq_len, n_kv, hd)
+            scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+            scores = jnp.where(mask[:, None, None], scores / math.sqrt(hd), jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
         out = checkpoint_name(out.reshape(batch, seq_len, -1), "attn_out")
-        return checkpoint_name(out @ self.wo[...], "attn_proj")
+        return _sum_shards(checkpoint_name(out @ wo, "attn_proj"), _split_over("heads", wo.shape[0], self.n_heads * hd))
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``; under tensor parallelism gate and
+    up are column-parallel and down row-parallel (one sum over the shards)."""
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
+        self.d_ff = cfg.d_ff
         self.w_gate = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), INIT_STD,
                              param_dtype)
         self.w_up = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), INIT_STD, param_dtype)
@@ -280,16 +327,84 @@ class MLP(nnx.Module):
                              param_dtype)
 
     def __call__(self, x, kernels="xla"):
+        local = functools.partial(self._feed_forward, kernels=kernels)
+        return per_shard(local, (ACTIVATION_AXES, ("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed")),
+                         ACTIVATION_AXES)(x, self.w_gate[...], self.w_up[...], self.w_down[...])
+
+    def _feed_forward(self, x, w_gate, w_up, w_down, *, kernels):
+        x = _gather_sequence(x)
         if kernels != "xla":
             # The fused kernel never writes the gate and up projections: only its output
             # can carry a checkpoint name.
-            hidden = pallas_kernels.swiglu(x, self.w_gate[...], self.w_up[...], impl=kernels)
-            return checkpoint_name(checkpoint_name(hidden, "mlp_hidden") @ self.w_down[...],
-                                   "mlp_out")
-        gate = checkpoint_name(x @ self.w_gate[...], "mlp_gate")
-        up = checkpoint_name(x @ self.w_up[...], "mlp_up")
-        hidden = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
-        return checkpoint_name(hidden @ self.w_down[...], "mlp_out")
+            hidden = pallas_kernels.swiglu(x, w_gate, w_up, impl=kernels)
+        else:
+            gate = checkpoint_name(x @ w_gate, "mlp_gate")
+            up = checkpoint_name(x @ w_up, "mlp_up")
+            hidden = jax.nn.silu(gate) * up
+        out = checkpoint_name(checkpoint_name(hidden, "mlp_hidden") @ w_down, "mlp_out")
+        return _sum_shards(out, _split_over("mlp", w_down.shape[0], self.d_ff))
+
+
+# --- inside per_shard regions (whole arrays without tensor parallelism) ------------------------
+
+
+def _gather_sequence(x: jax.Array) -> jax.Array:
+    """Megatron sequence parallelism: the residual stream arrives split along the sequence
+    over the tensor group; the column-parallel matmuls need all of it."""
+    sp = split_axis("residual_length")
+    return x if sp is None else jax.lax.all_gather(x, sp, axis=1, tiled=True)
+
+
+def _sum_shards(partial: jax.Array, over: str | None) -> jax.Array:
+    """A row-parallel output: partial sums over the tensor axis ``over`` (None: the output is
+    already whole) summed (all-reduce), or with sequence parallelism summed and split along
+    the sequence (reduce-scatter)."""
+    sp = split_axis("residual_length")
+    if over is not None:
+        if sp is not None:
+            return jax.lax.psum_scatter(partial, over, scatter_dimension=1, tiled=True)
+        return jax.lax.psum(partial, over)
+    if sp is not None:  # every shard has the whole result: keep its part of the sequence
+        n = partial.shape[1] // jax.lax.axis_size(sp)
+        return jax.lax.dynamic_slice_in_dim(partial, jax.lax.axis_index(sp) * n, n, axis=1)
+    return partial
+
+
+def _split_over(name: str, local: int, whole: int) -> str | None:
+    """The tensor axis a dimension of logical ``name`` is split over here (its local size
+    ``local`` is below its size ``whole``), else None."""
+    return split_axis(name) if local != whole else None
+
+
+def _embed(tokens: jax.Array, table: jax.Array, *, vocab_size: int) -> jax.Array:
+    """Vocabulary-parallel embedding: each shard looks up the tokens in its rows (zero
+    elsewhere) and the shards' results are summed."""
+    rows = table.shape[0]
+    tp = _split_over("vocab", rows, vocab_size)
+    if tp is None:
+        return _sum_shards(jnp.take(table, tokens, axis=0), None)
+    ids = tokens - jax.lax.axis_index(tp) * rows
+    here = (ids >= 0) & (ids < rows)
+    looked_up = jnp.take(table, jnp.clip(ids, 0, rows - 1), axis=0) * here[..., None].astype(table.dtype)
+    return _sum_shards(looked_up, tp)
+
+
+def _vocab_parallel_nll(hidden: jax.Array, weights: jax.Array, targets: jax.Array, *, vocab_size: int) -> jax.Array:
+    """Cross-entropy with the vocabulary split over the tensor shards: each shard's logits stay
+    on it; the max, the sum of exponentials and the target's logit are combined across shards."""
+    hidden = _gather_sequence(hidden)
+    logits = jnp.einsum("btd,dv->btv", hidden, weights, preferred_element_type=jnp.float32)
+    rows = logits.shape[-1]
+    tp = _split_over("vocab", rows, vocab_size)
+    if tp is None:
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    peak = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), tp)
+    lse = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1), tp)) + peak
+    ids = targets - jax.lax.axis_index(tp) * rows
+    here = (ids >= 0) & (ids < rows)
+    picked = jnp.take_along_axis(logits, jnp.clip(ids, 0, rows - 1)[..., None], axis=-1)[..., 0]
+    return lse - jax.lax.psum(jnp.where(here, picked, 0.0), tp)
 
 
 class RMSNorm(nnx.Module):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -117,6 +118,10 @@ class LeafLayout:
         one-device axis.
       dim: the dimension of one layer (``layer_shape``) split over ``data``; None for a
         leaf that is not split (stage 0, scalars).
+      model_axes: per dimension of one layer, the model-parallel mesh axis it is split
+        over (``tensor``, by the logical-axis rules), or None; never ``dim``. The step
+        leaves these axes to XLA (automatic) and runs ZeRO's collectives on each of
+        their shards, so a parameter split over ``tensor`` is never gathered over it.
     """
 
     shape: tuple[int, ...]
@@ -124,6 +129,7 @@ class LeafLayout:
     shards: int
     partitioned: bool
     dim: int | None = None
+    model_axes: tuple[str | None, ...] = ()
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -167,17 +173,36 @@ class LeafLayout:
 
     @property
     def spec(self) -> P:
-        """PartitionSpec of the stored form: the split dimension over ``data``."""
-        if not self.sharded:
-            return P()
-        return P(*([None] * self.axis), DATA)
+        """PartitionSpec of the stored form: the split dimension over ``data``, the others
+        over their model-parallel axes."""
+        axes = [None] * len(self.lead) + list(self.model_axes or [None] * len(self.layer_shape))
+        if self.sharded:
+            axes[self.axis] = DATA
+        return _trim(axes)
+
+    @property
+    def data_spec(self) -> P:
+        """The part of ``spec`` over ``data`` (what a ``shard_map`` manual over ``data`` names)."""
+        return P(*([None] * self.axis), DATA) if self.sharded else P()
+
+    @property
+    def model_spec(self) -> P:
+        """The part of ``spec`` over the model-parallel axes (a replicated copy's sharding)."""
+        return _trim([None] * len(self.lead) + list(self.model_axes or ()))
 
     def per_layer(self) -> "LeafLayout":
-        return LeafLayout(self.layer_shape, False, self.shards, self.partitioned, self.dim)
+        return LeafLayout(self.layer_shape, False, self.shards, self.partitioned, self.dim, self.model_axes)
+
+
+def _trim(axes: list) -> P:
+    while axes and axes[-1] is None:
+        axes.pop()
+    return P(*axes)
 
 
 def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
-                 zero_names: tuple[str, ...] = (ZERO_AXIS,)) -> Any:
+                 zero_names: tuple[str, ...] = (ZERO_AXIS,), model_rules: Mapping[str, str | None] | None = None,
+                 mesh_shape: Mapping[str, int] | None = None) -> Any:
     """One LeafLayout per leaf of ``params`` (shapes only are read).
 
     Args:
@@ -188,6 +213,10 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
       shards: the ZeRO partition count (1 for stage 0).
       partitioned: whether the leaves are split over ``data`` (stages 1-3).
       zero_names: the logical axes the rules map to ``data``, preferred in this order.
+      model_rules: logical axis name -> mesh axis (the config's rules); names ruled to a
+        model-parallel axis (any but ``data``/``replica``) of ``mesh_shape`` size above 1
+        split their dimension over it when the size divides (else it stays whole).
+      mesh_shape: mesh axis name -> size.
     """
     leaves, treedef = jax.tree.flatten(params)
     if logical_axes is None:
@@ -200,24 +229,49 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
         stacked = bool(names) and names[0] == "layers" and len(shape) >= 1
         layer_names = tuple(names[1:] if stacked else names) if names else ()
         layer_shape = shape[1:] if stacked else shape
-        dim = split_dim(layer_shape, layer_names, shards, zero_names) if partitioned else None
-        layouts.append(LeafLayout(shape, stacked, shards, partitioned, dim))
+        model = model_axes_of(layer_shape, layer_names, model_rules or {}, mesh_shape or {})
+        free = tuple(i for i, a in enumerate(model) if a is None)
+        dim = split_dim(layer_shape, layer_names, shards, zero_names, free) if partitioned else None
+        layouts.append(LeafLayout(shape, stacked, shards, partitioned, dim,
+                                  model if any(a is not None for a in model) else ()))
     return jax.tree.unflatten(treedef, layouts)
 
 
+def model_axes_of(shape: tuple[int, ...], names: tuple[str, ...], rules: Mapping[str, str | None],
+                  mesh_shape: Mapping[str, int]) -> tuple[str | None, ...]:
+    """Per dimension, the model-parallel mesh axis its logical name is ruled to, where that
+    axis has a size above 1 that divides the dimension (each mesh axis used once)."""
+    out: list[str | None] = [None] * len(shape)
+    if len(names) != len(shape):
+        return tuple(out)
+    used: set[str] = set()
+    for i, name in enumerate(names):
+        axis = rules.get(name) if name is not None else None
+        if axis in (None, DATA, REPLICA) or axis in used:
+            continue
+        size = mesh_shape.get(axis, 1)
+        if size > 1 and shape[i] % size == 0:
+            out[i] = axis
+            used.add(axis)
+    return tuple(out)
+
+
 def split_dim(shape: tuple[int, ...], names: tuple[str, ...], shards: int,
-              zero_names: tuple[str, ...] = (ZERO_AXIS,)) -> int | None:
+              zero_names: tuple[str, ...] = (ZERO_AXIS,), free: tuple[int, ...] | None = None) -> int | None:
     """The dimension ZeRO splits: the first of ``zero_names`` (the logical axes the rules map
     to ``data``) that the leaf has and that divides by ``shards``, else the largest dimension
-    that does, else the largest (to be padded); None for a scalar."""
-    if not shape:
+    that does, else the largest (to be padded); None for a scalar. Only dimensions in ``free``
+    (default: all) are candidates: one split over a model-parallel axis is not; a leaf with
+    no free dimension is not split over ``data``."""
+    free = tuple(range(len(shape))) if free is None else free
+    if not free:
         return None
-    divisible = [i for i, n in enumerate(shape) if n % shards == 0]
+    divisible = [i for i in free if shape[i] % shards == 0]
     if len(names) == len(shape):
         for name in zero_names:
             if name in names and names.index(name) in divisible:
                 return names.index(name)
-    candidates = divisible or range(len(shape))
+    candidates = divisible or free
     return max(candidates, key=lambda i: (shape[i], -i))
 
 
@@ -225,15 +279,15 @@ def state_specs(state_shapes: Any, layouts: Any) -> Any:
     """Shardings of optimizer state (shapes from ``jax.eval_shape(tx.init, params)``).
 
     A subtree with the params' structure and stored shapes (Adam's moments) is split like
-    the params, so an element-wise update needs no communication; any other leaf is split
+    the params (over ``data`` from stage 1, over ``tensor`` at every stage), so an
+    element-wise update needs no communication; any other leaf is split
     like the one parameter of its shape, or, where no or several parameters have it
     (Adafactor's factored moments), along its largest dimension that divides by the shard
     count, or kept whole.
     """
     leaves, treedef = jax.tree.flatten(layouts, is_leaf=is_layout)
-    if not any(lay.partitioned for lay in leaves):
-        return jax.tree.map(lambda _: P(), state_shapes)
-    shards = leaves[0].shards
+    partitioned = any(lay.partitioned for lay in leaves)
+    shards = leaves[0].shards if leaves else 1
     stored = tuple(lay.stored_shape for lay in leaves)
     param_specs = jax.tree.unflatten(treedef, [lay.spec for lay in leaves])
     by_shape: dict = {}
@@ -244,7 +298,7 @@ def state_specs(state_shapes: Any, layouts: Any) -> Any:
         shape = tuple(x.shape)
         if len(by_shape.get(shape, ())) == 1:
             return next(iter(by_shape[shape]))
-        dim = split_dim(shape, (), shards)
+        dim = split_dim(shape, (), shards) if partitioned else None
         if dim is None or shape[dim] % shards:
             return P()
         return P(*([None] * dim), DATA)
@@ -288,26 +342,84 @@ def from_stored(x: jax.Array, lay: LeafLayout) -> jax.Array:
     return x
 
 
+def on_model_shards(fn, in_specs: Any, out_specs: Any):
+    """``fn`` run on each shard of the model-parallel axes (``tensor``) that ``in_specs`` and
+    ``out_specs`` (PartitionSpecs over those axes only) name and the current mesh leaves to
+    XLA; ``fn`` itself where they name none (no mesh, size-1 axes, or axes already manual).
+
+    ZeRO's collectives over ``data`` go through it: left to XLA, an all-gather over ``data``
+    of a tensor-split parameter is preceded by an all-gather over ``tensor`` (measured).
+    """
+    axes = auto_axes((in_specs, out_specs))
+    if not axes:
+        return fn
+    return jax.shard_map(fn, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs, out_specs=out_specs,
+                         axis_names=set(axes), check_vma=False)
+
+
+def auto_axes(specs: Any) -> tuple[str, ...]:
+    """The mesh axes that PartitionSpecs ``specs`` name and the current mesh leaves to XLA
+    with a size above 1 (what ``on_model_shards`` makes manual), sorted."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    named = set()
+    for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)):
+        for part in spec:
+            named.update(part if isinstance(part, tuple) else (part,))
+    return tuple(sorted(a for a in named if a is not None and a in mesh.shape and a not in mesh.manual_axes
+                        and mesh.shape[a] > 1))
+
+
+def constrain(x: jax.Array, lay: LeafLayout) -> jax.Array:
+    """``x`` (laid out like ``lay``'s stored form) pinned to ``lay``'s model-parallel split, so
+    XLA does not pick another layout for a buffer it creates (an accumulator)."""
+    if not auto_axes(lay.model_spec):
+        return x
+    return lax.with_sharding_constraint(x, lay.model_spec)
+
+
+def _per_shard(lay: LeafLayout, fn, n_in: int = 1):
+    """``fn`` (arrays laid out like ``lay``, in and out) on each model-parallel shard."""
+    if not lay.model_axes:
+        return fn
+    spec = lay.model_spec
+    return on_model_shards(fn, (spec,) * n_in, spec)
+
+
 def local_slice(stored: jax.Array, lay: LeafLayout) -> jax.Array:
     """This device's part of a replicated stored array (inside shard_map)."""
     if not lay.sharded:
         return stored
     n = lay.local_shape[lay.axis]
-    return lax.dynamic_slice_in_dim(stored, lax.axis_index(DATA) * n, n, axis=lay.axis)
+    return _per_shard(lay, lambda x: lax.dynamic_slice_in_dim(x, lax.axis_index(DATA) * n, n, axis=lay.axis))(stored)
 
 
 def reduce_scatter_grads(stored: jax.Array, lay: LeafLayout) -> jax.Array:
     """Sums a full local stored gradient over ``data`` and keeps this device's part."""
     if not lay.sharded:
-        return lax.psum(stored, DATA)
-    return lax.psum_scatter(stored, DATA, scatter_dimension=lay.axis, tiled=True)
+        return _per_shard(lay, lambda x: _cpu_wide(x, lambda y: lax.psum(y, DATA)))(stored)
+    return _per_shard(lay, lambda x: _cpu_wide(
+        x, lambda y: lax.psum_scatter(y, DATA, scatter_dimension=lay.axis, tiled=True)))(stored)
+
+
+def _cpu_wide(x: jax.Array, reduce) -> jax.Array:
+    """``reduce(x)``, in float32 for a 16-bit ``x`` on XLA:CPU under tensor parallelism: XLA:CPU
+    aborts compiling a 16-bit reduction over ``data`` there (hlo_instruction.cc: Invalid
+    binary instruction opcode copy), and it widens 16-bit collectives to float32 anyway,
+    so the bytes it moves are the same. Elsewhere ``reduce(x)``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    model_parallel = not mesh.empty and any(a not in BATCH_AXES and n > 1 for a, n in mesh.shape.items())
+    if model_parallel and x.dtype.itemsize == 2 and jax.default_backend() == "cpu":
+        return reduce(x.astype(jnp.float32)).astype(x.dtype)
+    return reduce(x)
 
 
 def all_gather_params(shard: jax.Array, lay: LeafLayout) -> jax.Array:
     """Local stored part -> the full stored array, the same (invariant) on every device."""
     if not lay.sharded:
         return shard
-    return lax.all_gather(shard, DATA, axis=lay.axis, tiled=True, to="invarying")
+    return _per_shard(lay, lambda x: lax.all_gather(x, DATA, axis=lay.axis, tiled=True, to="invarying"))(shard)
 
 
 # --- ZeRO-3: gather for compute, reduce-scatter in the backward pass ----------------
@@ -320,7 +432,8 @@ def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_
     backward pass casts the cotangent to ``reduce_dtype`` and reduce-scatters it
     straight back into the shard's layout: gradients never exist unsharded.
     """
-    return _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard)
+    op = _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))
+    return _per_shard(lay, op)(shard)
 
 
 def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_dtype) -> jax.Array:
@@ -328,7 +441,7 @@ def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_
     the backward pass reduce-scatters its cotangent into ``shard``'s layout, so a layer's
     full gradient exists only while that layer's backward runs.
     """
-    return _take_op(lay, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard, full)
+    return _per_shard(lay, _take_op(lay, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype)), 2)(shard, full)
 
 
 def _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype):

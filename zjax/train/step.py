@@ -114,6 +114,12 @@ def _unflatten_frozen(layout_def, frozen):
     return map_layouts(lambda lay, x: zero.from_stored(x, lay), zero.split_layouts(layout_def, False), frozen)
 
 
+def _keep_axes(part: Any, axes: tuple[str, ...]) -> Any:
+    """One entry of a PartitionSpec with only the mesh axes in ``axes`` kept."""
+    names = tuple(a for a in (part if isinstance(part, tuple) else (part,)) if a in axes)
+    return None if not names else names[0] if len(names) == 1 else names
+
+
 class _Dtypes(NamedTuple):
     param: Any
     compute: Any
@@ -223,9 +229,10 @@ class TrainStep:
         axes = self.adapter.logical_axes(abstract_params)
         # the logical axes the rules split over data (ZeRO's preferred dimensions)
         names = tuple(n for n, a in self.config.logical_axis_rules.items() if a == DATA and n != "batch")
-        trained = zero.make_layouts(abstract_params, axes, self.zero.shards, self.zero.partitioned, names)
+        place = dict(zero_names=names, model_rules=self.config.logical_axis_rules, mesh_shape=dict(self.mesh.shape))
+        trained = zero.make_layouts(abstract_params, axes, self.zero.shards, self.zero.partitioned, **place)
         # frozen leaves: replicated below ZeRO-3, split like a master at ZeRO-3
-        frozen = zero.make_layouts(abstract_params, axes, self.zero.frozen_shards, self.zero.gathers_for_loss, names)
+        frozen = zero.make_layouts(abstract_params, axes, self.zero.frozen_shards, self.zero.gathers_for_loss, **place)
         mask = self.adapter.trainable_mask(self.trainable, abstract_params)
         leaves, treedef = jax.tree.flatten(trained, is_leaf=zero.is_layout)
         frozen_leaves = treedef.flatten_up_to(frozen)
@@ -251,7 +258,7 @@ class TrainStep:
         frozen_specs = None if self.frozen_layouts is None else map_layouts(lambda lay: lay.spec, self.frozen_layouts)
         self.state_specs = TrainState(
             step=P(),
-            replicated=map_layouts(lambda lay: P(), layouts) if self.keeps_replicated else None,
+            replicated=map_layouts(lambda lay: lay.model_spec, layouts) if self.keeps_replicated else None,
             master=self._param_specs if self.keeps_master else None,
             opt_state=self._opt_specs,
             loss_scale=jax.tree.map(lambda _: P(), scale_state),
@@ -260,30 +267,43 @@ class TrainStep:
             layout_def=self.layout_def,
         )
         self.state_sharding = self._place(self.state_specs)
-        # check_vma=False: Pallas kernels in interpret mode cannot run under vma checks
-        # (jax 0.10.2), and nothing here relies on them: gathers have explicit VJPs and
-        # every reduction is written out (tests/parallel/test_zero_equivalence.py proves the grads).
-        self._grads = jax.shard_map(
+        # The per-device programs are manual over the data-parallel axes only: the model's own
+        # math stays automatic over the model-parallel axes (tensor), where XLA partitions it by
+        # the parameters' and activations' shardings; ZeRO's collectives run on each tensor shard
+        # (zero.on_model_shards). check_vma=False: Pallas kernels in interpret mode cannot run
+        # under vma checks (jax 0.10.2), and nothing here relies on them: gathers have explicit
+        # VJPs and every reduction is written out (tests/parallel/test_zero_equivalence.py).
+        self._grads = self._manual(
             self._local_grads,
-            mesh=self.mesh,
             in_specs=(self.state_specs, P(BATCH_AXES)),
             out_specs=(self._param_specs, P(), P(), P()),
-            check_vma=False,
         )
-        self._gather = jax.shard_map(
+        self._gather = self._manual(
             lambda master: map_layouts(
                 lambda lay, m: zero.from_stored(zero.all_gather_params(m.astype(self.replicated_dtype), lay), lay),
                 layouts, master),
-            mesh=self.mesh,
             in_specs=(self._param_specs,),
-            out_specs=map_layouts(lambda lay: P(), layouts),
-            check_vma=False,
+            out_specs=map_layouts(lambda lay: lay.model_spec, layouts),
         )
         self._step = jax.jit(
             self._global_step,
             donate_argnums=0,
             out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())),
         )
+
+    def _manual(self, fn, in_specs, out_specs):
+        """``jax.shard_map`` of ``fn``, manual over ``replica`` x ``data`` (the specs may name
+        other axes: those parts are dropped here and stay with XLA)."""
+        def manual(spec):
+            return P(*(_keep_axes(part, BATCH_AXES) for part in spec))
+
+        def specs(tree):
+            return jax.tree.map(manual, tree, is_leaf=lambda x: isinstance(x, P))
+
+        # size-1 axes are manual too: without tensor parallelism the program is fully manual
+        manual_axes = set(BATCH_AXES) | {a for a, n in self.mesh.shape.items() if n == 1}
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs(in_specs), out_specs=specs(out_specs),
+                             axis_names=manual_axes, check_vma=False)
 
     def _constrain(self, tree: Any, specs: Any) -> Any:
         return jax.tree.map(lambda x, spec: lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec)),
@@ -452,10 +472,18 @@ class TrainStep:
                 self.config.remat.policy)
         layouts = self.layouts
         # one pass: divide by loss scale x total weight and check every element is finite
-        grads, local_finite = pallas_kernels.unscale_and_check(
-            jax.tree.map(lambda g: g.astype(jnp.float32), grads), weight * state.loss_scale.scale,
-            impl=self.config.kernels,
-        )
+        specs = map_layouts(lambda lay: lay.model_spec, layouts)
+        split_over = zero.auto_axes(specs)
+
+        def unscale(grads, divisor):
+            grads, ok = pallas_kernels.unscale_and_check(
+                jax.tree.map(lambda g: g.astype(jnp.float32), grads), divisor, impl=self.config.kernels)
+            if split_over:  # each tensor shard checked its part
+                ok = lax.psum((~ok).astype(jnp.int32), split_over) == 0
+            return grads, ok
+
+        grads, local_finite = zero.on_model_shards(unscale, (specs, P()), (specs, P()))(
+            grads, weight * state.loss_scale.scale)
         finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if self.zero.partitioned else local_finite
         # Split leaves add their shards' squares over devices; whole leaves count once.
         pairs = list(zip(jax.tree.leaves(layouts, is_leaf=zero.is_layout), jax.tree.leaves(grads)))
@@ -570,9 +598,7 @@ class TrainStep:
                     lw, w = self._weighted_loss(to_params(diff), batch, key)
                 return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
 
-            local_eval = jax.shard_map(
-                local, mesh=self.mesh, in_specs=(self.state_specs, P(BATCH_AXES)), out_specs=P(), check_vma=False
-            )
+            local_eval = self._manual(local, in_specs=(self.state_specs, P(BATCH_AXES)), out_specs=P())
             self._eval = jax.jit(lambda state, batch: local_eval(self._to_device(state), batch))
         return self._eval(state, self.shard_batch(batch))
 
@@ -593,9 +619,10 @@ class TrainStep:
         grad_fn = jax.grad(micro_loss, has_aux=True)
 
         if not in_backward:
-            acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, dt.accum), state.replicated)
+            acc0 = map_layouts(lambda lay, x: zero.constrain(jnp.zeros(x.shape, dt.accum), lay), layouts,
+                               state.replicated)
         else:
-            acc0 = map_layouts(lambda lay: jnp.zeros(lay.local_shape, dt.accum), layouts)
+            acc0 = map_layouts(lambda lay: zero.constrain(jnp.zeros(lay.local_shape, dt.accum), lay), layouts)
 
         def body(carry, xs):
             acc, loss_sum, w_sum = carry
