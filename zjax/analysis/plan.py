@@ -46,7 +46,16 @@ bfloat16 on CPU the prediction is low: ZeRO-2 by 10-12% (remat any, no
 accumulation), and with ``grad_accum_steps: 2`` (remat full) stages 1-3 by 12-21%;
 for ZeRO-2 the live ranges show XLA:CPU upcasting the whole replicated bfloat16
 stack to float32 outside the layer scan, which no term counts.
-``fit`` searches the cheapest setting whose compiled step fits a budget.
+Under tensor parallelism (``mesh.tensor`` = T) every row counts each device's share:
+weights split over ``tensor`` count 1/T (exactly, leaf by leaf, when compiled), and the
+reference GPT's activations inside its attention and MLP (and, with
+``tensor_sequence_parallel``, the residual stream's) count 1/T. That prediction is low:
+predicted/compiled on ``configs/tiny.yaml``, stages 0-3 x remat none/full, 0.76-0.92 at
+T=2 and 0.56-0.75 at T=4 (each data device then runs a T times larger micro-batch,
+whose backward workspace is under-counted). The tensor axis' collectives are predicted
+exactly (``tensor_traffic``, within 1% of the compiled HLO's).
+``fit`` searches the cheapest setting whose compiled step fits a budget, the tensor
+axis included.
 """
 from __future__ import annotations
 
