@@ -410,5 +410,6 @@ def test_deepspeed_numbers_must_be_finite():
 
 def test_sequence_parallel_size_maps_to_the_sequence_axis():
     assert load_config({**BATCH, "sequence_parallel_size": 1}).mesh.sequence == 1
-    with pytest.raises(ConfigError, match="sequence_parallel_size=4: sequence parallelism is not implemented"):
-        load_config({**BATCH, "sequence_parallel_size": 4})
+    assert load_config({**BATCH, "sequence_parallel_size": 4}).mesh.sequence == 4
+    with pytest.raises(ConfigError, match="sequence_parallel_size=0: use a sequence-parallel size >= 1"):
+        load_config({**BATCH, "sequence_parallel_size": 0})

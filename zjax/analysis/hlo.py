@@ -1,6 +1,7 @@
 """Reading collective traffic and matmul FLOPs out of compiled HLO text.
 
-Counts every all-reduce, reduce-scatter, all-gather and all-to-all, multiplied by the
+Counts every all-reduce, reduce-scatter, all-gather, all-to-all and collective-permute
+(ring attention's sends; each device sends its whole buffer), multiplied by the
 trip counts of the ``while`` loops around it, as ring-equivalent bytes per device:
 an all-reduce moves ``2 * size * (n-1)/n``, a reduce-scatter or all-gather
 ``size * (n-1)/n`` of the full (unsharded) size, an all-to-all ``size * (n-1)/n``.
@@ -20,6 +21,8 @@ _DTYPE_BYTES = {
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _KINDS = ("all-reduce", "reduce-scatter", "all-gather", "all-to-all")
+# Point-to-point sends (ring attention's K/V rotation): each device sends its whole buffer once.
+_PERMUTE = "collective-permute"
 
 # HLO instructions that move or name data without computing: not "compute between start and done".
 _BOOKKEEPING = {
@@ -102,6 +105,8 @@ class Collective(NamedTuple):
     @property
     def ring_bytes(self) -> float:
         """Bytes each device sends per step, ring-equivalent."""
+        if self.kind == _PERMUTE:
+            return self.full_bytes * self.runs
         factor = 2 if self.kind == "all-reduce" else 1
         return factor * self.full_bytes * (self.group - 1) / self.group * self.runs
 
@@ -172,6 +177,14 @@ def collectives(hlo: str, num_devices: int, mesh_shape: dict[str, int] | None = 
                 continue
             _, result, op, _ = m.groups()
             kind = op.removesuffix("-start")
+            if kind == _PERMUTE:
+                pairs = re.search(r"source_target_pairs=\{\{(\d+),(\d+)\}", line)
+                size = shape_bytes("%s[%s]" % _SHAPE.findall(result)[-1]) if op.endswith("-start") else shape_bytes(result)
+                axes = ()
+                if mesh_shape is not None and pairs:
+                    axes = group_axes([int(pairs.group(1)), int(pairs.group(2))], mesh_shape)
+                found.append(Collective(kind, size, 2, mult.get(name, 1), axes))
+                continue
             if kind not in _KINDS:
                 continue
             n = _group_size(line, num_devices)
@@ -199,8 +212,8 @@ def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:
     """
     out = dict.fromkeys(_KINDS, 0.0)
     for c in collectives(hlo, num_devices):
-        out[c.kind] += c.ring_bytes
-    out["total"] = sum(out[k] for k in _KINDS)
+        out[c.kind] = out.get(c.kind, 0.0) + c.ring_bytes
+    out["total"] = sum(out.values())
     return out
 
 

@@ -655,13 +655,11 @@ def _map_tensor_parallel(key: str, block: Any, out: _Translation) -> None:
 
 
 def _map_sequence_parallel_size(key: str, value: Any, out: _Translation) -> None:
-    """DeepSpeed-Ulysses' ``sequence_parallel_size`` maps onto ``mesh.sequence``."""
-    if _int(key, value) > 1:
-        raise ConfigError(
-            f"{key}={value}: sequence parallelism is not implemented in zjax yet (a later issue; "
-            f"mesh.sequence must be 1); set {key}: 1"
-        )
-    out.set("mesh.sequence", 1, key)
+    """DeepSpeed-Ulysses' ``sequence_parallel_size`` maps onto ``mesh.sequence`` (Ulysses attention)."""
+    size = _int(key, value)
+    if size < 1:
+        raise ConfigError(f"{key}={value}: use a sequence-parallel size >= 1")
+    out.set("mesh.sequence", size, key)
 
 
 def _ignore_top_level(key: str, value: Any, out: _Translation) -> None:

@@ -34,8 +34,8 @@ DEFAULT_LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "batch": "data",
     "layers": None,
     "embed": "data",
-    "length": None,
-    "residual_length": None,
+    "length": "sequence",
+    "residual_length": "sequence",
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -448,6 +448,10 @@ class Config(_Section):
     # sequence over the tensor group, all-gathered before each column-parallel block and
     # reduce-scattered after each row-parallel one; sets the rule residual_length: tensor.
     tensor_sequence_parallel: bool = False
+    # How attention combines a sequence split over mesh.sequence (zjax.parallel.sequence):
+    # ulysses (all-to-all to whole sequences on 1/P of the heads), ring (K/V blocks rotated, zig-zag
+    # order) or all_gather (K/V gathered).
+    sequence_parallel: Literal["ulysses", "ring", "all_gather"] = "ulysses"
     kernels: Literal["xla", "auto", "pallas", "interpret"] = "xla"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -474,8 +478,12 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_cross_block(self) -> Config:
         if self.tensor_sequence_parallel:
+            if self.mesh.sequence != 1:
+                raise ValueError(
+                    f"tensor_sequence_parallel=true and mesh.sequence={self.mesh.sequence} both split the "
+                    "sequence; use one of them (mesh.sequence: 1, or tensor_sequence_parallel: false)")
             rule = self.logical_axis_rules.get("residual_length")
-            if rule not in (None, "tensor"):
+            if rule not in (None, "tensor", "sequence"):
                 raise ValueError(
                     f"tensor_sequence_parallel=true splits the residual stream over tensor, but "
                     f"logical_axis_rules.residual_length={rule!r}; set residual_length: tensor or null")

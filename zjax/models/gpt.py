@@ -27,6 +27,7 @@ from pallas_kernels.dispatch import backend
 from zjax.errors import ConfigError
 from zjax.config import remat
 from zjax.layers import scan_layers
+from zjax.parallel.sequence import attention, zigzag_order
 from zjax.parallel.sharding import per_shard, region_spec, shard, split_axis
 
 # The logical axes of the hidden states between layers (zjax.shard places them by the rules):
@@ -106,24 +107,30 @@ class GPT(nnx.Module):
         return jnp.einsum("btd,dv->btv", self.hidden(tokens, segment_ids), self.output_weights(),
                           preferred_element_type=jnp.float32)
 
-    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """The final-normed hidden states ``[B, T, d_model]`` (what the output projection reads)."""
+    def hidden(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+        """The final-normed hidden states ``[B, T, d_model]`` (what the output projection reads).
+
+        ``positions`` ``[T]``: each token's position when the sequence was reordered (ring
+        attention's zig-zag order); default ``0..T-1``.
+        """
         seq_len = tokens.shape[1]
         if seq_len > self.max_seq_len:
             raise ValueError(f"tokens have length {seq_len}, longer than model.max_seq_len="
                              f"{self.max_seq_len}; raise max_seq_len or shorten the batch")
-        x = shard(per_shard(functools.partial(_embed, vocab_size=self.vocab_size), (TOKEN_AXES, ("vocab", "embed")), ACTIVATION_AXES)(tokens, self.embedding[...]),
-                  ACTIVATION_AXES)
-        rope = rotary_angles(seq_len, self.head_dim, self.rope_theta)
-        # the fused attention masks by segment ids itself; XLA attention needs the mask
-        mask = attention_mask(seq_len, segment_ids) if self.kernels == "xla" else segment_ids
+        embed = per_shard(functools.partial(_embed, vocab_size=self.vocab_size), (TOKEN_AXES, ("vocab", "embed")),
+                          ACTIVATION_AXES)
+        x = shard(embed(tokens, self.embedding[...]), ACTIVATION_AXES)
+        positions = jnp.arange(seq_len, dtype=jnp.int32) if positions is None else positions
+        cos, sin = rotary_angles(self.max_seq_len, self.head_dim, self.rope_theta)
+        rope = (cos[positions], sin[positions], positions)
 
         # The stacked state goes to scan_layers untouched: the train step may hand it
         # placeholder leaves that only scan_layers knows how to turn into arrays.
         block_def, block_state = nnx.split(self.blocks)
 
         def layer(h, layer_state):
-            return shard(nnx.merge(block_def, layer_state)(h, rope, mask, self.kernels), ACTIVATION_AXES)
+            return shard(nnx.merge(block_def, layer_state)(h, rope, segment_ids, self.kernels), ACTIVATION_AXES)
 
         x = scan_layers(layer, x, block_state)
         return self.final_norm(x, self.kernels)
@@ -137,7 +144,18 @@ class GPT(nnx.Module):
         Otherwise, with ``kernels`` other than ``xla``, the fused cross-entropy kernel
         computes it in vocabulary chunks.
         """
-        hidden, weights = self.hidden(inputs, segment_ids=segment_ids), self.output_weights()
+        order = zigzag_order(inputs.shape[1])
+        if order is not None:
+            # ring attention: each device holds two chunks of the sequence (zig-zag) so that
+            # causal attention gives every device the same work; the loss comes back in order
+            inputs, targets = inputs[:, order], targets[:, order]
+            segment_ids = None if segment_ids is None else segment_ids[:, order]
+            return self._token_nll(inputs, targets, segment_ids, order)[:, jnp.argsort(order)]
+        return self._token_nll(inputs, targets, segment_ids, None)
+
+    def _token_nll(self, inputs, targets, segment_ids, positions):
+        hidden = self.hidden(inputs, segment_ids=segment_ids, positions=positions)
+        weights = self.output_weights()
         if self.kernels != "xla" and not any(region_spec(("embed", "vocab"), weights.shape)):
             return pallas_kernels.softmax_cross_entropy(hidden, weights, targets, impl=self.kernels)
         nll = functools.partial(_vocab_parallel_nll, vocab_size=self.vocab_size)
@@ -236,8 +254,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x, rope, mask, kernels="xla"):
-        x = x + self.attn(checkpoint_name(self.attn_norm(x, kernels), "attn_norm"), rope, mask, kernels)
+    def __call__(self, x, rope, segment_ids, kernels="xla"):
+        x = x + self.attn(checkpoint_name(self.attn_norm(x, kernels), "attn_norm"), rope, segment_ids, kernels)
         return x + self.mlp(checkpoint_name(self.mlp_norm(x, kernels), "mlp_norm"), kernels)
 
 
@@ -258,18 +276,21 @@ class Attention(nnx.Module):
                          param_dtype)
         self.wo = _param(rngs, (q_width, cfg.d_model), ("heads", "embed"), out_std, param_dtype)
 
-    def __call__(self, x, rope, mask, kernels="xla"):
-        """``mask``: the [B, T, T] attention mask for XLA; segment ids (or None) for kernels.
+    def __call__(self, x, rope, segment_ids, kernels="xla"):
+        """``segment_ids`` ``[B, T]`` (or None) keeps packed documents apart.
 
         Under tensor parallelism each shard runs its own heads (q/k/v column-parallel, the
-        output projection row-parallel) and the shards' outputs are summed once.
+        output projection row-parallel) and the shards' outputs are summed once; under
+        sequence parallelism each device holds its part of the sequence and
+        ``zjax.parallel.sequence.attention`` combines the parts.
         """
         local = functools.partial(self._attend, kernels=kernels)
         return per_shard(local, (ACTIVATION_AXES, ("embed", "heads"), ("embed", "kv_heads"), ("embed", "kv_heads"),
-                                 ("heads", "embed"), None, None), ACTIVATION_AXES)(
-            x, self.wq[...], self.wk[...], self.wv[...], self.wo[...], rope, mask)
+                                 ("heads", "embed"), ("length", None), ("length", None), ("length",), TOKEN_AXES),
+                         ACTIVATION_AXES)(
+            x, self.wq[...], self.wk[...], self.wv[...], self.wo[...], *rope, segment_ids)
 
-    def _attend(self, x, wq, wk, wv, wo, rope, mask, *, kernels):
+    def _attend(self, x, wq, wk, wv, wo, cos, sin, positions, segment_ids, *, kernels):
         hd = self.head_dim
         tp = split_axis("heads")
         x = _gather_sequence(x)
@@ -295,20 +316,10 @@ class Attention(nnx.Module):
                 k = jnp.take(k.reshape(batch, seq_len, self.n_kv_heads, hd), heads, axis=2).reshape(batch, seq_len, -1)
                 v = jnp.take(v.reshape(batch, seq_len, self.n_kv_heads, hd), heads, axis=2).reshape(batch, seq_len, -1)
                 n_kv = n_q
-        groups = n_q // n_kv
-        if kernels != "xla":
-            q = apply_rotary(q.reshape(batch, seq_len, n_q, hd), rope)
-            k = apply_rotary(k.reshape(batch, seq_len, n_kv, hd), rope)
-            v = v.reshape(batch, seq_len, n_kv, hd)
-            out = pallas_kernels.flash_attention(q, k, v, causal=True, segment_ids=mask, impl=kernels)
-        else:
-            q = apply_rotary(q.reshape(batch, seq_len, n_kv, groups, hd), rope)
-            k = apply_rotary(k.reshape(batch, seq_len, n_kv, hd), rope)
-            v = v.reshape(batch, seq_len, n_kv, hd)
-            scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-            scores = jnp.where(mask[:, None, None], scores / math.sqrt(hd), jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+        q = apply_rotary(q.reshape(batch, seq_len, n_q, hd), (cos, sin))
+        k = apply_rotary(k.reshape(batch, seq_len, n_kv, hd), (cos, sin))
+        v = v.reshape(batch, seq_len, n_kv, hd)
+        out = attention(q, k, v, causal=True, segment_ids=segment_ids, impl=kernels, positions=positions)
         out = checkpoint_name(out.reshape(batch, seq_len, -1), "attn_out")
         return _sum_shards(checkpoint_name(out @ wo, "attn_proj"), _split_over("heads", wo.shape[0], self.n_heads * hd))
 
@@ -348,10 +359,18 @@ class MLP(nnx.Module):
 # --- inside per_shard regions (whole arrays without tensor parallelism) ------------------------
 
 
+def _megatron_sp() -> str | None:
+    """The tensor axis the residual stream is split over along the sequence (Megatron sequence
+    parallelism), or None; a residual stream split like the attention's own sequence
+    (``mesh.sequence``) stays split."""
+    sp = split_axis("residual_length")
+    return None if sp is None or sp == split_axis("length") else sp
+
+
 def _gather_sequence(x: jax.Array) -> jax.Array:
     """Megatron sequence parallelism: the residual stream arrives split along the sequence
     over the tensor group; the column-parallel matmuls need all of it."""
-    sp = split_axis("residual_length")
+    sp = _megatron_sp()
     return x if sp is None else jax.lax.all_gather(x, sp, axis=1, tiled=True)
 
 
@@ -359,7 +378,7 @@ def _sum_shards(partial: jax.Array, over: str | None) -> jax.Array:
     """A row-parallel output: partial sums over the tensor axis ``over`` (None: the output is
     already whole) summed (all-reduce), or with sequence parallelism summed and split along
     the sequence (reduce-scatter)."""
-    sp = split_axis("residual_length")
+    sp = _megatron_sp()
     if over is not None:
         if sp is not None:
             return jax.lax.psum_scatter(partial, over, scatter_dimension=1, tiled=True)

@@ -51,8 +51,8 @@ def logical_spec(names: Sequence[str | None], rules: Mapping[str, str | None] | 
 
     Example:
       >>> logical_spec(("batch", "length", "embed"))
-      P(('replica', 'data'), None, None)
-      >>> logical_spec(("length", "embed"))
+      P(('replica', 'data'), 'sequence', None)
+      >>> logical_spec(("length", "embed"), mesh_axes={"data": 8, "sequence": 1})
       P(None, 'data')
     """
     rules = current_rules() if rules is None else rules
