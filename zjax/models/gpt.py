@@ -456,14 +456,6 @@ def apply_rotary(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     return rotated.astype(x.dtype)
 
 
-def attention_mask(seq_len: int, segment_ids: jax.Array | None) -> jax.Array:
-    """Boolean ``[B or 1, T, T]``: query ``t`` may see key ``s`` (causal, same segment)."""
-    causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))[None]
-    if segment_ids is None:
-        return causal
-    return causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
-
-
 def _param(rngs: nnx.Rngs, shape, names, std, dtype) -> nnx.Param:
     value = jax.random.normal(rngs.params(), shape, dtype) * jnp.asarray(std, dtype)
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
