@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from zjax.errors import ConfigError
 from zjax.parallel import zero
 # The function behind the public jax.ad_checkpoint.print_saved_residuals, as data.
 from jax._src.ad_checkpoint import saved_residuals as _saved_residuals
@@ -69,6 +70,83 @@ def layer_context(policy: Any = "none", sharded_params: bool = False, residuals:
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+_TILES: contextvars.ContextVar[dict] = contextvars.ContextVar("zjax_tiles", default={})
+
+
+@contextlib.contextmanager
+def tiling(**tiles: int):
+    """Sets the sequence tiles ``tiles(kind)`` returns while tracing (the train step sets the
+    config's ``tiling``: ``mlp=``, ``loss=``)."""
+    token = _TILES.set({k: int(v) for k, v in tiles.items()})
+    try:
+        yield
+    finally:
+        _TILES.reset(token)
+
+
+def tiles(kind: str) -> int:
+    """How many sequence tiles the config asks for ``kind`` (``mlp``, ``loss``); 1 outside a step."""
+    return _TILES.get().get(kind, 1)
+
+
+def tiled(fn: Callable, tiles: int, params: Any, *sequences: Any, axis: int = 1, what: str = "tiling") -> Any:
+    """``fn(params, *sequences)`` computed in ``tiles`` pieces along ``axis`` (Arctic Long
+    Sequence Training's tiled compute): one piece at a time in a loop, and a custom VJP that
+    recomputes each piece in the backward pass, so only one piece's intermediates ever
+    exist (a ``jax.checkpoint`` inside would be overridden by the layer's own checkpoint
+    policy, which saves everything it sees: measured). ``fn`` must act on each position
+    of ``axis`` independently (an MLP, a per-token loss); ``params`` (weights) are shared
+    by every piece and get the sum of the pieces' gradients.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tiled(lambda w, x: x * w, 2, 2.0, jnp.arange(4.0)[None]).tolist()
+      [[0.0, 2.0, 4.0, 6.0]]
+    """
+    if tiles <= 1:
+        return fn(params, *sequences)
+    length = sequences[0].shape[axis]
+    if length % tiles:
+        raise ConfigError(f"{what}={tiles} does not divide the {length} positions a device holds; "
+                          "use a number of tiles that divides the sequence length (per sequence shard)")
+
+    def split(x):
+        shape = x.shape[:axis] + (tiles, length // tiles) + x.shape[axis + 1:]
+        return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+    def join(y):
+        y = jnp.moveaxis(y, 0, axis)
+        return y.reshape(y.shape[:axis] + (length,) + y.shape[axis + 2:])
+
+    def forward(params, sequences):
+        out = jax.lax.map(lambda pieces: fn(params, *pieces), tuple(split(x) for x in sequences))
+        return jax.tree.map(join, out)
+
+    @jax.custom_vjp
+    def run(params, sequences):
+        return forward(params, sequences)
+
+    def fwd(params, sequences):
+        return forward(params, sequences), (params, sequences)
+
+    def bwd(saved, ct):
+        params, sequences = saved
+
+        def piece(grads, xs):
+            pieces, ct_piece = xs
+            _, vjp = jax.vjp(lambda p, *s: fn(p, *s), params, *pieces)
+            d_params, *d_pieces = vjp(ct_piece)
+            return jax.tree.map(jnp.add, grads, d_params), tuple(d_pieces)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads0 = zero.varying_like(zeros, (params, sequences, ct))
+        d_params, d_pieces = jax.lax.scan(piece, grads0, (tuple(split(x) for x in sequences), jax.tree.map(split, ct)))
+        return zero.cotangent_like((d_params, tuple(join(d) for d in d_pieces)), (params, sequences))
+
+    run.defvjp(fwd, bwd)
+    return run(params, tuple(sequences))
 
 
 def checkpoint_policy(policy: Any, sharded_params: bool):

@@ -339,6 +339,15 @@ class ScheduleConfig(_Section):
     decay_step_size: int = Field(0, ge=0)
 
 
+class TilingConfig(_Section):
+    """Arctic Long Sequence Training's tiling: the MLP and the loss computed in sequence tiles,
+    each recomputed in the backward pass, so no ``[S, d_ff]`` or ``[S, vocab]`` activation
+    exists whole (``zjax.layers.tiled``; 1 = off). Each must divide the sequence a device holds."""
+
+    mlp_tiles: int = Field(1, ge=1)
+    loss_tiles: int = Field(1, ge=1)
+
+
 class RematConfig(_Section):
     """Which activations the backward pass recomputes instead of storing (see ``zjax.config.remat``)."""
 
@@ -444,6 +453,7 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     gradient_clipping: float = Field(1.0, ge=0)
     remat: RematConfig = Field(default_factory=RematConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
     # Megatron sequence parallelism: the residual stream (norms, residual adds) split along the
     # sequence over the tensor group, all-gathered before each column-parallel block and
     # reduce-scattered after each row-parallel one; sets the rule residual_length: tensor.

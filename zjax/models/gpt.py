@@ -26,7 +26,7 @@ import pallas_kernels
 from pallas_kernels.dispatch import backend
 from zjax.errors import ConfigError
 from zjax.config import remat
-from zjax.layers import scan_layers
+from zjax.layers import scan_layers, tiled, tiles
 from zjax.parallel.sequence import attention, zigzag_order
 from zjax.parallel.sharding import per_shard, region_spec, shard, split_axis
 
@@ -157,7 +157,8 @@ class GPT(nnx.Module):
         hidden = self.hidden(inputs, segment_ids=segment_ids, positions=positions)
         weights = self.output_weights()
         if self.kernels != "xla" and not any(region_spec(("embed", "vocab"), weights.shape)):
-            return pallas_kernels.softmax_cross_entropy(hidden, weights, targets, impl=self.kernels)
+            return tiled(lambda w, h, t: pallas_kernels.softmax_cross_entropy(h, w, t, impl=self.kernels),
+                         tiles("loss"), weights, hidden, targets, what="tiling.loss_tiles")
         nll = functools.partial(_vocab_parallel_nll, vocab_size=self.vocab_size)
         return per_shard(nll, (ACTIVATION_AXES, ("embed", "vocab"), TOKEN_AXES), TOKEN_AXES)(
             hidden, weights, targets)
@@ -343,16 +344,21 @@ class MLP(nnx.Module):
                          ACTIVATION_AXES)(x, self.w_gate[...], self.w_up[...], self.w_down[...])
 
     def _feed_forward(self, x, w_gate, w_up, w_down, *, kernels):
-        x = _gather_sequence(x)
-        if kernels != "xla":
-            # The fused kernel never writes the gate and up projections: only its output
-            # can carry a checkpoint name.
-            hidden = pallas_kernels.swiglu(x, w_gate, w_up, impl=kernels)
-        else:
-            gate = checkpoint_name(x @ w_gate, "mlp_gate")
-            up = checkpoint_name(x @ w_up, "mlp_up")
-            hidden = jax.nn.silu(gate) * up
-        out = checkpoint_name(checkpoint_name(hidden, "mlp_hidden") @ w_down, "mlp_out")
+        def feed_forward(weights, x):
+            w_gate, w_up, w_down = weights
+            if kernels != "xla":
+                # The fused kernel never writes the gate and up projections: only its output
+                # can carry a checkpoint name.
+                hidden = pallas_kernels.swiglu(x, w_gate, w_up, impl=kernels)
+            else:
+                gate = checkpoint_name(x @ w_gate, "mlp_gate")
+                up = checkpoint_name(x @ w_up, "mlp_up")
+                hidden = jax.nn.silu(gate) * up
+            return checkpoint_name(checkpoint_name(hidden, "mlp_hidden") @ w_down, "mlp_out")
+
+        # ALST: with tiling.mlp_tiles > 1 no [S, d_ff] activation exists whole
+        out = tiled(feed_forward, tiles("mlp"), (w_gate, w_up, w_down), _gather_sequence(x),
+                    what="tiling.mlp_tiles")
         return _sum_shards(out, _split_over("mlp", w_down.shape[0], self.d_ff))
 
 
@@ -411,19 +417,23 @@ def _embed(tokens: jax.Array, table: jax.Array, *, vocab_size: int) -> jax.Array
 def _vocab_parallel_nll(hidden: jax.Array, weights: jax.Array, targets: jax.Array, *, vocab_size: int) -> jax.Array:
     """Cross-entropy with the vocabulary split over the tensor shards: each shard's logits stay
     on it; the max, the sum of exponentials and the target's logit are combined across shards."""
-    hidden = _gather_sequence(hidden)
-    logits = jnp.einsum("btd,dv->btv", hidden, weights, preferred_element_type=jnp.float32)
-    rows = logits.shape[-1]
+    rows = weights.shape[-1]
     tp = _split_over("vocab", rows, vocab_size)
-    if tp is None:
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    peak = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), tp)
-    lse = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1), tp)) + peak
-    ids = targets - jax.lax.axis_index(tp) * rows
-    here = (ids >= 0) & (ids < rows)
-    picked = jnp.take_along_axis(logits, jnp.clip(ids, 0, rows - 1)[..., None], axis=-1)[..., 0]
-    return lse - jax.lax.psum(jnp.where(here, picked, 0.0), tp)
+
+    def nll(weights, hidden, targets):
+        logits = jnp.einsum("btd,dv->btv", hidden, weights, preferred_element_type=jnp.float32)
+        if tp is None:
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            return lse - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        peak = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), tp)
+        lse = jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - peak[..., None]), axis=-1), tp)) + peak
+        ids = targets - jax.lax.axis_index(tp) * rows
+        here = (ids >= 0) & (ids < rows)
+        picked = jnp.take_along_axis(logits, jnp.clip(ids, 0, rows - 1)[..., None], axis=-1)[..., 0]
+        return lse - jax.lax.psum(jnp.where(here, picked, 0.0), tp)
+
+    # ALST: with tiling.loss_tiles > 1 no [S, vocab] logits exist whole
+    return tiled(nll, tiles("loss"), weights, _gather_sequence(hidden), targets, what="tiling.loss_tiles")
 
 
 class RMSNorm(nnx.Module):

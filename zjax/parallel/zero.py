@@ -371,6 +371,43 @@ def auto_axes(specs: Any) -> tuple[str, ...]:
                         and mesh.shape[a] > 1))
 
 
+def varying_like(tree: Any, like: Any) -> Any:
+    """``tree``'s arrays marked as varying over every manual axis that any array of ``tree`` or
+    ``like`` varies over (a loop carry must start with the type the loop gives it, under
+    shard_map's vma checks); ``tree`` itself where nothing tracks variance."""
+    def varying(x):
+        kind = getattr(jax.typeof(x), "manual_axis_type", None)
+        return None if kind is None else frozenset(kind.varying)
+
+    found = [varying(x) for x in jax.tree.leaves((tree, like))]
+    if not found or any(v is None for v in found):
+        return tree
+    axes = frozenset().union(*found)
+
+    def mark(x):
+        missing = tuple(sorted(axes - varying(x)))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(mark, tree)
+
+
+def cotangent_like(ct: Any, primal: Any) -> Any:
+    """A custom VJP's cotangents given the primals' variance (shard_map's vma checks): summed
+    over the manual axes a cotangent varies over and its primal does not (the transpose of
+    using an invariant value with varying ones), marked varying where the primal varies."""
+    def fix(c, x):
+        have = getattr(jax.typeof(c), "manual_axis_type", None)
+        want = getattr(jax.typeof(x), "manual_axis_type", None)
+        if have is None or want is None or not jnp.issubdtype(c.dtype, jnp.inexact):
+            return c
+        extra = tuple(sorted(set(have.varying) - set(want.varying)))
+        c = lax.psum(c, extra) if extra else c
+        missing = tuple(sorted(set(want.varying) - set(jax.typeof(c).manual_axis_type.varying)))
+        return lax.pcast(c, missing, to="varying") if missing else c
+
+    return jax.tree.map(fix, ct, primal)
+
+
 def constrain(x: jax.Array, lay: LeafLayout) -> jax.Array:
     """``x`` (laid out like ``lay``'s stored form) pinned to ``lay``'s model-parallel split, so
     XLA does not pick another layout for a buffer it creates (an accumulator)."""
