@@ -274,6 +274,15 @@ def correctness_cases(dry_run: bool) -> dict:
             pk.flash_attention, pk.attention_reference,
             (normal((1, 300 // s, 4, 128), dtype), normal((1, 517 // s, 4, 128), dtype),
              normal((1, 517 // s, 4, 128), dtype)), n)
+        # one block of ring attention: queries and keys at zig-zag positions (explicit positions)
+        block = 512 // s
+        positions = jnp.concatenate([jnp.arange(block // 2), 3 * block // 2 + jnp.arange(block // 2)])
+        ring_ids = jnp.sort(jax.random.randint(next(key), (2, block), 0, 2), axis=1)
+        cases[f"flash ring block {n} len{block} zig-zag positions gqa"] = (
+            functools.partial(_ring_block, positions, ring_ids),
+            functools.partial(_ring_block_reference, positions, ring_ids),
+            (normal((2, block, 8, 128), dtype), normal((2, block, 2, 128), dtype),
+             normal((2, block, 2, 128), dtype)), n)
         vocab = 32003 // s
         labels = jax.random.randint(next(key), (rows,), 0, vocab)
         cases[f"softmax_cross_entropy {n} vocab{vocab}"] = (
@@ -288,6 +297,38 @@ def correctness_cases(dry_run: bool) -> dict:
 
 def _attention_with_segments(segments, q, k, v, impl):
     return pk.flash_attention(q, k, v, causal=True, segment_ids=segments, impl=impl)
+
+
+def _ring_block(positions, ids, q, k, v, impl):
+    """Ring attention's per-block kernels as one differentiable call (a ring of one block)."""
+    from pallas_kernels.attention import flash_block_backward, flash_block_forward
+
+    pos = jnp.broadcast_to(positions, q.shape[:2])
+    kw = dict(causal=True, scale=1.0 / math.sqrt(q.shape[-1]), interpret=impl == "interpret")
+
+    @jax.custom_vjp
+    def attend(q, k, v):
+        return flash_block_forward(q, k, v, pos, pos, ids, ids, **kw)[0]
+
+    def fwd(q, k, v):
+        out, lse = flash_block_forward(q, k, v, pos, pos, ids, ids, **kw)
+        return out, (q, k, v, out, lse)
+
+    def bwd(res, dout):
+        q, k, v, out, lse = res
+        delta = jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32), out.astype(jnp.float32))
+        dq, dk, dv = flash_block_backward(q, k, v, pos, pos, ids, ids, dout, lse, delta, **kw)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    attend.defvjp(fwd, bwd)
+    return attend(q, k, v)
+
+
+def _ring_block_reference(positions, ids, q, k, v):
+    mask = (positions[:, None] >= positions[None, :])[None] & (ids[:, :, None] == ids[:, None, :])
+    groups = q.shape[2] // k.shape[2]
+    return jax.nn.dot_product_attention(q, jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2),
+                                        mask=mask[:, None])
 
 
 def _unscale_as_array(grads, impl):

@@ -99,6 +99,43 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
                   impl == "interpret")
 
 
+def block_impl(q: jax.Array, impl: str) -> str:
+    """What ring attention's blocks run with for ``impl``: ``"pallas"`` or ``"interpret"``
+    (this module's kernels with explicit positions), or ``"xla"`` (also on TPU, whose
+    upstream kernel takes no positions)."""
+    impl = resolve_impl("flash_attention", impl, _unsupported(q, None, dispatch.backend()))
+    return "xla" if impl == "pallas" and dispatch.backend() == "tpu" else impl
+
+
+def flash_block_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal: bool, scale: float,
+                        interpret: bool):
+    """One ring-attention block: attention of queries at positions ``q_pos`` (``[batch, q_len]``,
+    any order) over keys at ``kv_pos``, a query seeing keys of its own segment (``q_seg``,
+    ``kv_seg``) and, when ``causal``, at or before its position. Returns this block's
+    normalized output and float32 log-sum-exp ``[batch, heads, q_len]`` (``MASKED`` where a
+    query sees no key), which the caller merges across blocks."""
+    block_q, block_kv = _block_sizes(q.shape[1], k.shape[1], None, q.shape[-1], q.dtype.itemsize)
+    out, lse = _forward_call(
+        q, k, v, _pad_len(q_seg.astype(jnp.int32), block_q, value=-1),
+        _pad_len(kv_seg.astype(jnp.int32), block_kv, value=-2), _pad_len(q_pos.astype(jnp.int32), block_q),
+        _pad_len(kv_pos.astype(jnp.int32), block_kv), causal, scale, block_q, block_kv, True, interpret)
+    return out, lse[:, :, :q.shape[1]]
+
+
+def flash_block_backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, dout, lse, delta, *, causal: bool,
+                         scale: float, interpret: bool):
+    """The gradients one ring-attention block contributes, given every query row's final
+    log-sum-exp and ``delta = sum(dout * out)`` over the whole ring (``[batch, heads, q_len]``):
+    ``(dq, dk, dv)``, float32."""
+    block_q, block_kv = _block_sizes(q.shape[1], k.shape[1], None, q.shape[-1], q.dtype.itemsize)
+    dq, dk, dv = _backward_call(
+        q, k, v, _pad_len(q_seg.astype(jnp.int32), block_q, value=-1),
+        _pad_len(kv_seg.astype(jnp.int32), block_kv, value=-2), _pad_len(q_pos.astype(jnp.int32), block_q),
+        _pad_len(kv_pos.astype(jnp.int32), block_kv), dout.astype(q.dtype), _pad_len(lse, block_q, axis=2),
+        _pad_len(delta, block_q, axis=2), causal, scale, block_q, block_kv, True, interpret)
+    return dq.astype(jnp.float32), dk, dv
+
+
 def attention_reference(q, k, v, *, causal=False, segment_ids=None, scale=None):
     """The jnp attention the kernel is tested against: float32 scores and softmax."""
     batch, q_len, heads, head_dim = q.shape
@@ -222,59 +259,85 @@ def _flash(q, k, v, segment_ids, causal, scale, block_q, block_kv, has_segments,
 
 
 def _flash_fwd(q, k, v, segment_ids, causal, scale, block_q, block_kv, has_segments, interpret):
+    q_seg = _pad_len(segment_ids, block_q, value=-1)
+    kv_seg = (_pad_len(segment_ids, block_kv, value=-2) if segment_ids.shape[1] == k.shape[1]
+              else jnp.zeros((k.shape[0], round_up(k.shape[1], block_kv)), jnp.int32))
+    out, lse = _forward_call(q, k, v, q_seg, kv_seg, None, None, causal, scale, block_q, block_kv,
+                             has_segments, interpret)
+    return out, (q, k, v, segment_ids, out, lse)
+
+
+def _forward_call(q, k, v, q_seg, kv_seg, q_pos, kv_pos, causal, scale, block_q, block_kv, has_segments,
+                  interpret):
+    """The forward kernel on padded segment ids (and, for ring blocks, padded positions):
+    ``(out [batch, q_len, heads, head_dim], lse [batch, heads, q_pad] float32)``."""
     batch, q_len, heads, head_dim = q.shape
     groups = heads // k.shape[2]
-    qp, kp, vp, q_seg, kv_seg = _padded_inputs(q, k, v, segment_ids, block_q, block_kv)
+    qp, kp, vp = _pad_len(q, block_q), _pad_len(k, block_kv), _pad_len(v, block_kv)
     q_pad, kv_pad = qp.shape[1], kp.shape[1]
+    explicit = q_pos is not None
     kernel = functools.partial(
         _forward_kernel, scale=scale, causal=causal, has_segments=has_segments,
-        block_q=block_q, block_kv=block_kv, kv_len=k.shape[1], kv_blocks=kv_pad // block_kv)
+        block_q=block_q, block_kv=block_kv, kv_len=k.shape[1], kv_blocks=kv_pad // block_kv, explicit=explicit,
+        interpret=interpret)
     kv_full = pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, h // groups, 0))
     q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    rows = [pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)), pl.BlockSpec((None, kv_pad), lambda b, h, i: (b, 0))]
     out, lse = pallas_call(
         kernel,
         grid=(batch, heads, q_pad // block_q),
-        in_specs=[pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
-                  pl.BlockSpec((None, kv_pad), lambda b, h, i: (b, 0)),
-                  q_block, kv_full, kv_full],
+        in_specs=[*rows, *(rows if explicit else []), q_block, kv_full, kv_full],
         out_specs=[q_block, pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(qp.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, heads, q_pad), jnp.float32)],
         interpret=interpret,
         name="zjax_flash_attention_fwd",
-    )(q_seg, kv_seg, qp, kp, vp)
-    out = out[:, :q_len]
-    return out, (q, k, v, segment_ids, out, lse)
+    )(q_seg, kv_seg, *((q_pos, kv_pos) if explicit else ()), qp, kp, vp)
+    return out[:, :q_len], lse
 
 
 def _flash_bwd(causal, scale, block_q, block_kv, has_segments, interpret, residuals, dout):
     q, k, v, segment_ids, out, lse = residuals
-    batch, q_len, heads, head_dim = q.shape
-    kv_len, kv_heads = k.shape[1], k.shape[2]
-    groups = heads // kv_heads
-    qp, kp, vp, q_seg, kv_seg = _padded_inputs(q, k, v, segment_ids, block_q, block_kv)
-    q_pad, kv_pad = qp.shape[1], kp.shape[1]
-    dop = _pad_len(dout, block_q)
+    q_seg = _pad_len(segment_ids, block_q, value=-1)
+    kv_seg = (_pad_len(segment_ids, block_kv, value=-2) if segment_ids.shape[1] == k.shape[1]
+              else jnp.zeros((k.shape[0], round_up(k.shape[1], block_kv)), jnp.int32))
     # delta_t = sum_d dO * O: the row term of the softmax gradient, O(len) memory.
     delta = _pad_len(jnp.einsum("bthd,bthd->bht", dout.astype(jnp.float32),
                                 out.astype(jnp.float32)), block_q, axis=2)
+    dq, dk, dv = _backward_call(q, k, v, q_seg, kv_seg, None, None, dout, lse, delta, causal, scale, block_q,
+                                block_kv, has_segments, interpret)
+    return (match_cotangent(dq, q), match_cotangent(dk.astype(k.dtype), k),
+            match_cotangent(dv.astype(v.dtype), v), None)
+
+
+def _backward_call(q, k, v, q_seg, kv_seg, q_pos, kv_pos, dout, lse, delta, causal, scale, block_q, block_kv,
+                   has_segments, interpret):
+    """The two backward kernels given every query row's log-sum-exp and delta (``[batch,
+    heads, q_pad]``): ``(dq in q's dtype, dk and dv float32)``."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    qp, kp, vp = _pad_len(q, block_q), _pad_len(k, block_kv), _pad_len(v, block_kv)
+    q_pad, kv_pad = qp.shape[1], kp.shape[1]
+    dop = _pad_len(dout, block_q)
+    explicit = q_pos is not None
+    positions = (q_pos, kv_pos) if explicit else ()
     common = dict(scale=scale, causal=causal, has_segments=has_segments, block_q=block_q,
-                  block_kv=block_kv, kv_len=kv_len)
+                  block_kv=block_kv, kv_len=kv_len, explicit=explicit, interpret=interpret)
 
     q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda b, h, i: (b, i, h, 0))
     row_block = pl.BlockSpec((None, None, block_q), lambda b, h, i: (b, h, i))
     kv_full = pl.BlockSpec((None, kv_pad, None, head_dim), lambda b, h, i: (b, 0, h // groups, 0))
+    rows = [pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)), pl.BlockSpec((None, kv_pad), lambda b, h, i: (b, 0))]
     dq = pallas_call(
         functools.partial(_dq_kernel, kv_blocks=kv_pad // block_kv, **common),
         grid=(batch, heads, q_pad // block_q),
-        in_specs=[pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
-                  pl.BlockSpec((None, kv_pad), lambda b, h, i: (b, 0)),
-                  q_block, kv_full, kv_full, q_block, row_block, row_block],
+        in_specs=[*rows, *(rows if explicit else []), q_block, kv_full, kv_full, q_block, row_block, row_block],
         out_specs=q_block,
         out_shape=jax.ShapeDtypeStruct(qp.shape, q.dtype),
         interpret=interpret,
         name="zjax_flash_attention_dq",
-    )(q_seg, kv_seg, qp, kp, vp, dop, lse, delta)
+    )(q_seg, kv_seg, *positions, qp, kp, vp, dop, lse, delta)
 
     q_full = pl.BlockSpec((None, q_pad, None, head_dim), lambda b, h, j: (b, 0, h, 0))
     row_full = pl.BlockSpec((None, None, q_pad), lambda b, h, j: (b, h, 0))
@@ -282,33 +345,23 @@ def _flash_bwd(causal, scale, block_q, block_kv, has_segments, interpret, residu
                             lambda b, h, j: (b, j, h // groups, 0))
     per_head = pl.BlockSpec((None, block_kv, None, head_dim), lambda b, h, j: (b, j, h, 0))
     per_head_shape = jax.ShapeDtypeStruct((batch, kv_pad, heads, head_dim), jnp.float32)
+    cols = [pl.BlockSpec((None, q_pad), lambda b, h, j: (b, 0)), pl.BlockSpec((None, block_kv), lambda b, h, j: (b, j))]
     dk, dv = pallas_call(
         functools.partial(_dkv_kernel, q_blocks=q_pad // block_q, **common),
         grid=(batch, heads, kv_pad // block_kv),
-        in_specs=[pl.BlockSpec((None, q_pad), lambda b, h, j: (b, 0)),
-                  pl.BlockSpec((None, block_kv), lambda b, h, j: (b, j)),
-                  q_full, kv_block, kv_block, q_full, row_full, row_full],
+        in_specs=[*cols, *(cols if explicit else []), q_full, kv_block, kv_block, q_full, row_full, row_full],
         out_specs=[per_head, per_head],
         out_shape=[per_head_shape, per_head_shape],
         interpret=interpret,
         name="zjax_flash_attention_dkv",
-    )(q_seg, kv_seg, qp, kp, vp, dop, lse, delta)
+    )(q_seg, kv_seg, *positions, qp, kp, vp, dop, lse, delta)
     # Query heads of one group share a kv head: add their contributions up.
     dk = dk[:, :kv_len].reshape(batch, kv_len, kv_heads, groups, head_dim).sum(3)
     dv = dv[:, :kv_len].reshape(batch, kv_len, kv_heads, groups, head_dim).sum(3)
-    return (match_cotangent(dq[:, :q_len], q), match_cotangent(dk.astype(k.dtype), k),
-            match_cotangent(dv.astype(v.dtype), v), None)
+    return dq[:, :q_len], dk, dv
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _padded_inputs(q, k, v, segment_ids, block_q, block_kv):
-    # Padded queries get segment -1 and padded keys -2: padding never matches anything.
-    return (_pad_len(q, block_q), _pad_len(k, block_kv), _pad_len(v, block_kv),
-            _pad_len(segment_ids, block_q, value=-1),
-            _pad_len(segment_ids, block_kv, value=-2) if segment_ids.shape[1] == k.shape[1]
-            else jnp.zeros((k.shape[0], round_up(k.shape[1], block_kv)), jnp.int32))
 
 
 def _pad_len(x, block, value=0, axis=1):
@@ -317,8 +370,8 @@ def _pad_len(x, block, value=0, axis=1):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _mask(q_pos, kv_pos, q_seg, kv_seg, *, causal, has_segments, kv_len):
-    mask = kv_pos[None, :] < kv_len
+def _mask(q_pos, kv_pos, kv_idx, q_seg, kv_seg, *, causal, has_segments, kv_len):
+    mask = kv_idx[None, :] < kv_len
     if causal:
         mask = mask & (q_pos[:, None] >= kv_pos[None, :])
     if has_segments:
@@ -340,18 +393,44 @@ def _dot(a, b):
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _forward_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale,
-                    causal, has_segments, block_q, block_kv, kv_len, kv_blocks):
+def _position_refs(refs, explicit: bool):
+    """``(q_seg, kv_seg, q_pos or None, kv_pos or None, *rest)`` of a kernel's refs: with
+    ``explicit`` positions (ring attention's blocks) two position refs follow the segments."""
+    if explicit:
+        return refs
+    return (*refs[:2], None, None, *refs[2:])
+
+
+def _positions(pos_ref, rows, start, size):
+    """Each row's position: read from ``pos_ref`` (explicit) or counted from ``start``."""
+    if pos_ref is None:
+        return start + jax.lax.broadcasted_iota(jnp.int32, (size,), 0)
+    return pos_ref[...] if rows is None else pos_ref[rows]
+
+
+def _traced(bound, interpret: bool):
+    """A loop bound the interpreter sees as traced: in interpret mode inside ``shard_map``
+    (vma checks), a ``fori_loop`` with static bounds is a scan whose carry must start with
+    the varying axes its body gives it (jax 0.10.2 raises); a traced bound makes it a
+    while loop, as the causal kernels' bounds already are. Compiled kernels keep theirs."""
+    return bound + 0 * pl.program_id(0) if interpret and isinstance(bound, int) else bound
+
+
+def _forward_kernel(*refs, scale, causal, has_segments, block_q, block_kv, kv_len, kv_blocks,
+                    explicit=False, interpret=False):
+    q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = \
+        _position_refs(refs, explicit)
     i = pl.program_id(2)
     q = q_ref[...]
     q_seg = q_seg_ref[...]
-    q_pos = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+    q_pos = _positions(q_pos_ref, None, i * block_q, block_q)
 
     def visit(j, carry):
         running_max, denom, acc = carry
         keys = pl.ds(j * block_kv, block_kv)
-        kv_pos = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
-        mask = _mask(q_pos, kv_pos, q_seg, kv_seg_ref[keys], causal=causal,
+        kv_idx = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+        kv_pos = _positions(kv_pos_ref, keys, j * block_kv, block_kv)
+        mask = _mask(q_pos, kv_pos, kv_idx, q_seg, kv_seg_ref[keys], causal=causal,
                      has_segments=has_segments, kv_len=kv_len)
         s = jnp.where(mask, _dot_t(q, k_ref[keys, :]) * scale, MASKED)
         new_max = jnp.maximum(running_max, s.max(axis=1))
@@ -364,47 +443,53 @@ def _forward_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
 
     init = (jnp.full((block_q,), MASKED, jnp.float32), jnp.zeros((block_q,), jnp.float32),
             jnp.zeros((block_q, q.shape[1]), jnp.float32))
-    running_max, denom, acc = jax.lax.fori_loop(0, _kv_stop(i, causal, block_q, block_kv,
-                                                            kv_blocks), visit, init)
+    stop = kv_blocks if explicit else _kv_stop(i, causal, block_q, block_kv, kv_blocks)
+    running_max, denom, acc = jax.lax.fori_loop(0, _traced(stop, interpret), visit, init)
     seen = denom > 0
     o_ref[...] = (acc / jnp.where(seen, denom, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, running_max + jnp.log(jnp.where(seen, denom, 1.0)), MASKED)
 
 
-def _dq_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-               *, scale, causal, has_segments, block_q, block_kv, kv_len, kv_blocks):
+def _dq_kernel(*refs, scale, causal, has_segments, block_q, block_kv, kv_len, kv_blocks, explicit=False,
+               interpret=False):
+    q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = \
+        _position_refs(refs, explicit)
     i = pl.program_id(2)
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     q_seg = q_seg_ref[...]
-    q_pos = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+    q_pos = _positions(q_pos_ref, None, i * block_q, block_q)
 
     def visit(j, dq):
         keys = pl.ds(j * block_kv, block_kv)
-        kv_pos = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
-        mask = _mask(q_pos, kv_pos, q_seg, kv_seg_ref[keys], causal=causal,
+        kv_idx = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+        kv_pos = _positions(kv_pos_ref, keys, j * block_kv, block_kv)
+        mask = _mask(q_pos, kv_pos, kv_idx, q_seg, kv_seg_ref[keys], causal=causal,
                      has_segments=has_segments, kv_len=kv_len)
         k, v = k_ref[keys, :], v_ref[keys, :]
         p = jnp.where(mask, jnp.exp(_dot_t(q, k) * scale - lse[:, None]), 0.0)
         ds = p * (_dot_t(do, v) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = jax.lax.fori_loop(0, _kv_stop(i, causal, block_q, block_kv, kv_blocks), visit,
-                           jnp.zeros(q.shape, jnp.float32))
+    stop = kv_blocks if explicit else _kv_stop(i, causal, block_q, block_kv, kv_blocks)
+    dq = jax.lax.fori_loop(0, _traced(stop, interpret), visit, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, scale, causal, has_segments, block_q, block_kv, kv_len, q_blocks):
+def _dkv_kernel(*refs, scale, causal, has_segments, block_q, block_kv, kv_len, q_blocks, explicit=False,
+                interpret=False):
+    (q_seg_ref, kv_seg_ref, q_pos_ref, kv_pos_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+     dv_ref) = _position_refs(refs, explicit)
     j = pl.program_id(2)
     k, v = k_ref[...], v_ref[...]
     kv_seg = kv_seg_ref[...]
-    kv_pos = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+    kv_idx = j * block_kv + jax.lax.broadcasted_iota(jnp.int32, (block_kv,), 0)
+    kv_pos = _positions(kv_pos_ref, None, j * block_kv, block_kv)
 
     def visit(i, carry):
         dk, dv = carry
         rows = pl.ds(i * block_q, block_q)
-        q_pos = i * block_q + jax.lax.broadcasted_iota(jnp.int32, (block_q,), 0)
-        mask = _mask(q_pos, kv_pos, q_seg_ref[rows], kv_seg, causal=causal,
+        q_pos = _positions(q_pos_ref, rows, i * block_q, block_q)
+        mask = _mask(q_pos, kv_pos, kv_idx, q_seg_ref[rows], kv_seg, causal=causal,
                      has_segments=has_segments, kv_len=kv_len)
         q, do = q_ref[rows, :], do_ref[rows, :]
         p = jnp.where(mask, jnp.exp(_dot_t(q, k) * scale - lse_ref[rows][:, None]), 0.0)
@@ -413,9 +498,9 @@ def _dkv_kernel(q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         return dk + _t_dot(ds.astype(q.dtype), q), dv
 
     # Causal: query blocks that end before this key block starts see none of it.
-    start = (j * block_kv) // block_q if causal else 0
+    start = (j * block_kv) // block_q if causal and not explicit else 0
     zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(start, q_blocks, visit, (zeros, zeros))
+    dk, dv = jax.lax.fori_loop(start, _traced(q_blocks, interpret), visit, (zeros, zeros))
     dk_ref[...] = dk * scale
     dv_ref[...] = dv
 

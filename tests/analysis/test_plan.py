@@ -48,7 +48,8 @@ def test_tiny_plan_json_marks_the_stage_and_compiles_every_stage(tiny_plan):
     for s in out["stages"]:
         assert set(s["zjax"]) == {"compute params", "master params", "moments", "gradients", "batch",
                                   "activations", "workspace", "total"}
-        assert set(s["compiled"]) == {"argument", "temp", "total", "collective_data", "collective_tensor", "predicted", "ratio"}
+        assert set(s["compiled"]) == {"argument", "temp", "total", "collective_data", "collective_tensor",
+                                      "collective_sequence", "predicted", "ratio"}
         assert s["zjax"]["activations"] > 0
 
 
@@ -108,7 +109,7 @@ def test_fit_picks_the_first_setting_that_compiles_under_the_budget(tiny_plan, c
     assert result.chosen_memory["total"] <= result.budget < result.rejected_bytes
     assert result.rejected_compiled
     # the setting rejected is stage 0 with the config's own remat and micro-batch: the same program the plan compiled
-    assert result.rejected == {"mesh.tensor": 1, "zero.stage": 0, "remat.policy": "none", "batch.global_batch_size": 16,
+    assert result.rejected == {"mesh.tensor": 1, "mesh.sequence": 1, "zero.stage": 0, "remat.policy": "none", "batch.global_batch_size": 16,
                                "batch.micro_batch_size_per_device": 2, "batch.grad_accum_steps": 1}
     assert result.rejected_bytes == stage0
     # ... and the next one in the order fits: stage 0, remat none, half the micro-batch, twice the accumulation
@@ -118,7 +119,7 @@ def test_fit_picks_the_first_setting_that_compiles_under_the_budget(tiny_plan, c
     # The command prints the chosen overrides and both figures (the compiles are cached in-process).
     assert main(["plan", TINY, "--fit", str(stage0 - 1)]) == 0
     out = capsys.readouterr().out
-    assert ("fits: mesh.tensor=1 zero.stage=0 remat.policy=none batch.global_batch_size=16 "
+    assert ("fits: mesh.tensor=1 mesh.sequence=1 zero.stage=0 remat.policy=none batch.global_batch_size=16 "
             "batch.micro_batch_size_per_device=1") in out
     assert f"{result.chosen_memory['total']:,} bytes" in out and f"{stage0:,} bytes (compiled)" in out
 
@@ -176,9 +177,49 @@ def test_plan_divides_the_state_by_the_tensor_axis_and_counts_its_collectives():
 def test_fit_chooses_tensor_parallelism_only_when_data_parallelism_does_not_fit():
     # ZeRO-3 at tensor 1 needs at least ~67 MB here (each device gathers whole 4.2M-parameter
     # layers); at tensor 2 the same stage gathers half-layers
-    generous = fit(TINY, list(WIDE), budget="80MB", stages=(3,))
+    # (sequence parallelism, which fit tries before tensor at equal degree, splits the tokens, not
+    # the gathered layers: left out here, test_fit_chooses_sequence_parallelism... covers the order)
+    generous = fit(TINY, list(WIDE), budget="80MB", stages=(3,), sequences=(1,))
     assert generous.chosen["mesh.tensor"] == 1
-    tight = fit(TINY, list(WIDE), budget="60MB", stages=(3,))
+    tight = fit(TINY, list(WIDE), budget="60MB", stages=(3,), sequences=(1,))
     assert tight.chosen["mesh.tensor"] == 2 and tight.chosen_memory["total"] <= 60e6
     assert tight.rejected["mesh.tensor"] == 1 and tight.rejected_compiled and tight.rejected_bytes > 60e6
     assert tight.chosen_memory["collective_tensor"] > 0 == generous.chosen_memory["collective_tensor"]
+
+
+# Long rows, a small model: attention's scores dominate the step's memory.
+LONG = ("data.seq_len=512", "model.max_seq_len=512", "batch.global_batch_size=8", "model.n_heads=8",
+        "model.n_kv_heads=4", "precision.compute_dtype=float32")
+
+
+@pytest.mark.parametrize("mode", ["ulysses", "ring", "all_gather"])
+def test_plan_splits_state_and_activations_over_sequence_and_predicts_its_collectives(mode):
+    over = [*LONG, f"sequence_parallel={mode}"]
+    one, four = plan(TINY, over, compile=False), plan(TINY, [*over, "mesh.sequence=4"], compile=False)
+    assert four.sequence == 4 and one.sequence_traffic is None
+    for a, b in zip(one.stages, four.stages):
+        # ZeRO's group is data x sequence: 8 devices either way, the same state per device
+        assert b.zjax["moments"] == pytest.approx(a.zjax["moments"])
+    t = four.sequence_traffic
+    # 8 rows over data 2: 4 rows of 512 tokens per micro-batch, a quarter of each on a device
+    assert (t["mode"], t["tokens_per_device"]) == (mode, 4 * 512 // 4)
+    compiled = compiled_memory(load_config(TINY, [*over, "mesh.sequence=4"]))
+    # attention's collectives over sequence as predicted (the positions/segment ids are in the formula)
+    assert compiled["collective_sequence"] == pytest.approx(t["ring_bytes"], rel=0.01)
+
+
+def test_fit_chooses_sequence_parallelism_when_activations_do_not_fit():
+    from zjax.analysis.plan import FIT_POLICIES
+
+    cfg = load_config(TINY, [*LONG, "sequence_parallel=ulysses"])
+    base = {"mesh.tensor": 1, "mesh.sequence": 1, "mesh.data": -1, "zero.stage": 3, "remat.names": {},
+            "batch.global_batch_size": 8, "batch.micro_batch_size_per_device": 1, "batch.grad_accum_steps": 1}
+    # every data-only setting (the search compiles the same programs: cached)
+    data_only = min(compiled_memory(load_config(cfg, {**base, "remat.policy": p}))["total"] for p in FIT_POLICIES)
+    # fit's first sequence setting: 8 rows over data 4, one per micro-batch, two micro-batches
+    split = compiled_memory(load_config(cfg, {**base, "mesh.sequence": 2, "remat.policy": "none",
+                                              "batch.grad_accum_steps": 2}))["total"]
+    assert split < data_only
+    result = fit(cfg, budget=data_only - 1, stages=(3,))
+    assert (result.chosen["mesh.sequence"], result.chosen["mesh.tensor"]) == (2, 1)
+    assert result.chosen_memory["collective_sequence"] > 0

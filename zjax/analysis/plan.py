@@ -54,8 +54,18 @@ predicted/compiled on ``configs/tiny.yaml``, stages 0-3 x remat none/full, 0.76-
 T=2 and 0.56-0.75 at T=4 (each data device then runs a T times larger micro-batch,
 whose backward workspace is under-counted). The tensor axis' collectives are predicted
 exactly (``tensor_traffic``, within 1% of the compiled HLO's).
+Under sequence parallelism (``mesh.sequence`` = P) the ZeRO group is ``data`` x
+``sequence`` (its devices share the weights, as in DeepSpeed-Ulysses), so the state
+rows divide by D·P; every activation of a layer holds 1/P of the sequence, so the
+activation rows count 1/P; attention's collectives over ``sequence`` are predicted by
+mode (``sequence_traffic``: Ulysses' all-to-alls, ring's K/V permutes, all-gather's
+gather and reduce-scatter). The weights' gradient is summed over ``sequence`` by XLA
+(an all-reduce on XLA:CPU, counted with the data axis' collectives). The memory
+prediction is low here too: predicted/compiled 0.72-0.90 on ``configs/tiny.yaml`` at
+P=2-4 (modes ulysses/ring/all_gather, remat none/full; XLA's temp grows with the
+gathers and the gradient's sum over ``sequence``, which no row counts).
 ``fit`` searches the cheapest setting whose compiled step fits a budget, the tensor
-axis included.
+and sequence axes included.
 """
 from __future__ import annotations
 
@@ -124,6 +134,8 @@ class Plan:
     note: str = ""
     tensor: int = 1
     tensor_traffic: dict[str, Any] | None = None
+    sequence: int = 1
+    sequence_traffic: dict[str, Any] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -131,6 +143,8 @@ class Plan:
             "devices": self.devices,
             "tensor": self.tensor,
             "tensor_traffic": self.tensor_traffic,
+            "sequence": self.sequence,
+            "sequence_traffic": self.sequence_traffic,
             "chosen_stage": self.chosen_stage,
             "compute_dtype": self.compute_dtype,
             "remat": self.remat,
@@ -190,22 +204,26 @@ def plan(config: Any = None, overrides=None, *, params: float | None = None,
             raise ConfigError(f"--params={params}: the parameter count must be at least 1")
         compile = False
         note = "analytic only (--params): batch, activations and workspace n/a"
-    # ZeRO shards over `data` alone; every other mesh axis (tensor, replica) divides the devices.
+    # ZeRO shards over data x sequence; the other mesh axes (tensor, replica) divide the devices.
     shape = resolve_mesh_shape(cfg.mesh, n)
-    data, tensor = shape["data"], shape["tensor"]
+    data, tensor, sequence = shape["data"], shape["tensor"], shape["sequence"]
+    group = data * sequence
     # Tensor parallelism splits the weights T ways (the norm scales, a rounding error, stay whole).
     local = psi / tensor
     stages = [
         compiled_stage_plan(load_config(cfg, {"zero.stage": stage})) if compile
-        else StagePlan(stage, paper_bytes(local, data, stage), zjax_bytes(cfg, local, data, stage))
+        else StagePlan(stage, paper_bytes(local, group, stage), zjax_bytes(cfg, local, group, stage))
         for stage in STAGES
     ]
-    traffic = None
-    if tensor > 1 and params is None:
+    traffic = seq_traffic = None
+    if params is None and (tensor > 1 or sequence > 1):
         _, micro, accum = cfg.batch.resolve(shape["replica"] * data)
-        traffic = tensor_traffic(cfg, micro, tensor, accum)
+        if tensor > 1:
+            traffic = tensor_traffic(cfg, micro, tensor, accum)
+        if sequence > 1:
+            seq_traffic = sequence_traffic(cfg, micro, tensor, sequence, accum)
     return Plan(psi, n, cfg.zero.stage, cfg.precision.compute_dtype, cfg.remat.policy, stages, note, tensor,
-                traffic)
+                traffic, sequence, seq_traffic)
 
 
 def tensor_traffic(cfg: Config, micro: int, tensor: int, accum: int) -> dict[str, Any]:
@@ -229,6 +247,40 @@ def tensor_traffic(cfg: Config, micro: int, tensor: int, accum: int) -> dict[str
             "kind": kind, "ring_bytes": sums * ring}
 
 
+def sequence_traffic(cfg: Config, micro: int, tensor: int, sequence: int, accum: int) -> dict[str, Any]:
+    """The reference GPT's attention collectives over the sequence axis per step, per device.
+
+    Each device holds ``micro x seq_len / P`` tokens and, under tensor parallelism, its
+    heads (KV heads fewer than T shards are selected per query head, as the model does).
+    Per layer forward: ``ulysses`` all-to-alls q, k, v and the output (KV heads that do not
+    divide by P are repeated to the query heads first); ``all_gather`` gathers K and V;
+    ``ring`` sends its K/V block (and the tokens' positions and segment ids) P - 1 times.
+    Backward: Ulysses' and all-gather's transposes move the same bytes; ring's rotates the
+    K/V blocks with their float32 gradients P times. A remat policy other than ``none``
+    runs the forward again. Ring-equivalent bytes, as ``zjax.analysis.hlo`` counts them.
+    """
+    m, item = cfg.model, ITEMSIZE[cfg.precision.compute_dtype]
+    tokens, head_dim, p = micro * cfg.data.seq_len // sequence, m.d_model // m.n_heads, sequence
+    heads = m.n_heads // tensor
+    kv = m.n_kv_heads // tensor if m.n_kv_heads % tensor == 0 else heads
+    mode = cfg.sequence_parallel
+    if mode == "ulysses":
+        moved = kv if kv % p == 0 else heads
+        forward = (2 * heads + 2 * moved) * tokens * head_dim * item * (p - 1) / p
+        backward = forward
+    elif mode == "all_gather":
+        forward = 2 * kv * tokens * p * head_dim * item * (p - 1) / p
+        backward = forward
+    else:
+        block = 2 * kv * tokens * head_dim * item + 2 * tokens * 4  # K, V, positions, segment ids
+        forward = (p - 1) * block
+        backward = p * (block + 2 * kv * tokens * head_dim * 4)
+    forwards = 2 if cfg.remat.policy != "none" else 1
+    per_layer = forwards * forward + backward
+    return {"mode": mode, "tokens_per_device": tokens, "bytes_per_layer": per_layer,
+            "ring_bytes": accum * m.n_layers * per_layer}
+
+
 def compiled_stage_plan(cfg: Config) -> StagePlan:
     """The ``StagePlan`` of ``cfg``'s own stage, predicted in full and compiled (on the visible devices).
 
@@ -245,10 +297,10 @@ def compiled_stage_plan(cfg: Config) -> StagePlan:
     # parameters per device of the tensor axis: a weight split over it counts 1/T
     psi = sum(math.prod(lay.shape) / _model_split(lay, mesh) for lay in layouts)
     scanned = sum(math.prod(lay.shape) / _model_split(lay, mesh) for lay in layouts if lay.stacked)
-    rows = zjax_bytes(cfg, psi, train.data_size, stage, accum_steps=train.grad_accum_steps, scanned=scanned)
+    rows = zjax_bytes(cfg, psi, train.zero.data, stage, accum_steps=train.grad_accum_steps, scanned=scanned)
     traced, workspace = traced_bytes(train, batch)
     rows.update(traced)
-    s = StagePlan(stage, paper_bytes(psi, train.data_size, stage), rows, workspace,
+    s = StagePlan(stage, paper_bytes(psi, train.zero.data, stage), rows, workspace,
                   compiled_memory(cfg, (train, state, batch)))
     s.compiled["predicted"] = s.zjax_total
     s.compiled["ratio"] = s.zjax_total / s.compiled["total"]
@@ -289,7 +341,7 @@ def zjax_bytes(cfg: Config, psi: float, n: int, stage: int, accum_steps: int = 1
     Args:
       cfg: the config.
       psi: the parameter count.
-      n: the number of data devices.
+      n: the ZeRO group's devices (``data`` x ``sequence``).
       stage: the ZeRO stage.
       accum_steps: micro-batches per step.
       scanned: parameters in scanned (stacked) layers; default ``psi``, an upper bound.
@@ -409,19 +461,23 @@ def _layer_residuals(train: Any, batch: Any, policy: Any, dtype: Any) -> list[tu
 
 
 def _activation_split(train: Any) -> dict[str, int]:
-    """How many ways tensor parallelism splits each of the reference GPT's tagged activations
-    (traced whole): the heads' and the MLP's (untagged ones too) by T, the residual stream's by T under sequence
-    parallelism; the row-parallel outputs before their sum are whole on every device."""
+    """How many ways the model-parallel axes split each of the reference GPT's tagged
+    activations (traced whole): tensor parallelism the heads' and the MLP's (untagged ones
+    too) by T, the residual stream's by T under Megatron's sequence parallelism (the
+    row-parallel outputs before their sum are whole on every device); ``mesh.sequence``
+    every activation by P (each device holds 1/P of the tokens; Ulysses 1/P of the heads
+    of the whole sequence)."""
     from zjax.models import gpt
 
-    tensor = train.mesh.shape["tensor"]
-    if tensor == 1:
-        return {}
-    # untagged residuals are the attention's and MLP's internals (scores, probabilities, gates)
-    split = dict.fromkeys((*gpt.TENSOR_SPLIT_ACTIVATIONS, "untagged"), tensor)
-    if train.config.tensor_sequence_parallel:
-        split.update(dict.fromkeys(gpt.SEQUENCE_SPLIT_ACTIVATIONS, tensor))
-    return split
+    tensor, sequence = train.mesh.shape["tensor"], train.mesh.shape["sequence"]
+    names = {*gpt.TENSOR_SPLIT_ACTIVATIONS, *gpt.SEQUENCE_SPLIT_ACTIVATIONS, "untagged"}
+    split = dict.fromkeys(names, sequence)
+    if tensor > 1:
+        # untagged residuals are the attention's and MLP's internals (scores, probabilities, gates)
+        split.update(dict.fromkeys((*gpt.TENSOR_SPLIT_ACTIVATIONS, "untagged"), tensor * sequence))
+        if train.config.tensor_sequence_parallel:
+            split.update(dict.fromkeys(gpt.SEQUENCE_SPLIT_ACTIVATIONS, tensor))
+    return {name: ways for name, ways in split.items() if ways > 1}
 
 
 def abstract_step(cfg: Config):
@@ -453,14 +509,16 @@ def compiled_memory(cfg: Config, step: tuple | None = None) -> dict[str, float]:
     ``argument_size_in_bytes`` and ``temp_size_in_bytes`` are per device (measured:
     stage 0's argument bytes are 12Ψ, stage 3's 12Ψ/N on 8 CPU devices). The collective
     bytes per step are ring-equivalent bytes per device from the compiled HLO, over the
-    tensor axis and over the others (ZeRO's ``data``, ``replica``).
+    tensor axis, attention's over the sequence axis (all-to-alls, permutes, gathers) and
+    over the others (ZeRO's ``data``, ``replica``, and the gradient's sum over ``sequence``).
 
     Args:
       cfg: the config.
       step: ``(train, state, batch)`` already built for ``cfg`` (see ``abstract_step``).
 
     Returns:
-      ``{"argument", "temp", "total", "collective_data", "collective_tensor"}`` in bytes.
+      ``{"argument", "temp", "total", "collective_data", "collective_tensor", "collective_sequence"}``
+      in bytes.
     """
     from zjax.analysis import hlo
 
@@ -471,10 +529,17 @@ def compiled_memory(cfg: Config, step: tuple | None = None) -> dict[str, float]:
         memory = compiled.memory_analysis()
         argument, temp = int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes)
         found = hlo.collectives(compiled.as_text(), train.mesh.size, dict(train.mesh.shape))
+        kinds = {"tensor": [], "sequence": [], "data": []}
+        for c in found:
+            kinds["tensor" if "tensor" in c.axes else "sequence" if _attention_collective(c) else "data"].append(c)
         _COMPILED[key] = {"argument": argument, "temp": temp, "total": argument + temp,
-                          "collective_data": sum(c.ring_bytes for c in found if "tensor" not in c.axes),
-                          "collective_tensor": sum(c.ring_bytes for c in found if "tensor" in c.axes)}
+                          **{f"collective_{k}": sum(c.ring_bytes for c in cs) for k, cs in kinds.items()}}
     return dict(_COMPILED[key])
+
+
+def _attention_collective(c: Any) -> bool:
+    """A collective over ``sequence`` alone that attention makes (not the gradient's sum)."""
+    return c.axes == ("sequence",) and c.kind != "all-reduce"
 
 
 @dataclasses.dataclass
@@ -530,13 +595,17 @@ def parse_bytes(text: str | float) -> int:
     return int(value)
 
 
-def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ...] = STAGES) -> Fit:
+def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ...] = STAGES,
+        sequences: tuple[int, ...] | None = None) -> Fit:
     """The cheapest setting whose compiled step fits ``budget`` bytes per device.
 
-    Settings are searched in order of cost: the smallest tensor-parallel size (the
-    config's, then powers of two inside one host: ``tensor_sizes``; tensor parallelism
-    sums activations over the tensor group in every layer, so it comes only when data
-    parallelism alone does not fit), then the lowest ZeRO stage (least communication),
+    Settings are searched in order of cost: the smallest model-parallel degree (tensor x
+    sequence sizes: the config's, then powers of two inside one host: ``tensor_sizes``,
+    ``sequence_sizes``; both move activations in every layer, so they come only when data
+    parallelism alone does not fit), at equal degree more sequence than tensor first
+    (Ulysses' all-to-alls move a 1/P share of what tensor parallelism's all-reduces move;
+    sequence parallelism does not split the weights, but it joins ZeRO's group), then
+    the lowest ZeRO stage (least communication),
     then the lightest remat policy (``FIT_POLICIES``: least recomputation), then the
     largest micro-batch (the config's, halved while the global batch stays whole; the
     rest goes to gradient accumulation). The search
@@ -549,6 +618,7 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
       overrides: ``key=value`` overrides, as for ``load_config``.
       budget: bytes per device (an int, or a string for ``parse_bytes``).
       stages: the ZeRO stages to try (default all).
+      sequences: the ``mesh.sequence`` sizes to try (default ``sequence_sizes``).
 
     Returns:
       A ``Fit``.
@@ -569,13 +639,18 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
     smallest: tuple[float, dict] | None = None
     compiled = searched = 0
     tensors = tensor_sizes(cfg, n)
+    sequences = sequence_sizes(cfg, n) if sequences is None else list(sequences)
     own = resolve_mesh_shape(cfg.mesh, n)
     # the global batch is what the run trains on; each mesh splits it over its replica x data devices
     total, own_micro, _ = cfg.batch.resolve(own["replica"] * own["data"])
-    for tensor in tensors:
-        shape = resolve_mesh_shape(cfg.mesh.model_copy(update={"tensor": tensor, "data": -1}), n)
-        # the batch splits over replica x data; ZeRO shards over data
-        split, data = shape["replica"] * shape["data"], shape["data"]
+    fixed = math.prod(size for axis, size in own.items() if axis not in ("data", "tensor", "sequence"))
+    degrees = sorted(((t, q) for t in tensors for q in sequences if (n // fixed) % (t * q) == 0),
+                     key=lambda tq: (tq[0] * tq[1], tq[0]))
+    for tensor, sequence in degrees:
+        shape = resolve_mesh_shape(cfg.mesh.model_copy(update={"tensor": tensor, "sequence": sequence,
+                                                               "data": -1}), n)
+        # the batch splits over replica x data; ZeRO shards over data x sequence
+        split, data = shape["replica"] * shape["data"], shape["data"] * shape["sequence"]
         if total % split:
             continue
         micro = own_micro if (total // split) % own_micro == 0 else total // split
@@ -589,7 +664,7 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
             for policy in FIT_POLICIES:
                 for m in micros:
                     setting = {
-                        "mesh.tensor": tensor, "mesh.data": -1,
+                        "mesh.tensor": tensor, "mesh.sequence": sequence, "mesh.data": -1,
                         "zero.stage": stage, "remat.policy": policy, "remat.names": {},
                         "batch.global_batch_size": total, "batch.micro_batch_size_per_device": m,
                         "batch.grad_accum_steps": total // (m * split),
@@ -606,7 +681,11 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
                     if state > budget:
                         rejected, rejected_bytes, rejected_compiled = shown, state, False
                         continue
-                    memory = compiled_memory(candidate)
+                    try:
+                        memory = compiled_memory(candidate)
+                    except ConfigError:
+                        # the model refuses this split (e.g. Ulysses with heads that do not divide)
+                        continue
                     compiled += 1
                     if memory["total"] <= budget:
                         return Fit(budget, shown, memory, rejected, rejected_bytes, rejected_compiled, compiled,
@@ -621,7 +700,8 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
                  f"per device")
     raise ConfigError(
         f"--fit={budget:,} bytes per device: no setting fits; {found}; "
-        f"searched {searched} settings (mesh.tensor {'/'.join(map(str, tensors))} x stages "
+        f"searched {searched} settings (mesh.tensor {'/'.join(map(str, tensors))} x mesh.sequence "
+        f"{'/'.join(map(str, sequences))} x stages "
         f"{'/'.join(map(str, stages))} x remat "
         f"{'/'.join(FIT_POLICIES)} x micro-batch); raise the budget, use more devices or a smaller model"
     )
@@ -644,17 +724,35 @@ def tensor_sizes(cfg: Config, n: int) -> list[int]:
     return sizes
 
 
+def sequence_sizes(cfg: Config, n: int) -> list[int]:
+    """The sequence-axis sizes ``fit`` tries, smallest first: the config's, then every larger
+    power of two that divides the devices of one host and the sequence (twice over for
+    ring attention's zig-zag chunks)."""
+    import jax
+
+    host = jax.local_device_count()
+    start = cfg.mesh.sequence if cfg.mesh.sequence > 0 else 1
+    chunks = 2 if cfg.sequence_parallel == "ring" else 1
+    sizes, q = [start], start * 2
+    while host % q == 0 and n % q == 0 and cfg.data.seq_len % (chunks * q) == 0:
+        sizes.append(q)
+        q *= 2
+    return sizes
+
+
 def format_fit(result: Fit) -> str:
     """The ``fit`` result as text: the chosen overrides and bytes, and the cheaper setting that did not fit."""
     lines = [
         f"budget {result.budget:,} bytes per device ({_gb(result.budget)} GB); compiled {result.compiled} "
-        f"of {result.searched} settings searched (smallest tensor axis, then lowest stage, then lightest remat, "
+        f"of {result.searched} settings searched (smallest tensor x sequence, then lowest stage, then lightest "
+        "remat, "
         "then largest micro-batch)",
         f"fits: {_overrides(result.chosen)}",
         f"  compiled: argument {result.chosen_memory['argument']:,} + temp {result.chosen_memory['temp']:,} "
         f"= {result.chosen_memory['total']:,} bytes",
         f"  collectives per step per device: {result.chosen_memory['collective_data']:,.0f} bytes over data, "
-        f"{result.chosen_memory['collective_tensor']:,.0f} over tensor",
+        f"{result.chosen_memory['collective_tensor']:,.0f} over tensor, "
+        f"{result.chosen_memory['collective_sequence']:,.0f} over sequence (attention)",
     ]
     if result.rejected is None:
         lines.append("next cheaper setting: none (this is the first in the search order)")
@@ -671,8 +769,13 @@ def _overrides(setting: dict[str, Any]) -> str:
 
 def format_plan(p: Plan) -> str:
     """The plan as text: one block per stage, paper and zjax columns, GB = 1e9 bytes."""
-    where = (f"{p.devices} devices (tensor {p.tensor} x {p.devices // p.tensor} data-parallel; each device "
-             f"holds 1/{p.tensor} of the weights)" if p.tensor > 1 else f"{p.devices} data-parallel devices")
+    data = p.devices // (p.tensor * p.sequence)
+    if p.tensor > 1 or p.sequence > 1:
+        axes = [f"{name} {size}" for name, size in (("tensor", p.tensor), ("sequence", p.sequence)) if size > 1]
+        where = f"{p.devices} devices ({' x '.join(axes)} x {data} data-parallel"
+        where += f"; each device holds 1/{p.tensor} of the weights)" if p.tensor > 1 else ")"
+    else:
+        where = f"{p.devices} data-parallel devices"
     lines = [
         f"params {p.params:,} ({p.params / 1e9:.3g}B) on {where}; "
         f"compute {p.compute_dtype}, remat {p.remat}; per-device memory, GB = 1e9 bytes",
@@ -687,6 +790,12 @@ def format_plan(p: Plan) -> str:
             f"tensor axis: {t['sums_per_layer']} activation sums per layer ({t['kind']}, {t['activation_bytes']:,} "
             f"bytes each), {t['sums_per_step']} per step: {t['ring_bytes']:,.0f} bytes per device per step "
             "(ring), the same at every ZeRO stage")
+    if p.sequence_traffic:
+        t = p.sequence_traffic
+        lines.append(
+            f"sequence axis ({t['mode']}, {t['tokens_per_device']:,} tokens per device per micro-batch): attention "
+            f"moves {t['bytes_per_layer']:,.0f} bytes per layer, {t['ring_bytes']:,.0f} per device per step "
+            f"(ring); ZeRO's group is data x sequence ({data * p.sequence} devices)")
     for s in p.stages:
         mark = "  <- config" if s.stage == p.chosen_stage else ""
         lines.append("")

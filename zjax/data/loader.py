@@ -312,7 +312,7 @@ class ShardedLoader:
         self.close()
         self.next_batch = next_batch
 
-    def global_batch(self, local_rows: Any, sharding: jax.sharding.Sharding) -> Any:
+    def global_batch(self, local_rows: Any, sharding: Any) -> Any:
         """``make_global_batch`` for this loader's rows (see there)."""
         return make_global_batch(local_rows, sharding, self.global_batch_size,
                                  process_index=self.process_index, process_count=self.process_count)
@@ -324,7 +324,32 @@ class ShardedLoader:
             self._iterator = None
 
 
-def make_global_batch(local_rows: Any, sharding: jax.sharding.Sharding, global_batch_size: int, *,
+def shift_tokens(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Token windows ``{"tokens": [B, T+1]}`` (optional ``segment_ids``, ``loss_mask``)
+    as inputs and targets of length T, so that a sequence split over devices splits them
+    alike (DeepSpeed ALST's pre-shifted labels): ``inputs``, ``targets``, ``segment_ids``
+    (the inputs'), ``loss_mask`` (1 where the target counts: its own mask, and the same
+    document as its input). Positions are each token's index in the row.
+
+    Example:
+      >>> b = shift_tokens({"tokens": np.array([[5, 6, 7, 8]]), "segment_ids": np.array([[1, 1, 2, 2]])})
+      >>> b["inputs"].tolist(), b["targets"].tolist(), b["loss_mask"].tolist()
+      ([[5, 6, 7]], [[6, 7, 8]], [[1, 0, 1]])
+    """
+    tokens = np.asarray(rows["tokens"])
+    counted = np.ones(tokens[:, 1:].shape, np.int32)
+    out = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    if "loss_mask" in rows:
+        counted &= np.asarray(rows["loss_mask"])[:, 1:] != 0
+    if "segment_ids" in rows:
+        ids = np.asarray(rows["segment_ids"])
+        counted &= ids[:, 1:] == ids[:, :-1]
+        out["segment_ids"] = ids[:, :-1]
+    out["loss_mask"] = counted.astype(np.int32)
+    return out
+
+
+def make_global_batch(local_rows: Any, sharding: Any, global_batch_size: int, *,
                       process_index: int | None = None, process_count: int | None = None) -> Any:
     """One global ``jax.Array`` per leaf from each process's rows of the batch.
 
@@ -334,7 +359,9 @@ def make_global_batch(local_rows: Any, sharding: jax.sharding.Sharding, global_b
 
     Args:
       local_rows: a pytree of arrays with ``global_batch_size / process_count`` rows.
-      sharding: e.g. ``NamedSharding(mesh, P("data"))`` (``train.batch_sharding``).
+      sharding: e.g. ``NamedSharding(mesh, P("data"))`` (``train.batch_sharding``), or a
+        function of a leaf's global shape that gives its sharding
+        (``train.batch_sharding_for``: rows split over ``sequence`` too).
       global_batch_size: rows of the global batch.
       process_index: default ``jax.process_index()``.
       process_count: default ``jax.process_count()``.
@@ -349,18 +376,19 @@ def make_global_batch(local_rows: Any, sharding: jax.sharding.Sharding, global_b
 
     def assemble(x: np.ndarray) -> jax.Array:
         global_shape = (global_batch_size, *np.shape(x)[1:])
+        placement = sharding(global_shape) if callable(sharding) else sharding
         if np.shape(x)[0] != rows:
             raise ConfigError(f"local rows have shape {np.shape(x)}, but process {process_index} of {process_count} "
                               f"owns {rows} of batch.global_batch_size={global_batch_size} rows")
         placed = sorted(set().union(*(range(*index[0].indices(global_batch_size)) for index in
-                                      sharding.addressable_devices_indices_map(global_shape).values())))
+                                      placement.addressable_devices_indices_map(global_shape).values())))
         if placed != list(range(*expected)):
             raise ConfigError(
                 f"the sharding puts rows {_spans(placed)} of the global batch on process "
                 f"{process_index}'s devices, but that process holds rows [{expected[0]}, {expected[1]}) "
                 f"(process_count={process_count}); order the mesh's data axis by process, as jax.make_mesh does"
             )
-        return jax.make_array_from_process_local_data(sharding, np.asarray(x), global_shape)
+        return jax.make_array_from_process_local_data(placement, np.asarray(x), global_shape)
 
     return jax.tree.map(assemble, local_rows)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -150,7 +151,7 @@ class GPT(nnx.Module):
             # causal attention gives every device the same work; the loss comes back in order
             inputs, targets = inputs[:, order], targets[:, order]
             segment_ids = None if segment_ids is None else segment_ids[:, order]
-            return self._token_nll(inputs, targets, segment_ids, order)[:, jnp.argsort(order)]
+            return self._token_nll(inputs, targets, segment_ids, order)[:, np.argsort(order)]
         return self._token_nll(inputs, targets, segment_ids, None)
 
     def _token_nll(self, inputs, targets, segment_ids, positions):
@@ -176,20 +177,29 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
       batch: ``{"tokens": int [B, T+1]}``, optionally ``"segment_ids"`` and
         ``"loss_mask"`` of the same shape. Inputs are ``tokens[:, :-1]``, targets
         ``tokens[:, 1:]``; a target counts where ``loss_mask`` is nonzero and, with
-        segment ids, where it belongs to the same document as its input.
+        segment ids, where it belongs to the same document as its input. Or the same
+        already shifted (``zjax.data.loader.shift_tokens``): ``{"inputs", "targets"}`` ``[B, T]``,
+        optionally ``"segment_ids"`` (the inputs') and ``"loss_mask"`` (the targets'),
+        which a sequence split over devices splits alike.
 
     Returns:
       ``(loss, {"weight": float32 number of counted targets})``.
     """
-    tokens = batch["tokens"]
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
     segment_ids = batch.get("segment_ids")
-    counted = jnp.ones(targets.shape, jnp.float32)
-    if "loss_mask" in batch:
-        counted = counted * (batch["loss_mask"][:, 1:] != 0)
-    if segment_ids is not None:
-        counted = counted * (segment_ids[:, 1:] == segment_ids[:, :-1])
-        segment_ids = segment_ids[:, :-1]
+    if "inputs" in batch:
+        inputs, targets = batch["inputs"], batch["targets"]
+        counted = jnp.ones(targets.shape, jnp.float32)
+        if "loss_mask" in batch:
+            counted = counted * (batch["loss_mask"] != 0)
+    else:
+        tokens = batch["tokens"]
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        counted = jnp.ones(targets.shape, jnp.float32)
+        if "loss_mask" in batch:
+            counted = counted * (batch["loss_mask"][:, 1:] != 0)
+        if segment_ids is not None:
+            counted = counted * (segment_ids[:, 1:] == segment_ids[:, :-1])
+            segment_ids = segment_ids[:, :-1]
     nll = model.token_nll(inputs, targets, segment_ids)
     weight = counted.sum()
     loss = (nll * counted).sum() / jnp.maximum(weight, 1.0)

@@ -21,7 +21,8 @@ parts by the config's ``sequence_parallel``:
 
 Elsewhere (no mesh, ``sequence`` of size 1) it is plain attention; with ``impl`` other
 than ``xla`` the flash-attention kernel computes it where queries and keys are the same
-positions (always for ``ulysses``), else XLA's.
+positions (always for ``ulysses``), and ring attention runs the flash kernels per block with
+explicit positions, carrying each block's log-sum-exp (``all_gather`` stays XLA's).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 import pallas_kernels
@@ -87,7 +89,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True,
         if positions is None:
             positions = lax.axis_index(seq) * q.shape[1] + jnp.arange(q.shape[1], dtype=jnp.int32)
         pos = jnp.broadcast_to(positions, q.shape[:2])
-        return ring_attention(q, k, v, pos, pos, segment_ids, segment_ids, seq, causal)
+        return ring_attention(q, k, v, pos, pos, segment_ids, segment_ids, seq, causal, impl)
     whole_ids = None if segment_ids is None else lax.all_gather(segment_ids, seq, axis=1, tiled=True)
     if mode == "all_gather":
         k = lax.all_gather(k, seq, axis=1, tiled=True)
@@ -127,7 +129,7 @@ def _attend(q, k, v, causal, q_ids, kv_ids, q_offset, impl):
 # --- ring attention ---------------------------------------------------------------------------
 
 
-def zigzag(length: int, shards: int) -> jax.Array:
+def zigzag(length: int, shards: int) -> np.ndarray:
     """The zig-zag order of ``length`` positions over ``shards`` devices: the sequence in
     ``2 * shards`` chunks, device ``p`` holding chunks ``p`` and ``2 * shards - 1 - p``, so
     that under a causal mask every device has the same work (Brandon et al., Striped /
@@ -137,7 +139,8 @@ def zigzag(length: int, shards: int) -> jax.Array:
     for p in range(shards):
         order.extend(range(p * chunk, (p + 1) * chunk))
         order.extend(range((2 * shards - 1 - p) * chunk, (2 * shards - p) * chunk))
-    return jnp.asarray(order, jnp.int32)
+    # a host constant: its inverse (np.argsort) costs nothing in the compiled step
+    return np.asarray(order, np.int32)
 
 
 def _varying_axes(x) -> frozenset | None:
@@ -163,7 +166,7 @@ def _varying(tree, axis: str, like=()):
     return jax.tree.map(mark, tree)
 
 
-def zigzag_order(length: int) -> jax.Array | None:
+def zigzag_order(length: int) -> np.ndarray | None:
     """The zig-zag order a model should put its sequence in before a region that runs ring
     attention (``sequence_parallel: ring`` with the ``length`` axis split over a mesh axis
     of size P, and ``length`` a multiple of 2P); None otherwise (keep the order)."""
@@ -175,12 +178,18 @@ def zigzag_order(length: int) -> jax.Array | None:
     return zigzag(length, shards)
 
 
-def ring_attention(q, k, v, q_pos, kv_pos, q_ids, kv_ids, axis: str, causal: bool):
+def ring_attention(q, k, v, q_pos, kv_pos, q_ids, kv_ids, axis: str, causal: bool, impl: str = "xla"):
     """Attention of this device's queries over every device's K/V block, the blocks rotated
     around ``axis`` (P - 1 permutes forward); a custom VJP rotates them again in the backward
     pass instead of keeping them, so what is saved is this device's q, k, v, output and
     log-sum-exp: O(S/P). ``*_pos`` are the tokens' global positions (any order, e.g. zig-zag);
-    ``*_ids`` segment ids or None."""
+    ``*_ids`` segment ids or None. With ``impl`` other than ``xla`` each block runs the
+    flash-attention kernels with explicit positions (``pallas_kernels.attention.flash_block_*``):
+    the forward merges the blocks' outputs by their log-sum-exps, the backward hands each
+    block the final log-sum-exp."""
+    impl = "xla" if impl == "xla" else pallas_kernels.attention.block_impl(q, impl)
+    if impl != "xla":
+        return _ring_flash(q, k, v, q_pos, kv_pos, q_ids, kv_ids, axis, causal, impl == "interpret")
     shards = lax.axis_size(axis)
     perm = [(i, (i + 1) % shards) for i in range(shards)]
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -269,6 +278,72 @@ def ring_attention(q, k, v, q_pos, kv_pos, q_ids, kv_ids, axis: str, causal: boo
                          like=(q, k, v, d_out))
         (dq, _, _, _, _, dk, dv), _ = lax.scan(step, carry, None, length=shards)
         return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
+
+    attend.defvjp(fwd, bwd)
+    return attend(q, k, v, q_pos, kv_pos, q_ids, kv_ids)
+
+
+def _ring_flash(q, k, v, q_pos, kv_pos, q_ids, kv_ids, axis: str, causal: bool, interpret: bool):
+    """``ring_attention`` with the flash-attention kernels per block."""
+    from pallas_kernels.attention import flash_block_backward, flash_block_forward
+    from pallas_kernels.dispatch import MASKED
+
+    shards = lax.axis_size(axis)
+    perm = [(i, (i + 1) % shards) for i in range(shards)]
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    q_ids = jnp.zeros(q_pos.shape, jnp.int32) if q_ids is None else q_ids
+    kv_ids = jnp.zeros(kv_pos.shape, jnp.int32) if kv_ids is None else kv_ids
+    kernel = dict(causal=causal, scale=scale, interpret=interpret)
+
+    def rows(w):  # [b, h, t] -> [b, t, h, 1]
+        return jnp.moveaxis(w, 1, 2)[..., None]
+
+    def forward(q, k, v, q_pos, kv_pos, q_ids, kv_ids):
+        b, t, h, d = q.shape
+
+        def merge(acc, block):
+            out, lse = acc
+            kb, vb, kp, kid = block
+            block_out, block_lse = flash_block_forward(q, kb, vb, q_pos, kp, q_ids, kid, **kernel)
+            new = jnp.logaddexp(lse, block_lse)
+            out = out * rows(jnp.exp(lse - new)) + block_out.astype(jnp.float32) * rows(jnp.exp(block_lse - new))
+            return out, new
+
+        def step(carry, _):
+            acc, block = carry
+            return (merge(acc, block), tuple(lax.ppermute(x, axis, perm) for x in block)), None
+
+        block = _varying((k, v, kv_pos, kv_ids), axis, like=(q, k, v))
+        acc = _varying((jnp.zeros((b, t, h, d), jnp.float32), jnp.full((b, h, t), MASKED, jnp.float32)), axis,
+                       like=(q, k, v))
+        (acc, block), _ = lax.scan(step, (acc, block), None, length=shards - 1)
+        out, lse = merge(acc, block)
+        return out.astype(q.dtype), lse
+
+    @jax.custom_vjp
+    def attend(q, k, v, q_pos, kv_pos, q_ids, kv_ids):
+        return forward(q, k, v, q_pos, kv_pos, q_ids, kv_ids)[0]
+
+    def fwd(q, k, v, q_pos, kv_pos, q_ids, kv_ids):
+        out, lse = forward(q, k, v, q_pos, kv_pos, q_ids, kv_ids)
+        return out, (q, k, v, out, lse, q_pos, kv_pos, q_ids, kv_ids)
+
+    def bwd(res, d_out):
+        q, k, v, out, lse, q_pos, kv_pos, q_ids, kv_ids = res
+        delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+
+        def step(carry, _):
+            dq, kb, vb, kp, kid, dk, dv = carry
+            dq_b, dk_b, dv_b = flash_block_backward(q, kb, vb, q_pos, kp, q_ids, kid, d_out, lse, delta, **kernel)
+            # the block and its gradient travel on together; after P hops both are home
+            moved = (kb, vb, kp, kid, dk + dk_b, dv + dv_b)
+            return (dq + dq_b, *(lax.ppermute(x, axis, perm) for x in moved)), None
+
+        carry = _varying((jnp.zeros(q.shape, jnp.float32), k, v, kv_pos, kv_ids,
+                          jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)), axis,
+                         like=(q, k, v, d_out))
+        (dq, _, _, _, _, dk, dv), _ = lax.scan(step, carry, None, length=shards)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None
 
     attend.defvjp(fwd, bwd)
     return attend(q, k, v, q_pos, kv_pos, q_ids, kv_ids)

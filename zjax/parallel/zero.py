@@ -9,6 +9,11 @@ with no such dimension is padded along its largest one by at most ``shards - 1``
 (its *stored* shape). A leaf whose first logical axis is ``layers`` keeps that axis
 whole, so a scan can take one layer at a time and ZeRO-3 can gather one layer at a time.
 
+Under sequence parallelism (``mesh.sequence`` = P > 1) the ZeRO group is ``data`` x
+``sequence``, as in DeepSpeed-Ulysses (its sequence-data-parallel group): every device
+of a sequence group computes the same weights' gradients from its part of the tokens, so
+the state is split over all D x P of them (``LeafLayout.group``), not kept P times.
+
 The collectives are explicit (inside ``jax.shard_map`` over ``data``):
 ``reduce_scatter_grads`` for gradients, ``all_gather_params`` for updated params,
 ``gather_for_compute`` for ZeRO-3's just-in-time parameter gathering, whose
@@ -32,6 +37,8 @@ DATA = "data"
 # Replicas outside ZeRO (slices over DCN); the batch is split over both axes.
 REPLICA = "replica"
 BATCH_AXES = (REPLICA, DATA)
+# Sequence parallelism's axis: it shares ZeRO's split with data (LeafLayout.group).
+SEQUENCE = "sequence"
 # The logical axis ZeRO shards when it divides (MaxText's fsdp axis).
 ZERO_AXIS = "embed"
 
@@ -43,7 +50,8 @@ class ZeroStage:
 
     Attributes:
       stage: 0-3.
-      data: the ``data`` axis size N.
+      data: the ZeRO group's size N (the ``data`` axis, times ``sequence`` under sequence
+        parallelism).
       mixed: True when the compute dtype is lower than the fp32 param dtype.
     """
 
@@ -113,7 +121,8 @@ class LeafLayout:
     Attributes:
       shape: the user's shape of the leaf.
       stacked: True when the leading axis is the ``layers`` axis of a scanned stack.
-      shards: number of ZeRO partitions (the ``data`` axis size, or 1 for stage 0).
+      shards: number of ZeRO partitions (the ZeRO group's size: ``data``, times ``group``'s
+        sizes; 1 for stage 0).
       partitioned: True when the leaf is split over ``data`` (stages 1-3), even on a
         one-device axis.
       dim: the dimension of one layer (``layer_shape``) split over ``data``; None for a
@@ -122,6 +131,9 @@ class LeafLayout:
         over (``tensor``, by the logical-axis rules), or None; never ``dim``. The step
         leaves these axes to XLA (automatic) and runs ZeRO's collectives on each of
         their shards, so a parameter split over ``tensor`` is never gathered over it.
+      group: ``(axis, size)`` of the axes that share ZeRO's split with ``data`` (minor to it):
+        ``(("sequence", P),)`` under sequence parallelism, else empty. The step is manual
+        over ``data`` only; the collectives run manual over these too (``on_model_shards``).
     """
 
     shape: tuple[int, ...]
@@ -130,6 +142,7 @@ class LeafLayout:
     partitioned: bool
     dim: int | None = None
     model_axes: tuple[str | None, ...] = ()
+    group: tuple[tuple[str, int], ...] = ()
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -172,12 +185,27 @@ class LeafLayout:
         return tuple(shape)
 
     @property
+    def zero_axes(self) -> str | tuple[str, ...]:
+        """The mesh axes of ZeRO's split: ``data``, or ``("data", "sequence")``."""
+        return (DATA, *(name for name, _ in self.group)) if self.group else DATA
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """Shape of one ``data`` shard of the stored form (what the step's shard_map, manual
+        over ``data``, sees; ``local_shape`` when ``group`` is empty)."""
+        if not self.sharded:
+            return self.shape
+        shape = list(self.stored_shape)
+        shape[self.axis] //= self.shards // math.prod(size for _, size in self.group)
+        return tuple(shape)
+
+    @property
     def spec(self) -> P:
-        """PartitionSpec of the stored form: the split dimension over ``data``, the others
-        over their model-parallel axes."""
+        """PartitionSpec of the stored form: the split dimension over ``data`` (and ``group``),
+        the others over their model-parallel axes."""
         axes = [None] * len(self.lead) + list(self.model_axes or [None] * len(self.layer_shape))
         if self.sharded:
-            axes[self.axis] = DATA
+            axes[self.axis] = self.zero_axes
         return _trim(axes)
 
     @property
@@ -190,8 +218,19 @@ class LeafLayout:
         """The part of ``spec`` over the model-parallel axes (a replicated copy's sharding)."""
         return _trim([None] * len(self.lead) + list(self.model_axes or ()))
 
+    @property
+    def shard_spec(self) -> P:
+        """The part of ``spec`` that is not ``data``: the model-parallel axes and ``group``'s
+        (what a ``data`` shard is split over inside the step)."""
+        axes = [None] * len(self.lead) + list(self.model_axes or [None] * len(self.layer_shape))
+        if self.sharded and self.group:
+            names = tuple(name for name, _ in self.group)
+            axes[self.axis] = names if len(names) > 1 else names[0]
+        return _trim(axes)
+
     def per_layer(self) -> "LeafLayout":
-        return LeafLayout(self.layer_shape, False, self.shards, self.partitioned, self.dim, self.model_axes)
+        return LeafLayout(self.layer_shape, False, self.shards, self.partitioned, self.dim, self.model_axes,
+                          self.group)
 
 
 def _trim(axes: list) -> P:
@@ -202,7 +241,7 @@ def _trim(axes: list) -> P:
 
 def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
                  zero_names: tuple[str, ...] = (ZERO_AXIS,), model_rules: Mapping[str, str | None] | None = None,
-                 mesh_shape: Mapping[str, int] | None = None) -> Any:
+                 mesh_shape: Mapping[str, int] | None = None, group: tuple[tuple[str, int], ...] = ()) -> Any:
     """One LeafLayout per leaf of ``params`` (shapes only are read).
 
     Args:
@@ -217,6 +256,7 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
         model-parallel axis (any but ``data``/``replica``) of ``mesh_shape`` size above 1
         split their dimension over it when the size divides (else it stays whole).
       mesh_shape: mesh axis name -> size.
+      group: ``LeafLayout.group`` (``shards`` includes its sizes).
     """
     leaves, treedef = jax.tree.flatten(params)
     if logical_axes is None:
@@ -229,11 +269,13 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
         stacked = bool(names) and names[0] == "layers" and len(shape) >= 1
         layer_names = tuple(names[1:] if stacked else names) if names else ()
         layer_shape = shape[1:] if stacked else shape
-        model = model_axes_of(layer_shape, layer_names, model_rules or {}, mesh_shape or {})
+        # an axis of the ZeRO group splits no dimension as a model-parallel axis
+        model = model_axes_of(layer_shape, layer_names, model_rules or {},
+                              {a: n for a, n in (mesh_shape or {}).items() if a not in dict(group)})
         free = tuple(i for i, a in enumerate(model) if a is None)
         dim = split_dim(layer_shape, layer_names, shards, zero_names, free) if partitioned else None
         layouts.append(LeafLayout(shape, stacked, shards, partitioned, dim,
-                                  model if any(a is not None for a in model) else ()))
+                                  model if any(a is not None for a in model) else (), group if dim is not None else ()))
     return jax.tree.unflatten(treedef, layouts)
 
 
@@ -288,6 +330,7 @@ def state_specs(state_shapes: Any, layouts: Any) -> Any:
     leaves, treedef = jax.tree.flatten(layouts, is_leaf=is_layout)
     partitioned = any(lay.partitioned for lay in leaves)
     shards = leaves[0].shards if leaves else 1
+    zero_axes = next((lay.zero_axes for lay in leaves if lay.sharded), DATA)
     stored = tuple(lay.stored_shape for lay in leaves)
     param_specs = jax.tree.unflatten(treedef, [lay.spec for lay in leaves])
     by_shape: dict = {}
@@ -301,7 +344,7 @@ def state_specs(state_shapes: Any, layouts: Any) -> Any:
         dim = split_dim(shape, (), shards) if partitioned else None
         if dim is None or shape[dim] % shards:
             return P()
-        return P(*([None] * dim), DATA)
+        return P(*([None] * dim), zero_axes)
 
     def is_params(node) -> bool:
         return is_param_subtree(node, treedef, stored)
@@ -408,20 +451,29 @@ def cotangent_like(ct: Any, primal: Any) -> Any:
     return jax.tree.map(fix, ct, primal)
 
 
-def constrain(x: jax.Array, lay: LeafLayout) -> jax.Array:
-    """``x`` (laid out like ``lay``'s stored form) pinned to ``lay``'s model-parallel split, so
-    XLA does not pick another layout for a buffer it creates (an accumulator)."""
-    if not auto_axes(lay.model_spec):
+def constrain(x: jax.Array, lay: LeafLayout, shard: bool = False) -> jax.Array:
+    """``x`` (laid out like ``lay``'s stored form, or its ``data`` shard) pinned to ``lay``'s
+    split over the automatic axes, so XLA does not pick another layout for a buffer it
+    creates (an accumulator)."""
+    spec = lay.shard_spec if shard else lay.model_spec
+    if not auto_axes(spec):
         return x
-    return lax.with_sharding_constraint(x, lay.model_spec)
+    return lax.with_sharding_constraint(x, spec)
 
 
-def _per_shard(lay: LeafLayout, fn, n_in: int = 1):
-    """``fn`` (arrays laid out like ``lay``, in and out) on each model-parallel shard."""
-    if not lay.model_axes:
+def _per_shard(lay: LeafLayout, fn, kinds: str = "ss"):
+    """``fn`` on each shard of the automatic axes ``lay`` is split over (model-parallel and
+    ``group``). ``kinds``: per input, then the output, ``s`` for a ``data`` shard of the
+    stored form or ``f`` for a full one (split over the model-parallel axes only)."""
+    if not lay.model_axes and not (lay.sharded and lay.group):
         return fn
-    spec = lay.model_spec
-    return on_model_shards(fn, (spec,) * n_in, spec)
+    spec = {"s": lay.shard_spec, "f": lay.model_spec}
+    return on_model_shards(fn, tuple(spec[k] for k in kinds[:-1]), spec[kinds[-1]])
+
+
+def _zero_index(lay: LeafLayout) -> jax.Array:
+    """This device's position in ``lay``'s ZeRO group (``data`` major)."""
+    return lax.axis_index(lay.zero_axes)
 
 
 def local_slice(stored: jax.Array, lay: LeafLayout) -> jax.Array:
@@ -429,15 +481,34 @@ def local_slice(stored: jax.Array, lay: LeafLayout) -> jax.Array:
     if not lay.sharded:
         return stored
     n = lay.local_shape[lay.axis]
-    return _per_shard(lay, lambda x: lax.dynamic_slice_in_dim(x, lax.axis_index(DATA) * n, n, axis=lay.axis))(stored)
+    return _per_shard(lay, lambda x: lax.dynamic_slice_in_dim(x, _zero_index(lay) * n, n, axis=lay.axis),
+                      "fs")(stored)
 
 
 def reduce_scatter_grads(stored: jax.Array, lay: LeafLayout) -> jax.Array:
-    """Sums a full local stored gradient over ``data`` and keeps this device's part."""
+    """Sums a full local stored gradient over ``data`` and keeps this device's part.
+
+    With a ``group`` (sequence parallelism) each of its devices holds a partial gradient
+    (from its part of the tokens) that XLA has not summed yet: the stored axis is viewed as
+    ``[data, group, n]`` and split over the group on its middle dimension, which XLA
+    turns into a reduce-scatter over the group; the rest is reduce-scattered over ``data``.
+    """
     if not lay.sharded:
-        return _per_shard(lay, lambda x: _cpu_wide(x, lambda y: lax.psum(y, DATA)))(stored)
-    return _per_shard(lay, lambda x: _cpu_wide(
-        x, lambda y: lax.psum_scatter(y, DATA, scatter_dimension=lay.axis, tiled=True)))(stored)
+        return _per_shard(lay, lambda x: _cpu_wide(x, lambda y: lax.psum(y, DATA)), "ff")(stored)
+
+    def scatter(x):
+        x = x.reshape(x.shape[:lay.axis] + (-1,) + x.shape[lay.axis + 3:]) if lay.group else x
+        return _cpu_wide(x, lambda y: lax.psum_scatter(y, DATA, scatter_dimension=lay.axis, tiled=True))
+
+    if not lay.group:
+        return _per_shard(lay, scatter, "fs")(stored)
+    names = tuple(name for name, _ in lay.group)
+    extra, axis = math.prod(size for _, size in lay.group), lay.axis
+    blocks = stored.reshape(stored.shape[:axis] + (lay.shards // extra, extra, lay.local_shape[axis])
+                            + stored.shape[axis + 1:])
+    axes = [None] * len(lay.lead) + list(lay.model_axes or [None] * len(lay.layer_shape))
+    axes[axis:axis + 1] = [None, names if len(names) > 1 else names[0], None]
+    return on_model_shards(scatter, (_trim(axes),), lay.shard_spec)(blocks)
 
 
 def _cpu_wide(x: jax.Array, reduce) -> jax.Array:
@@ -456,7 +527,8 @@ def all_gather_params(shard: jax.Array, lay: LeafLayout) -> jax.Array:
     """Local stored part -> the full stored array, the same (invariant) on every device."""
     if not lay.sharded:
         return shard
-    return _per_shard(lay, lambda x: lax.all_gather(x, DATA, axis=lay.axis, tiled=True, to="invarying"))(shard)
+    return _per_shard(lay, lambda x: lax.all_gather(x, lay.zero_axes, axis=lay.axis, tiled=True, to="invarying"),
+                      "sf")(shard)
 
 
 # --- ZeRO-3: gather for compute, reduce-scatter in the backward pass ----------------
@@ -469,8 +541,7 @@ def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_
     backward pass casts the cotangent to ``reduce_dtype`` and reduce-scatters it
     straight back into the shard's layout: gradients never exist unsharded.
     """
-    op = _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))
-    return _per_shard(lay, op)(shard)
+    return _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard)
 
 
 def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_dtype) -> jax.Array:
@@ -478,7 +549,7 @@ def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_
     the backward pass reduce-scatters its cotangent into ``shard``'s layout, so a layer's
     full gradient exists only while that layer's backward runs.
     """
-    return _per_shard(lay, _take_op(lay, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype)), 2)(shard, full)
+    return _take_op(lay, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard, full)
 
 
 def _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype):
@@ -487,16 +558,21 @@ def _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype):
 
 @functools.lru_cache(maxsize=None)
 def _gather_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype):
+    def all_gather(shard):
+        full = lax.all_gather(shard.astype(compute_dtype), lay.zero_axes, axis=lay.axis, tiled=True)
+        return from_stored(full, lay)
+
     @jax.custom_vjp
     def gather(shard):
         if not lay.sharded:
-            return from_stored(shard.astype(compute_dtype), lay)
-        full = lax.all_gather(shard.astype(compute_dtype), DATA, axis=lay.axis, tiled=True)
-        return from_stored(full, lay)
+            return _per_shard(lay, lambda x: from_stored(x.astype(compute_dtype), lay), "ff")(shard)
+        return _per_shard(lay, all_gather, "sf")(shard)
 
     def fwd(shard):
         return gather(shard), None
 
+    # outside the model-parallel shard_map, so that a gradient partial over the ZeRO group's
+    # automatic axes (sequence) reaches reduce_scatter_grads unsummed
     def zero_param_bwd(_, ct):
         return (_reduce_scatter_cotangent(ct, lay, reduce_dtype, master_dtype),)
 

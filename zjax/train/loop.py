@@ -33,7 +33,7 @@ from zjax.checkpoint import Checkpointer
 from zjax.config.schema import Config
 from zjax.errors import ConfigError
 from zjax.models.gpt import count_params, gpt_loss, make_gpt
-from zjax.data.loader import make_loader, token_datasets
+from zjax.data.loader import make_loader, shift_tokens, token_datasets
 from zjax.train.step import METRICS, make_train_step
 
 # Enough text for a demo while keeping start-up to a few seconds.
@@ -90,7 +90,11 @@ def _train(cfg: Config, stop: _StopSignal, signal_at: _SignalAt) -> dict:
         return {"params": params, "steps": start}
     log = _MetricsLog(cfg, keep_through=start)
     val = make_loader(datasets["val"], batch_size, shuffle=False, prefetch=0)
-    val_batches = [val.global_batch(val.local_batch(k), train.batch_sharding) for k in range(cfg.eval_batches)]
+    # under sequence parallelism each device receives only its part of every row: inputs and
+    # targets shifted on the host so that they split alike
+    shift = shift_tokens if train.sequence_size > 1 else (lambda rows: rows)
+    val_batches = [val.global_batch(shift(val.local_batch(k)), train.batch_sharding_for)
+                   for k in range(cfg.eval_batches)]
 
     def evaluate(state, step: int) -> float | None:
         """The mean validation loss, or None when a signal cut the evaluation short."""
@@ -141,7 +145,7 @@ def _train(cfg: Config, stop: _StopSignal, signal_at: _SignalAt) -> dict:
     since = time.perf_counter()
     step = start
     while step < cfg.steps and not stopping:
-        state, metrics = train(state, loader.global_batch(next(loader), train.batch_sharding))
+        state, metrics = train(state, loader.global_batch(shift(next(loader)), train.batch_sharding_for))
         step += 1
         pending.append(metrics)
         if len(pending) >= 2:

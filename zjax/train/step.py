@@ -191,7 +191,10 @@ class TrainStep:
             jnp.dtype(p.reduce_dtype or p.compute_dtype),
             jnp.dtype(p.accum_dtype),
         )
-        self.zero = zero.ZeroStage(self.stage, self.data_size, self.dtypes.compute != self.dtypes.param)
+        # ZeRO's group: data, times sequence (its devices share the weights: DeepSpeed-Ulysses)
+        self.sequence_size = self.mesh.shape[zero.SEQUENCE]
+        self.zero = zero.ZeroStage(self.stage, self.data_size * self.sequence_size,
+                                   self.dtypes.compute != self.dtypes.param)
         self.adapter = adapters.adapt(loss_fn, model, logical_axes)
         self.trainable = trainable
         self._user_optimizer = optimizer
@@ -230,7 +233,9 @@ class TrainStep:
         axes = self.adapter.logical_axes(abstract_params)
         # the logical axes the rules split over data (ZeRO's preferred dimensions)
         names = tuple(n for n, a in self.config.logical_axis_rules.items() if a == DATA and n != "batch")
-        place = dict(zero_names=names, model_rules=self.config.logical_axis_rules, mesh_shape=dict(self.mesh.shape))
+        group = ((zero.SEQUENCE, self.sequence_size),) if self.sequence_size > 1 else ()
+        place = dict(zero_names=names, model_rules=self.config.logical_axis_rules, mesh_shape=dict(self.mesh.shape),
+                     group=group)
         trained = zero.make_layouts(abstract_params, axes, self.zero.shards, self.zero.partitioned, **place)
         # frozen leaves: replicated below ZeRO-3, split like a master at ZeRO-3
         frozen = zero.make_layouts(abstract_params, axes, self.zero.frozen_shards, self.zero.gathers_for_loss, **place)
@@ -411,17 +416,29 @@ class TrainStep:
         """AOT-lowers the step (``.compile().memory_analysis()``, ``.as_text()``)."""
         return self._step.lower(state, self.shard_batch(batch))
 
+    def batch_sharding_for(self, shape: tuple[int, ...]) -> NamedSharding:
+        """Where a global batch leaf of ``shape`` goes: its rows split over ``replica`` x
+        ``data``; under sequence parallelism a leaf ``[B, L, ...]`` whose ``L`` divides by
+        the axis that ``length`` is ruled to is split along it too (shifted inputs and
+        targets, ``zjax.data.loader.shift_tokens``; ``[B, T+1]`` token windows stay whole)."""
+        seq = self.config.logical_axis_rules.get("length")
+        size = self.mesh.shape.get(seq, 1) if seq else 1
+        if size > 1 and len(shape) >= 2 and shape[1] % size == 0:
+            return NamedSharding(self.mesh, logical_spec(("batch", "length"), self.config.logical_axis_rules))
+        return self.batch_sharding
+
     def shard_batch(self, batch: Any) -> Any:
-        """Places a global batch on the mesh, split over ``data`` along axis 0."""
+        """Places a global batch on the mesh, split over ``data`` along axis 0 (``batch_sharding_for``)."""
         def place(x):
             if np.ndim(x) == 0 or x.shape[0] != self.global_batch_size:
                 raise ConfigError(
                     f"batch leaf with shape {np.shape(x)} does not have the global batch size "
                     f"batch.global_batch_size={self.global_batch_size} as its first axis; pass the global batch"
                 )
-            if isinstance(x, jax.Array) and x.sharding == self.batch_sharding:
+            sharding = self.batch_sharding_for(np.shape(x))
+            if isinstance(x, jax.Array) and x.sharding == sharding:
                 return x
-            return jax.device_put(x, self.batch_sharding)
+            return jax.device_put(x, sharding)
 
         return jax.tree.map(place, batch)
 
@@ -474,7 +491,7 @@ class TrainStep:
                 self.config.remat.policy)
         layouts = self.layouts
         # one pass: divide by loss scale x total weight and check every element is finite
-        specs = map_layouts(lambda lay: lay.model_spec, layouts)
+        specs = map_layouts(lambda lay: lay.shard_spec, layouts)
         split_over = zero.auto_axes(specs)
 
         def unscale(grads, divisor):
@@ -626,7 +643,8 @@ class TrainStep:
             acc0 = map_layouts(lambda lay, x: zero.constrain(jnp.zeros(x.shape, dt.accum), lay), layouts,
                                state.replicated)
         else:
-            acc0 = map_layouts(lambda lay: zero.constrain(jnp.zeros(lay.local_shape, dt.accum), lay), layouts)
+            acc0 = map_layouts(lambda lay: zero.constrain(jnp.zeros(lay.data_shape, dt.accum), lay, shard=True),
+                               layouts)
 
         def body(carry, xs):
             acc, loss_sum, w_sum = carry
