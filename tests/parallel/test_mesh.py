@@ -29,8 +29,7 @@ def test_same_losses_on_1_2_and_8_devices():
         np.testing.assert_allclose(on_n, on8, rtol=1e-5)
 
 
-@pytest.mark.parametrize("axis, what", [("stage", "pipeline"),
-                                        ("expert", "expert")])
+@pytest.mark.parametrize("axis, what", [("expert", "expert")])
 def test_axes_whose_parallelism_is_not_built_are_refused_above_one(axis, what):
     cfg = zjax.load_config("configs/tiny.yaml", [f"mesh.{axis}=2"])
     with pytest.raises(zjax.ConfigError, match=f"mesh.{axis}=2: {what} parallelism is not implemented yet"):

@@ -74,6 +74,7 @@ import math
 from typing import Any
 
 from zjax.parallel import zero
+from zjax.parallel.pipeline import bubble_fraction
 from zjax.parallel.zero import ZeroStage
 from zjax.config.schema import Config, load_config, resolve_mesh_shape
 from zjax.errors import ConfigError
@@ -136,6 +137,7 @@ class Plan:
     tensor_traffic: dict[str, Any] | None = None
     sequence: int = 1
     sequence_traffic: dict[str, Any] | None = None
+    pipeline: dict[str, Any] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -145,6 +147,7 @@ class Plan:
             "tensor_traffic": self.tensor_traffic,
             "sequence": self.sequence,
             "sequence_traffic": self.sequence_traffic,
+            "pipeline": self.pipeline,
             "chosen_stage": self.chosen_stage,
             "compute_dtype": self.compute_dtype,
             "remat": self.remat,
@@ -206,14 +209,26 @@ def plan(config: Any = None, overrides=None, *, params: float | None = None,
         note = "analytic only (--params): batch, activations and workspace n/a"
     # ZeRO shards over data x sequence; the other mesh axes (tensor, replica) divide the devices.
     shape = resolve_mesh_shape(cfg.mesh, n)
-    data, tensor, sequence = shape["data"], shape["tensor"], shape["sequence"]
+    data, tensor, sequence, stages = shape["data"], shape["tensor"], shape["sequence"], shape["stage"]
     group = data * sequence
-    # Tensor parallelism splits the weights T ways (the norm scales, a rounding error, stay whole).
+    # Tensor parallelism splits the weights T ways (the norm scales, a rounding error, stay whole);
+    # a pipeline stage holds 1/P of the layers and the whole embedding (replicated on every stage).
     local = psi / tensor
-    stages = [
+    pipe = None
+    if stages > 1:
+        from zjax.models.gpt import count_params as _count
+
+        layers = _count(cfg.model) - _count(cfg.model.model_copy(update={"n_layers": 0}))
+        local = (psi - layers + layers / stages) / tensor
+        m = cfg.pipeline.microbatches
+        pipe = {"schedule": cfg.pipeline.schedule, "stages": stages, "microbatches": m,
+                "bubble": bubble_fraction(stages, m, cfg.pipeline.repeats)}
+    # ZeRO stages the config can run (a pipeline takes ZeRO-0/1)
+    runnable = [s for s in STAGES if stages == 1 or s <= 1]
+    stage_plans = [
         compiled_stage_plan(load_config(cfg, {"zero.stage": stage})) if compile
         else StagePlan(stage, paper_bytes(local, group, stage), zjax_bytes(cfg, local, group, stage))
-        for stage in STAGES
+        for stage in runnable
     ]
     traffic = seq_traffic = None
     if params is None and (tensor > 1 or sequence > 1):
@@ -222,8 +237,8 @@ def plan(config: Any = None, overrides=None, *, params: float | None = None,
             traffic = tensor_traffic(cfg, micro, tensor, accum)
         if sequence > 1:
             seq_traffic = sequence_traffic(cfg, micro, tensor, sequence, accum)
-    return Plan(psi, n, cfg.zero.stage, cfg.precision.compute_dtype, cfg.remat.policy, stages, note, tensor,
-                traffic, sequence, seq_traffic)
+    return Plan(psi, n, cfg.zero.stage, cfg.precision.compute_dtype, cfg.remat.policy, stage_plans, note, tensor,
+                traffic, sequence, seq_traffic, pipe)
 
 
 def tensor_traffic(cfg: Config, micro: int, tensor: int, accum: int) -> dict[str, Any]:
@@ -308,8 +323,8 @@ def compiled_stage_plan(cfg: Config) -> StagePlan:
 
 
 def _model_split(lay: zero.LeafLayout, mesh_shape: dict[str, int]) -> int:
-    """How many ways the model-parallel axes split a parameter."""
-    return math.prod(mesh_shape[a] for a in lay.model_axes if a is not None)
+    """How many ways the model-parallel axes (and a pipeline's stage axis) split a parameter."""
+    return math.prod(mesh_shape[a] for a in (*lay.model_axes, lay.lead_axis) if a is not None)
 
 
 def paper_bytes(psi: float, n: int, stage: int) -> dict[str, float]:
@@ -769,9 +784,11 @@ def _overrides(setting: dict[str, Any]) -> str:
 
 def format_plan(p: Plan) -> str:
     """The plan as text: one block per stage, paper and zjax columns, GB = 1e9 bytes."""
-    data = p.devices // (p.tensor * p.sequence)
-    if p.tensor > 1 or p.sequence > 1:
-        axes = [f"{name} {size}" for name, size in (("tensor", p.tensor), ("sequence", p.sequence)) if size > 1]
+    stages = p.pipeline["stages"] if p.pipeline else 1
+    data = p.devices // (p.tensor * p.sequence * stages)
+    if p.tensor > 1 or p.sequence > 1 or stages > 1:
+        axes = [f"{name} {size}" for name, size in (("stage", stages), ("tensor", p.tensor),
+                                                     ("sequence", p.sequence)) if size > 1]
         where = f"{p.devices} devices ({' x '.join(axes)} x {data} data-parallel"
         where += f"; each device holds 1/{p.tensor} of the weights)" if p.tensor > 1 else ")"
     else:
@@ -790,6 +807,12 @@ def format_plan(p: Plan) -> str:
             f"tensor axis: {t['sums_per_layer']} activation sums per layer ({t['kind']}, {t['activation_bytes']:,} "
             f"bytes each), {t['sums_per_step']} per step: {t['ring_bytes']:,.0f} bytes per device per step "
             "(ring), the same at every ZeRO stage")
+    if p.pipeline:
+        t = p.pipeline
+        lines.append(
+            f"pipeline: {t['schedule']} over {t['stages']} stages, {t['microbatches']} micro-batches: bubble "
+            f"(P-1)/(M+P-1) = {t['bubble']:.3f} of the ticks; per-device figures are one stage's (1/{t['stages']} "
+            "of the layers, the whole embedding)")
     if p.sequence_traffic:
         t = p.sequence_traffic
         lines.append(

@@ -158,7 +158,6 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "elasticity": ("elastic training (batch size chosen per world size)", _block_off),
     "amp": ("Apex AMP (use bf16 or fp16 instead)", _block_off),
     "sparse_attention": ("sparse attention", _never_off),
-    "pipeline": ("pipeline parallelism (planned in a later issue)", _never_off),
     "zero_optimization.zero_quantized_weights": ("ZeRO++ quantized weights", _false),
     "zero_optimization.zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", _false),
     "zero_optimization.zero_quantized_gradients": ("ZeRO++ quantized gradients", _false),
@@ -662,6 +661,55 @@ def _map_sequence_parallel_size(key: str, value: Any, out: _Translation) -> None
     out.set("mesh.sequence", size, key)
 
 
+# DeepSpeed's pipeline block (its engine reads "stages" and the rest; PipelineModule's
+# partition_method and activation_checkpoint_interval may sit there too, as in Megatron-DeepSpeed).
+_PIPELINE_KEYS = ("stages", "partition", "partition_method", "activation_checkpoint_interval", "seed_layers",
+                  "pipe_partitioned", "grad_partitioned")
+
+
+def _map_pipeline(key: str, block: Any, out: _Translation) -> None:
+    """``pipeline.stages`` -> ``mesh.stage`` (and ``gradient_accumulation_steps`` -> ``pipeline.microbatches``:
+    DeepSpeed pipelines a step's micro-batches); ``partition_method`` uniform/parameters (zjax splits a
+    stack of equal layers into equal chunks: the same split); ``activation_checkpoint_interval``
+    1 -> ``remat.policy: full`` (every layer), 0 -> nothing; the rest is ignored, named."""
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{key}={block!r} must be a block of keys, e.g. {key}: {{stages: 4}}")
+    if "stages" in block:
+        stages = _int(f"{key}.stages", block["stages"])
+        if stages < 1:
+            raise ConfigError(f"{key}.stages={stages}: use a stage count >= 1")
+        out.set("mesh.stage", stages, f"{key}.stages")
+        accum = out.values.get("batch.grad_accum_steps")
+        if stages > 1 and accum is not None and accum[0] > 1:
+            # DeepSpeed's pipeline runs a step's gradient_accumulation_steps micro-batches through
+            # the pipeline together: zjax's pipeline.microbatches, over one larger micro-step
+            steps = accum[0]
+            out.values["pipeline.microbatches"] = (steps, accum[1])
+            out.values["batch.grad_accum_steps"] = (1, accum[1])
+            micro = out.values.get("batch.micro_batch_size_per_device")
+            if micro is not None:
+                out.values["batch.micro_batch_size_per_device"] = (micro[0] * steps, micro[1])
+    for name in ("partition", "partition_method"):
+        method = block.get(name, "parameters")
+        if str(method).lower() not in ("uniform", "parameters"):
+            raise ConfigError(f"{key}.{name}={method!r}: zjax splits a layer stack into equal contiguous chunks "
+                              "(uniform; for equal layers also DeepSpeed's parameters); use uniform or parameters")
+    interval = _int(f"{key}.activation_checkpoint_interval", block.get("activation_checkpoint_interval", 0))
+    if interval == 1:
+        out.set("remat.policy", "full", f"{key}.activation_checkpoint_interval")
+    elif interval > 1:
+        raise ConfigError(f"{key}.activation_checkpoint_interval={interval}: zjax checkpoints every layer "
+                          "(remat.policy) or none; use 1 or 0")
+    for name in block:
+        if name not in _PIPELINE_KEYS:
+            raise ConfigError(f"{key}.{name} is not a DeepSpeed pipeline key zjax knows; known: "
+                              f"{', '.join(_PIPELINE_KEYS)}")
+    for name in ("seed_layers", "pipe_partitioned", "grad_partitioned"):
+        if name in block:
+            out.ignore(f"{key}.{name}", block[name], "zjax's pipeline sends whole activations between stages and "
+                       "seeds every layer from the model's own initializers")
+
+
 def _ignore_top_level(key: str, value: Any, out: _Translation) -> None:
     if key in IGNORED:
         out.ignore(key, value)
@@ -684,6 +732,7 @@ _HANDLERS: dict[str, Callable[[str, Any, _Translation], None]] = {
     "steps_per_print": _map_steps_per_print,
     "tensor_parallel": _map_tensor_parallel,
     "sequence_parallel_size": _map_sequence_parallel_size,
+    "pipeline": _map_pipeline,
 }
 # Keys that are zjax keys too: mapped in a DeepSpeed layer, but alone they do not make one.
 _SHARED = ("gradient_clipping",)
@@ -698,6 +747,9 @@ def _is_deepspeed(key: str, value: Any) -> bool:
         # zjax's own optimizer block is flat with a lower-case zjax type; DeepSpeed's nests params
         # under its type name (Adam, AdamW, OneBitAdam, ...).
         return isinstance(value, Mapping) and ("params" in value or value.get("type", "adamw") not in _OPTIMIZER_PARAMS)
+    if key == "pipeline":
+        # zjax's own pipeline block has schedule / microbatches / repeats; DeepSpeed's has stages & co.
+        return isinstance(value, Mapping) and any(name in value for name in _PIPELINE_KEYS)
     return key in TOP_LEVEL_KEYS
 
 

@@ -348,6 +348,25 @@ class TilingConfig(_Section):
     loss_tiles: int = Field(1, ge=1)
 
 
+class PipelineConfig(_Section):
+    """Pipeline parallelism over ``mesh.stage`` (``zjax.parallel.pipeline``): each ``scan_layers``
+    stack is split into ``mesh.stage`` contiguous chunks, one per stage, and every device's
+    micro-batch runs through them as ``microbatches`` pipeline micro-batches (GPipe's schedule:
+    the bubble is (P - 1) / (M + P - 1) of the ticks). Embedding and head are replicated on
+    every stage. ``1f1b`` and ``interleaved`` are not built yet."""
+
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = "gpipe"
+    microbatches: int = Field(1, ge=1)
+    repeats: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _built(self) -> PipelineConfig:
+        if self.schedule != "gpipe" or self.repeats != 1:
+            raise ValueError(f"pipeline.schedule={self.schedule!r} (repeats={self.repeats}) is not built yet; "
+                             "use pipeline.schedule: gpipe with repeats: 1")
+        return self
+
+
 class RematConfig(_Section):
     """Which activations the backward pass recomputes instead of storing (see ``zjax.config.remat``)."""
 
@@ -454,6 +473,7 @@ class Config(_Section):
     gradient_clipping: float = Field(1.0, ge=0)
     remat: RematConfig = Field(default_factory=RematConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     # Megatron sequence parallelism: the residual stream (norms, residual adds) split along the
     # sequence over the tensor group, all-gathered before each column-parallel block and
     # reduce-scattered after each row-parallel one; sets the rule residual_length: tensor.
@@ -498,6 +518,18 @@ class Config(_Section):
                     f"tensor_sequence_parallel=true splits the residual stream over tensor, but "
                     f"logical_axis_rules.residual_length={rule!r}; set residual_length: tensor or null")
             self.logical_axis_rules["residual_length"] = "tensor"
+        if self.mesh.stage > 1 or self.mesh.stage == -1:
+            rule = self.logical_axis_rules.get("layers")
+            if rule not in (None, "stage"):
+                raise ValueError(f"mesh.stage={self.mesh.stage} splits the layer stacks over stage, but "
+                                 f"logical_axis_rules.layers={rule!r}; set layers: stage or null")
+            self.logical_axis_rules["layers"] = "stage"
+            if self.zero.stage >= 2:
+                # measured: ZeRO-2/3's per-layer gathers inside the pipeline's vmap over stages are
+                # not partitioned over stage (XLA all-gathers the layers over it); equal losses, no saving
+                raise ValueError(f"mesh.stage={self.mesh.stage} with zero.stage={self.zero.stage} is not built yet "
+                                 "(ZeRO-2/3 inside each stage); use zero.stage 0 or 1 (DeepSpeed's pipeline "
+                                 "offers ZeRO-1)")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is longer than model.max_seq_len={self.model.max_seq_len}; "

@@ -19,6 +19,8 @@ device holds and updates its own stage's layers.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Callable
 
 import jax
@@ -26,9 +28,32 @@ import jax.numpy as jnp
 from jax import lax
 
 from zjax.errors import ConfigError
-from zjax.parallel.sharding import model_parallel_axes
 
 STAGE = "stage"
+_MICROBATCHES: contextvars.ContextVar[int] = contextvars.ContextVar("zjax_pipeline_microbatches", default=1)
+
+
+@contextlib.contextmanager
+def pipeline_microbatches(microbatches: int):
+    """Sets the pipeline micro-batches ``scan_layers`` uses while tracing (the step sets the config's)."""
+    token = _MICROBATCHES.set(int(microbatches))
+    try:
+        yield
+    finally:
+        _MICROBATCHES.reset(token)
+
+
+def microbatches() -> int:
+    return _MICROBATCHES.get()
+
+
+def stage_axis() -> tuple[str, int] | None:
+    """``("stage", P)`` when the current mesh splits layers over a ``stage`` axis of size P > 1
+    that XLA partitions (outside any shard_map manual over it), else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or STAGE not in mesh.shape or mesh.shape[STAGE] == 1 or STAGE in mesh.manual_axes:
+        return None
+    return STAGE, mesh.shape[STAGE]
 
 
 def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
@@ -72,7 +97,7 @@ def gpipe(stage_fn: Callable[[Any, jax.Array], jax.Array], stage_params: Any, x:
         raise ConfigError(f"pipeline.microbatches={microbatches} does not divide the {batch} rows a device "
                           "holds per micro-step; use a divisor of it")
     xs = x.reshape((microbatches, batch // microbatches) + x.shape[1:])
-    axis = STAGE if STAGE in model_parallel_axes() else None
+    axis = stage_axis()[0] if stage_axis() else None
 
     def pin(buf):
         # the buffer's stage dimension lives on the stage axis: each device holds its stage's slot

@@ -106,7 +106,9 @@ def model_parallel_axes() -> dict[str, int]:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return {}
-    return {a: n for a, n in mesh.shape.items() if a not in BATCH_AXES and a not in mesh.manual_axes and n > 1}
+    # the pipeline's stage axis splits whole layers, not a region's arrays (zjax.parallel.pipeline)
+    return {a: n for a, n in mesh.shape.items()
+            if a not in BATCH_AXES and a != "stage" and a not in mesh.manual_axes and n > 1}
 
 
 def region_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None = None,

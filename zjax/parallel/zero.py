@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from zjax.errors import ConfigError
+
 DATA = "data"
 # Replicas outside ZeRO (slices over DCN); the batch is split over both axes.
 REPLICA = "replica"
@@ -134,6 +136,8 @@ class LeafLayout:
       group: ``(axis, size)`` of the axes that share ZeRO's split with ``data`` (minor to it):
         ``(("sequence", P),)`` under sequence parallelism, else empty. The step is manual
         over ``data`` only; the collectives run manual over these too (``on_model_shards``).
+      lead_axis: the mesh axis a stack's ``layers`` dimension is split over (``stage``:
+        pipeline parallelism, each stage holding its contiguous chunk of layers), or None.
     """
 
     shape: tuple[int, ...]
@@ -143,6 +147,7 @@ class LeafLayout:
     dim: int | None = None
     model_axes: tuple[str | None, ...] = ()
     group: tuple[tuple[str, int], ...] = ()
+    lead_axis: str | None = None
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -203,7 +208,7 @@ class LeafLayout:
     def spec(self) -> P:
         """PartitionSpec of the stored form: the split dimension over ``data`` (and ``group``),
         the others over their model-parallel axes."""
-        axes = [None] * len(self.lead) + list(self.model_axes or [None] * len(self.layer_shape))
+        axes = [self.lead_axis] * len(self.lead) + list(self.model_axes or [None] * len(self.layer_shape))
         if self.sharded:
             axes[self.axis] = self.zero_axes
         return _trim(axes)
@@ -216,13 +221,13 @@ class LeafLayout:
     @property
     def model_spec(self) -> P:
         """The part of ``spec`` over the model-parallel axes (a replicated copy's sharding)."""
-        return _trim([None] * len(self.lead) + list(self.model_axes or ()))
+        return _trim([self.lead_axis] * len(self.lead) + list(self.model_axes or ()))
 
     @property
     def shard_spec(self) -> P:
         """The part of ``spec`` that is not ``data``: the model-parallel axes and ``group``'s
         (what a ``data`` shard is split over inside the step)."""
-        axes = [None] * len(self.lead) + list(self.model_axes or [None] * len(self.layer_shape))
+        axes = [self.lead_axis] * len(self.lead) + list(self.model_axes or [None] * len(self.layer_shape))
         if self.sharded and self.group:
             names = tuple(name for name, _ in self.group)
             axes[self.axis] = names if len(names) > 1 else names[0]
@@ -274,8 +279,15 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
                               {a: n for a, n in (mesh_shape or {}).items() if a not in dict(group)})
         free = tuple(i for i, a in enumerate(model) if a is None)
         dim = split_dim(layer_shape, layer_names, shards, zero_names, free) if partitioned else None
+        lead = (model_rules or {}).get("layers") if stacked else None
+        size = (mesh_shape or {}).get(lead, 1) if lead else 1
+        if size > 1 and shape[0] % size:
+            raise ConfigError(f"a 'layers' stack of {shape[0]} layers does not split into mesh.{lead}={size} "
+                              f"equal chunks; use a {lead} size that divides {shape[0]} (or model.n_layers that "
+                              f"{size} divides)")
         layouts.append(LeafLayout(shape, stacked, shards, partitioned, dim,
-                                  model if any(a is not None for a in model) else (), group if dim is not None else ()))
+                                  model if any(a is not None for a in model) else (), group if dim is not None else (),
+                                  lead if size > 1 else None))
     return jax.tree.unflatten(treedef, layouts)
 
 
@@ -465,7 +477,7 @@ def _per_shard(lay: LeafLayout, fn, kinds: str = "ss"):
     """``fn`` on each shard of the automatic axes ``lay`` is split over (model-parallel and
     ``group``). ``kinds``: per input, then the output, ``s`` for a ``data`` shard of the
     stored form or ``f`` for a full one (split over the model-parallel axes only)."""
-    if not lay.model_axes and not (lay.sharded and lay.group):
+    if not lay.model_axes and not lay.lead_axis and not (lay.sharded and lay.group):
         return fn
     spec = {"s": lay.shard_spec, "f": lay.model_spec}
     return on_model_shards(fn, tuple(spec[k] for k in kinds[:-1]), spec[kinds[-1]])

@@ -49,6 +49,7 @@ from zjax.parallel import zero
 from zjax.config.schema import Config, load_config
 from zjax.errors import ConfigError, LossScaleError
 from zjax.layers import gather_param, layer_context, tiling
+from zjax.parallel.pipeline import pipeline_microbatches
 from zjax.parallel.sequence import sequence_parallel
 from zjax.parallel.sharding import axis_rules, logical_spec
 from zjax.parallel.mesh import make_mesh
@@ -480,7 +481,8 @@ class TrainStep:
         calls: list = []
         with layer_context(self.config.remat, sharded_params=self.zero.reduces_in_backward, calls=calls, gathered={}), \
                 axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
-                tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles):
+                tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
+                pipeline_microbatches(self.config.pipeline.microbatches):
             grads, loss, weight = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
@@ -614,7 +616,8 @@ class TrainStep:
                 key = jax.random.fold_in(state.rng, 2**31 - 1)
                 with layer_context("none", sharded_params=self.zero.reduces_in_backward, gathered={}), \
                         axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
-                        tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles):
+                        tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
+                        pipeline_microbatches(self.config.pipeline.microbatches):
                     diff, to_params = self._params_for_loss(state, batch, key)
                     lw, w = self._weighted_loss(to_params(diff), batch, key)
                 return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
