@@ -611,15 +611,16 @@ def parse_bytes(text: str | float) -> int:
 
 
 def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ...] = STAGES,
-        sequences: tuple[int, ...] | None = None) -> Fit:
+        sequences: tuple[int, ...] | None = None, pipeline_stages: tuple[int, ...] | None = None) -> Fit:
     """The cheapest setting whose compiled step fits ``budget`` bytes per device.
 
     Settings are searched in order of cost: the smallest model-parallel degree (tensor x
-    sequence sizes: the config's, then powers of two inside one host: ``tensor_sizes``,
-    ``sequence_sizes``; both move activations in every layer, so they come only when data
-    parallelism alone does not fit), at equal degree more sequence than tensor first
-    (Ulysses' all-to-alls move a 1/P share of what tensor parallelism's all-reduces move;
-    sequence parallelism does not split the weights, but it joins ZeRO's group), then
+    sequence x pipeline stage sizes: the config's, then powers of two: ``tensor_sizes``,
+    ``sequence_sizes``, ``stage_sizes``; they move activations, so they come only when data
+    parallelism alone does not fit), at equal degree sequence, then stage, then tensor
+    first (Ulysses' all-to-alls move a 1/P share of what tensor parallelism's all-reduces
+    move and join ZeRO's group; a pipeline sends one activation per stage boundary but
+    idles in its bubble and takes ZeRO 0-1 only), then
     the lowest ZeRO stage (least communication),
     then the lightest remat policy (``FIT_POLICIES``: least recomputation), then the
     largest micro-batch (the config's, halved while the global batch stays whole; the
@@ -634,6 +635,7 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
       budget: bytes per device (an int, or a string for ``parse_bytes``).
       stages: the ZeRO stages to try (default all).
       sequences: the ``mesh.sequence`` sizes to try (default ``sequence_sizes``).
+      pipeline_stages: the ``mesh.stage`` sizes to try (default ``stage_sizes``).
 
     Returns:
       A ``Fit``.
@@ -652,17 +654,20 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
     psi = count_params(cfg.model)
     rejected, rejected_bytes, rejected_compiled = None, None, False
     smallest: tuple[float, dict] | None = None
+    smallest_state: tuple[float, dict] | None = None
     compiled = searched = 0
     tensors = tensor_sizes(cfg, n)
     sequences = sequence_sizes(cfg, n) if sequences is None else list(sequences)
+    pipes = stage_sizes(cfg, n) if pipeline_stages is None else list(pipeline_stages)
     own = resolve_mesh_shape(cfg.mesh, n)
     # the global batch is what the run trains on; each mesh splits it over its replica x data devices
     total, own_micro, _ = cfg.batch.resolve(own["replica"] * own["data"])
-    fixed = math.prod(size for axis, size in own.items() if axis not in ("data", "tensor", "sequence"))
-    degrees = sorted(((t, q) for t in tensors for q in sequences if (n // fixed) % (t * q) == 0),
-                     key=lambda tq: (tq[0] * tq[1], tq[0]))
-    for tensor, sequence in degrees:
-        shape = resolve_mesh_shape(cfg.mesh.model_copy(update={"tensor": tensor, "sequence": sequence,
+    fixed = math.prod(size for axis, size in own.items() if axis not in ("data", "tensor", "sequence", "stage"))
+    degrees = sorted(((t, q, s) for t in tensors for q in sequences for s in pipes if (n // fixed) % (t * q * s) == 0),
+                     key=lambda tqs: (math.prod(tqs), tqs[0], tqs[2]))
+    layers = count_params(cfg.model) - count_params(cfg.model.model_copy(update={"n_layers": 0}))
+    for tensor, sequence, pipe in degrees:
+        shape = resolve_mesh_shape(cfg.mesh.model_copy(update={"tensor": tensor, "sequence": sequence, "stage": pipe,
                                                                "data": -1}), n)
         # the batch splits over replica x data; ZeRO shards over data x sequence
         split, data = shape["replica"] * shape["data"], shape["data"] * shape["sequence"]
@@ -679,7 +684,7 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
             for policy in FIT_POLICIES:
                 for m in micros:
                     setting = {
-                        "mesh.tensor": tensor, "mesh.sequence": sequence, "mesh.data": -1,
+                        "mesh.tensor": tensor, "mesh.sequence": sequence, "mesh.stage": pipe, "mesh.data": -1,
                         "zero.stage": stage, "remat.policy": policy, "remat.names": {},
                         "batch.global_batch_size": total, "batch.micro_batch_size_per_device": m,
                         "batch.grad_accum_steps": total // (m * split),
@@ -691,10 +696,14 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
                         # not a valid setting of this config (e.g. offload_param needs stage 3)
                         continue
                     searched += 1
-                    state = sum(v for k, v in zjax_bytes(candidate, psi / tensor, data, stage).items()
+                    # a pipeline stage holds 1/P of the layers and the whole embedding
+                    local = (psi - layers + layers / pipe) / tensor
+                    state = sum(v for k, v in zjax_bytes(candidate, local, data, stage).items()
                                 if k in ("compute params", "master params", "moments"))
                     if state > budget:
                         rejected, rejected_bytes, rejected_compiled = shown, state, False
+                        if smallest_state is None or state < smallest_state[0]:
+                            smallest_state = (state, shown)
                         continue
                     try:
                         memory = compiled_memory(candidate)
@@ -711,12 +720,12 @@ def fit(config: Any, overrides=None, *, budget: int | str, stages: tuple[int, ..
     if smallest is not None:
         found = f"the smallest compiled step needs {smallest[0]:,.0f} bytes ({_overrides(smallest[1])})"
     else:
-        found = (f"no setting was compiled: even ZeRO-3's train state alone needs {rejected_bytes:,.0f} bytes "
-                 f"per device")
+        found = (f"no setting was compiled: even the smallest train state alone needs {smallest_state[0]:,.0f} "
+                 f"bytes per device ({_overrides(smallest_state[1])})")
     raise ConfigError(
         f"--fit={budget:,} bytes per device: no setting fits; {found}; "
         f"searched {searched} settings (mesh.tensor {'/'.join(map(str, tensors))} x mesh.sequence "
-        f"{'/'.join(map(str, sequences))} x stages "
+        f"{'/'.join(map(str, sequences))} x mesh.stage {'/'.join(map(str, pipes))} x stages "
         f"{'/'.join(map(str, stages))} x remat "
         f"{'/'.join(FIT_POLICIES)} x micro-batch); raise the budget, use more devices or a smaller model"
     )
@@ -752,6 +761,17 @@ def sequence_sizes(cfg: Config, n: int) -> list[int]:
     while host % q == 0 and n % q == 0 and cfg.data.seq_len % (chunks * q) == 0:
         sizes.append(q)
         q *= 2
+    return sizes
+
+
+def stage_sizes(cfg: Config, n: int) -> list[int]:
+    """The pipeline-stage sizes ``fit`` tries, smallest first: the config's, then every larger
+    power of two that divides the layers and the devices (stages may span hosts)."""
+    start = cfg.mesh.stage if cfg.mesh.stage > 0 else 1
+    sizes, s = [start], start * 2
+    while n % s == 0 and cfg.model.n_layers % s == 0:
+        sizes.append(s)
+        s *= 2
     return sizes
 
 

@@ -15,7 +15,10 @@ has none are the bubble, ``(P - 1) / (M + P - 1)`` of the ticks.
 The backward pass is JAX's transpose of the loop (all forwards, then all backwards:
 GPipe); what a stage keeps for it per tick is its ``stage_fn``'s residuals (wrap it in
 ``jax.checkpoint`` to keep only its input). No parameter crosses a stage boundary: each
-device holds and updates its own stage's layers.
+device holds and updates its own stage's layers. Measured (benchmarks/pipeline.py): the
+backward's roll lowers to two permutes per tick and the input's gradient is summed over
+the stages (an all-reduce of one micro-batch per tick): 3 permutes + 1 all-reduce per
+tick in all, where a hand-written schedule would send 2.
 """
 from __future__ import annotations
 

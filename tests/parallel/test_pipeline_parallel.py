@@ -196,3 +196,10 @@ def test_plan_prints_the_bubble_and_one_stages_memory():
     assert whole.stages[1].zjax["moments"] < p.stages[1].zjax["moments"] < 2 * whole.stages[1].zjax["moments"]
     text = format_plan(p)
     assert "bubble (P-1)/(M+P-1) = 0.333" in text and "(stage 2 x 4 data-parallel" in text
+
+
+def test_fit_searches_stage_sizes_that_divide_the_layers():
+    from zjax.analysis.plan import stage_sizes
+
+    assert stage_sizes(zjax.load_config("configs/tiny.yaml", ["model.n_layers=4"]), 8) == [1, 2, 4]
+    assert stage_sizes(zjax.load_config("configs/tiny.yaml", ["model.n_layers=6"]), 8) == [1, 2]
