@@ -1,54 +1,81 @@
-"""Pipeline parallelism (mesh axis ``stage``, GPipe): memory, stage-axis traffic, wasted work, step time.
+"""Pipeline parallelism (mesh axis ``stage``; GPipe and 1F1B schedules) against data=8 at the same global batch.
 
 On 8 simulated CPU devices, the reference GPT (configs/tiny.yaml resized by the flags:
-8 layers, d_model 128, seq 128 by default; float32, ZeRO-1, remat none) is built for
-data=8 (no pipeline, the baseline) and for ``mesh.stage`` = P in 2, 4 (data = 8/P: the
-layer stack split into P contiguous stages, embedding and head replicated on every
-stage) with ``pipeline.microbatches`` = M in P, 2P, 4P (GPipe over M micro-batches,
-``zjax.parallel.pipeline.gpipe``). The global batch is fixed (32 rows by default), so a
-data device holds 32/(8/P) rows and a micro-batch holds 1/M of them: a larger M means
-more, smaller micro-batches over the same rows. Each variant is compiled once
-(``train.lower(state, batch).compile()``, the executable ``train`` then runs); for each
-one this prints
-- the compiled argument and temp bytes per device (XLA ``memory_analysis()``: arguments
-  hold the donated TrainState and the batch, temporaries the activations kept for the
-  backward pass and everything else the step allocates), temp as a ratio to data=8's;
-- the bubble fraction ``bubble_fraction(P, M)`` = (P - 1) / (M + P - 1) of the M + P - 1
-  ticks, and the work it costs: in this formulation every stage computes at every tick,
-  on zeros in its idle ticks, so a stage's layers run (M + P - 1)/M times the useful
-  work (= 1 / (1 - bubble)); next to it the matmul FLOPs per device per step counted in
-  the compiled HLO (``zjax.analysis.hlo.matmul_flops``, loop trip counts included) as a
-  ratio to data=8's, which also counts the head and loss that every stage repeats for
-  all of its data group's rows (P times data=8's rows per device);
-- the collective-permute bytes per device per step over the stage axis, from the compiled
-  HLO (``zjax.analysis.hlo.collectives`` with the mesh shape: every collective-permute
-  whose pair differs along ``stage``, times its loop trip count), split into those in the
-  tick loop (expressed in micro-batch activations A_mb = [rows/M, seq, d_model] fp32 per
-  tick; GPipe's minimum is 2, one forward shift and one backward) and those outside it
-  (in local-batch activations A = [rows, seq, d_model]); and the all-reduce bytes over
-  the stage axis (ring-equivalent), which a pipeline adds as well;
+4 layers, d_model 128, seq 128, vocab 256, 4 heads (2 kv) by default; float32, ZeRO-1 unless
+``--zero``, remat none) is built with ``mesh.stage`` = P in ``--stages`` (2, 4; data = 8/P:
+the layer stack split into P contiguous stages, embedding and head replicated on every
+stage) and ``pipeline.microbatches`` = M = f x P for f in ``--factors`` (1, 2, 4), on each
+of the two schedules built (``pipeline.schedule`` = ``gpipe`` | ``1f1b``, the tables of
+``zjax.parallel.pipeline.make_schedule``). The pipeline micro-batch is fixed
+(``--micro-rows``, 2 rows), so a data group's rows are micro_rows x M and the global batch
+is micro_rows x M x (8/P): a larger M means more micro-batches of the same size, i.e. a
+larger batch. For every distinct global batch a data=8 step without a pipeline is built
+too (the baseline), and every pipeline is compared with the baseline *at its own global
+batch*. Interleaved 1F1B (V = 2 virtual stages per device) is not built: the config is
+tried once and its refusal printed; only its bubble formula is shown.
+
+Each variant is compiled once (``train.lower(state, batch).compile()``; the executable
+``train`` then runs). For each one this prints
+- rows/device (the rows a data device holds: a pipeline stage works on all of its data
+  group's rows, micro-batch by micro-batch) and the compiled argument and temp bytes per
+  device (XLA ``memory_analysis()``: arguments hold the donated TrainState and the batch,
+  temporaries everything else the step allocates), temp as a ratio to the data=8 baseline
+  at the same global batch. The pipeline recomputes each stage's forward in its backward
+  slot (a checkpoint per stage) while data=8 runs with remat none, so this ratio mixes the
+  pipeline's split with that recomputation;
+- the stash the schedule table predicts: a stage keeps only the inputs of the
+  micro-batches between their forward and their backward, so max over stages of
+  ``Schedule.in_flight()`` micro-batch activations A_mb = micro_rows x seq x d_model x 4
+  bytes (GPipe: M; 1F1B: min(M, 2P - 3) whatever M is, the most on stage 1, 2(P - s) - 1 on
+  stage s >= 1, while stage 0 recomputes its input from the batch), and the buffer the executor
+  allocates for it, (``Schedule.slots`` + 1) x A_mb (one scratch slot for ticks that keep
+  nothing);
+- the bubble: ``bubble_fraction(P, M)`` = (P - 1) / (M + P - 1) beside
+  ``Schedule.idle_fraction()`` counted from the table (a tick lasts as long as its slowest
+  stage; forward 1, backward 2), and interleaved's (P - 1) / (2M + P - 1) (not built);
+- matmul FLOPs per device per step from the compiled HLO (``zjax.analysis.hlo.matmul_flops``,
+  loop trip counts included) as a ratio to the baseline's. The executor's slots are
+  conditionals inside the tick loop and ``matmul_flops`` counts every branch of a
+  conditional as run at every tick, so this is an upper bound that grows with the ticks
+  (GPipe 2(M + P - 1), 1F1B M + 2(P - 1)). Next to it, the FLOPs executed: each branch of
+  the tick loop's conditionals is counted alone (``matmul_flops`` of that branch and the
+  computations it calls) and weighted by how often the table runs it on each stage (the
+  forward on stages 0..P-2 M times, the stage backward there M times, the last stage's
+  backward with head and loss M times), the rest of the program once; the most loaded
+  stage is printed. Both schedules execute the same slots, so they should agree; a ratio
+  above 1 is expected (each stage's forward runs twice; the last stage computes the head
+  and loss for all of its data group's rows, P times a data=8 device's);
+- the traffic over the stage axis, from the compiled HLO (``zjax.analysis.hlo.collectives``
+  with the mesh shape, keeping those whose devices differ along ``stage``): the bytes of
+  each collective-permute in the tick loop (each should be one A_mb), the sends the table
+  executes (a forward send at every tick where a stage but the last runs a forward,
+  ``(forward[:, :-1] >= 0).any(1).sum()``, a backward send where a stage but the first runs
+  a backward) times those bytes, next to the HLO's upper bound (the permutes sit in
+  conditionals: runs = ticks each), and the all-reduce bytes over stage (ring-equivalent:
+  the gradients of what lives outside the stack, embedding and norms, summed once per
+  step, and the loss);
 - the step time: every variant is initialized (``train.init()``, same seed) and given the
-  same random int32 tokens [batch, seq + 1]; after one warm-up step each (its loss is
-  printed: the pipelines compute the same function, so it should match data=8's to
-  float32 rounding), ``--repeats`` interleaved rounds over all variants (each round
-  starting one variant later) of ``--steps`` steps each, blocking on
-  ``float(metrics["loss"])``; the median seconds per step and its ratio to data=8's, and
-  the ratio of the fastest rounds (less hit by other load on a shared host).
+  first rows of the same random int32 tokens [batch, seq + 1]; after one warm-up step each
+  (step 1; its loss is printed, and a pipeline computes the same function as data=8 at
+  its global batch, so the largest relative difference is printed and the script exits
+  non-zero if it exceeds 1e-4), ``--repeats`` interleaved rounds over all variants (each
+  round starting one variant later) of ``--steps`` steps each, blocking on
+  ``float(metrics["loss"])``: median and min seconds per step and their ratios to the
+  baseline at the same global batch.
 
 What the numbers mean here: all 8 simulated devices share the host's CPU cores (2 on the
-machine this was written on), so the stages do not run concurrently on separate
-hardware and a pipeline cannot show a speed-up; the step time shows its overhead (the
-bubble's wasted work on zeros, the head repeated per stage, the permutes and the
-smaller matmuls of each micro-batch). GPipe is usually said to need memory growing with
-M: with a fixed micro-batch size, all M micro-batches' activations are kept for the
-backward pass. Here the global batch is fixed, so the M micro-batches together are the
-same rows at every M, and what M changes is the bubble's share; whether the compiled
-temp grows or shrinks with M is printed as measured, and the closing "Read:" lines say
-which it did.
+machine this was written on), so the stages never run side by side and the speed-up a
+pipeline gets on P accelerators (P stages at once, minus the bubble) cannot show: the step
+time is how long this host takes for all 8 devices' work, the pipeline's extra work
+(recomputation, the head on P times the rows, per-tick conditionals and permutes) on
+smaller matmuls against data=8's step with remat none; which way that comes out is
+measured, not assumed. The memory is what the two schedules differ in, and the closing
+"Read:" lines say, from the measurements, whether 1F1B's temp stayed flat as M grew while
+GPipe's grew, and whether the gap between them is the stash buffers' difference.
 
 Usage:
-  .venv/bin/python benchmarks/pipeline.py [--stages 2,4] [--factors 1,2,4] [--batch 32]
-      [--layers 8] [--d-model 128] [--seq 128] [--heads 4] [--kv-heads 2] [--d-ff D]
+  .venv/bin/python benchmarks/pipeline.py [--stages 2,4] [--factors 1,2,4] [--micro-rows 2]
+      [--zero 1] [--layers 4] [--d-model 128] [--seq 128] [--heads 4] [--kv-heads 2] [--d-ff D]
       [--vocab 256] [--repeats 5] [--steps 2]
 """
 from __future__ import annotations
@@ -62,6 +89,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse
 import math
+import re
 import statistics
 import sys
 import time
@@ -74,7 +102,7 @@ from zjax import load_config, make_train_step
 from zjax.analysis.hlo import collectives, matmul_flops
 from zjax.errors import ConfigError
 from zjax.models.gpt import count_params, gpt_loss, make_gpt
-from zjax.parallel.pipeline import bubble_fraction
+from zjax.parallel.pipeline import SCHEDULES, bubble_fraction
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -82,6 +110,7 @@ from zero import command_line, print_table  # noqa: E402
 
 DEVICES = 8
 PERMUTE = "collective-permute"
+LOSS_TOLERANCE = 1e-4  # relative: a pipeline's step-1 loss against data=8's at the same global batch
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,41 +121,52 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     print(f"$ {command_line()}")
     print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices (simulated on "
-          f"{os.cpu_count()} CPU cores), float32, ZeRO-1")
-    m = make_config(args, 1, 1).model
+          f"{os.cpu_count()} CPU cores), float32, ZeRO-{args.zero}")
+    cfg0 = make_config(args, 1, 1, "gpipe", args.micro_rows * DEVICES)
+    m = cfg0.model
     print(f"GPT: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.n_kv_heads} kv), d_ff {m.d_ff}, "
-          f"vocab {m.vocab_size}, seq {args.seq}; Ψ = {count_params(m):,} parameters; global batch {args.batch}; "
-          f"remat {make_config(args, 1, 1).remat.policy}")
-    variants = [(1, 1)] + [(p, f * p) for p in args.stages for f in args.factors]
-    print("variants: data=8, then mesh.stage=P x data=8/P with pipeline.microbatches=M: "
-          + ", ".join(variant_name(p, mb) for p, mb in variants[1:]))
-    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+          f"vocab {m.vocab_size}, seq {args.seq}; Ψ = {count_params(m):,} parameters; remat {cfg0.remat.policy}; "
+          f"pipeline micro-batch {args.micro_rows} rows (A_mb = {act_mb(args):,} bytes)")
+    pipes = [(p, f * p, s) for p in args.stages for f in args.factors for s in SCHEDULES]
+    batches = sorted({global_batch(args, p, mb) for p, mb, _ in pipes})
+    keys = [("data", b) for b in batches] + pipes
+    print("variants: data=8 at global batch " + ", ".join(map(str, batches)) + "; mesh.stage=P x data=8/P with "
+          "pipeline.microbatches=M, global batch micro_rows x M x 8/P: "
+          + ", ".join(f"P={p} M={mb} (batch {global_batch(args, p, mb)})" for p, mb, s in pipes if s == SCHEDULES[0]))
+    print(f"interleaved (V=2): {interleaved_refusal(args)}")
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, (max(batches), args.seq + 1), dtype=np.int32)
 
     rows, runs, notes = {}, {}, []
-    for p, mb in variants:
+    for key in keys:
         t0 = time.perf_counter()
         try:
-            run, row = build(args, p, mb, tokens)
-        except ConfigError as e:  # a combination zjax refuses (e.g. M not dividing the rows): say why, go on
-            notes.append(f"{variant_name(p, mb)}: ConfigError: {e}")
-            print(f"  {variant_name(p, mb)}: n/a (ConfigError: {e})")
+            run, row = build(args, key, tokens)
+        except ConfigError as e:  # a combination zjax refuses: say why, go on
+            notes.append(f"{name(key)}: ConfigError: {e}")
+            print(f"  {name(key)}: n/a (ConfigError: {e})")
             continue
-        rows[(p, mb)], runs[(p, mb)] = row, run
-        print(f"  built {variant_name(p, mb)} in {time.perf_counter() - t0:.1f} s")
-    if (1, 1) not in rows:
-        raise SystemExit("the data=8 baseline did not build; nothing to compare with")
+        rows[key], runs[key] = row, run
+        print(f"  built {name(key)} in {time.perf_counter() - t0:.1f} s")
 
     print()
-    print_memory(rows)
+    print_memory(args, rows)
+    print()
+    print_work(rows)
     print()
     print_traffic(rows)
     print()
-    times = print_timing(args, runs)
+    times, losses = print_timing(args, rows, runs)
     print()
-    read(rows, times)
+    worst = print_losses(rows, losses)
+    print()
+    read(args, rows, times)
     for note in notes:
         print(f"n/a: {note}")
     print(f"\n(total {time.perf_counter() - start:.0f} s)")
+    if worst is None or worst > LOSS_TOLERANCE:
+        raise SystemExit(f"FAIL: a pipeline's step-1 loss differs from data=8's at the same global batch by "
+                         f"{'(no comparison)' if worst is None else f'{worst:.2e}'} relative "
+                         f"(tolerance {LOSS_TOLERANCE:g})")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,9 +175,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stages", type=ints, default=(2, 4), help="pipeline stage counts P (comma list; divide 8)")
     parser.add_argument("--factors", type=ints, default=(1, 2, 4),
                         help="micro-batches per stage: M = factor x P (comma list)")
-    parser.add_argument("--batch", type=int, default=32,
-                        help="global batch (rows); batch/(8/P) must divide by every M")
-    parser.add_argument("--layers", type=int, default=8, help="transformer blocks (divisible by every P)")
+    parser.add_argument("--micro-rows", type=int, default=2,
+                        help="rows of one pipeline micro-batch; global batch = micro_rows x M x 8/P")
+    parser.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage (every variant)")
+    parser.add_argument("--layers", type=int, default=4, help="transformer blocks (divisible by every P)")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--seq", type=int, default=128, help="tokens per row")
     parser.add_argument("--heads", type=int, default=4)
@@ -150,98 +191,254 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for p in args.stages:
         if p < 2 or DEVICES % p:
             parser.error(f"--stages: {p} must be at least 2 and divide {DEVICES}")
+        if args.layers % p:
+            parser.error(f"--layers {args.layers} must be divisible by every stage count (got {p})")
     if any(f < 1 for f in args.factors):
         parser.error("--factors must be positive")
+    if args.micro_rows < 1:
+        parser.error("--micro-rows must be positive")
+    if any(global_batch(args, p, f * p) % DEVICES for p in args.stages for f in args.factors):
+        parser.error("every global batch micro_rows x M x 8/P must divide by 8 (the data=8 baseline)")
     return args
 
 
-def make_config(args: argparse.Namespace, p: int, mb: int):
+def global_batch(args: argparse.Namespace, p: int, mb: int) -> int:
+    return args.micro_rows * mb * (DEVICES // p)
+
+
+def act_mb(args: argparse.Namespace) -> int:
+    """Bytes of one pipeline micro-batch's activation [micro_rows, seq, d_model] in float32."""
+    return args.micro_rows * args.seq * args.d_model * 4
+
+
+def make_config(args: argparse.Namespace, p: int, mb: int, schedule: str, batch: int, repeats: int = 1):
     d_ff = args.d_ff if args.d_ff is not None else 8 * round(args.d_model / 3)
     return load_config(ROOT / "configs" / "tiny.yaml", [
-        "precision.compute_dtype=float32", "zero.stage=1",
+        "precision.compute_dtype=float32", f"zero.stage={args.zero}",
         f"model.n_layers={args.layers}", f"model.d_model={args.d_model}", f"model.n_heads={args.heads}",
         f"model.n_kv_heads={args.kv_heads}", f"model.d_ff={d_ff}", f"model.vocab_size={args.vocab}",
-        f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}", f"batch.global_batch_size={args.batch}",
-        f"mesh.stage={p}", f"pipeline.microbatches={mb}"])
+        f"model.max_seq_len={args.seq}", f"data.seq_len={args.seq}", f"batch.global_batch_size={batch}",
+        f"mesh.stage={p}", f"pipeline.microbatches={mb}", f"pipeline.schedule={schedule}",
+        f"pipeline.repeats={repeats}"])
 
 
-def variant_name(p: int, mb: int) -> str:
-    return f"data={DEVICES}" if p == 1 else f"stage={p} x data={DEVICES // p}, M={mb}"
+def interleaved_refusal(args: argparse.Namespace) -> str:
+    p = args.stages[0]
+    mb = args.factors[0] * p
+    try:
+        make_config(args, p, mb, "interleaved", global_batch(args, p, mb), repeats=2)
+    except ConfigError as e:
+        return f"not built (the config is refused: {e}); its bubble formula (P-1)/(2M+P-1) is shown below"
+    return "the config was accepted, but this benchmark does not measure it yet"
 
 
-def build(args: argparse.Namespace, p: int, mb: int, tokens: np.ndarray) -> tuple[dict, dict]:
+def name(key: tuple) -> str:
+    if key[0] == "data":
+        return f"data={DEVICES}, batch {key[1]}"
+    p, mb, schedule = key
+    return f"{schedule} stage={p} x data={DEVICES // p}, M={mb}"
+
+
+def baseline(key: tuple, args: argparse.Namespace) -> tuple:
+    return key if key[0] == "data" else ("data", global_batch(args, key[0], key[1]))
+
+
+def build(args: argparse.Namespace, key: tuple, tokens: np.ndarray) -> tuple[dict, dict]:
     """One variant: initialized state, sharded batch, and everything measured from its compiled step."""
-    cfg = make_config(args, p, mb)
+    if key[0] == "data":
+        p, mb, schedule, batch = 1, 1, "gpipe", key[1]
+    else:
+        (p, mb, schedule), batch = key, global_batch(args, key[0], key[1])
+    cfg = make_config(args, p, mb, schedule, batch)
     train = make_train_step(cfg, gpt_loss, model=make_gpt(cfg.model))
     state = train.init()
-    batch = train.shard_batch({"tokens": tokens})
+    data = train.shard_batch({"tokens": tokens[:batch]})
     shape = dict(train.mesh.shape)
-    assert shape["stage"] == p and shape["data"] * p == DEVICES, shape
-    compiled = train.lower(state, batch).compile()
+    assert shape.get("stage", 1) == p and shape["data"] * p == DEVICES, shape
+    compiled = train.lower(state, data).compile()
     memory = compiled.memory_analysis()
     text = compiled.as_text()
     del compiled
-    rows = args.batch // shape["data"]           # rows a data device holds
-    act = rows * args.seq * args.d_model * 4     # A: those rows' [rows, seq, d_model] in float32
-    ticks = mb + p - 1
+    table = train.schedule_table
+    row = dict(p=p, mb=mb, batch=batch, rows=batch // shape["data"], temp=memory.temp_size_in_bytes,
+               argument=memory.argument_size_in_bytes, flops=matmul_flops(text))
     over_stage = [c for c in collectives(text, DEVICES, shape) if "stage" in c.axes]
-    in_loop = sum(c.ring_bytes for c in over_stage if c.kind == PERMUTE and p > 1 and c.runs == ticks)
-    permute = sum(c.ring_bytes for c in over_stage if c.kind == PERMUTE)
-    row = dict(p=p, mb=mb, temp=memory.temp_size_in_bytes, argument=memory.argument_size_in_bytes,
-               flops=matmul_flops(text), bubble=bubble_fraction(p, mb) if p > 1 else 0.0, ticks=ticks,
-               rows=rows, act=act, act_mb=act / mb, permute=permute, in_loop=in_loop, outside=permute - in_loop,
-               stage_all_reduce=sum(c.ring_bytes for c in over_stage if c.kind == "all-reduce"),
-               all_reduce_loop=sum(c.ring_bytes for c in over_stage
-                                   if c.kind == "all-reduce" and p > 1 and c.runs == ticks),
-               stage_other=sum(c.ring_bytes for c in over_stage if c.kind not in (PERMUTE, "all-reduce")))
-    return dict(train=train, state=state, batch=batch), row
+    row["stage_all_reduce"] = sum(c.ring_bytes for c in over_stage if c.kind == "all-reduce")
+    row["stage_other"] = sum(c.ring_bytes for c in over_stage if c.kind not in (PERMUTE, "all-reduce"))
+    if table is not None:
+        assert (table.name, table.stages, table.microbatches) == (schedule, p, mb), table
+        in_loop = [c for c in over_stage if c.kind == PERMUTE and c.runs == table.ticks]
+        row.update(
+            schedule=table, ticks=table.ticks, in_flight=max(table.in_flight()), slots=table.slots,
+            bubble=bubble_fraction(p, mb), idle=table.idle_fraction(), bubble_v2=bubble_fraction(p, mb, 2),
+            sends_f=int((table.forward[:, :-1] >= 0).any(axis=1).sum()),
+            sends_b=int((table.backward[:, 1:] >= 0).any(axis=1).sum()),
+            permutes=sorted(c.full_bytes for c in in_loop), permute_bound=sum(c.ring_bytes for c in in_loop),
+            permute_outside=sum(c.ring_bytes for c in over_stage if c.kind == PERMUTE and c.runs != table.ticks),
+            executed=executed_flops(text, table))
+    return dict(train=train, state=state, batch=data), row
+
+
+# -- FLOPs executed: the tick loop's conditionals, weighted by the table ----------------------
+
+_HEADER = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+
+
+def _blocks(text: str) -> dict[str, list[str]]:
+    """Each computation of the HLO text as its lines, header and closing brace included."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(1)
+            blocks[current] = [line]
+        elif current is not None:
+            blocks[current].append(line)
+            if line.strip() == "}":
+                current = None
+    return blocks
+
+
+def _branches(line: str) -> list[str]:
+    return [b.strip().lstrip("%") for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
+            for b in group.split(",")]
+
+
+def _flops_of(blocks: dict[str, list[str]], root: str) -> float:
+    """Matmul FLOPs of one run of computation ``root`` and everything it calls."""
+    seen, todo = [], [root]
+    while todo:
+        comp = todo.pop()
+        if comp in seen or comp not in blocks:
+            continue
+        seen.append(comp)
+        for line in blocks[comp]:
+            todo += re.findall(r"(?:body|condition|to_apply|calls)=%?([\w.\-]+)", line) + _branches(line)
+    return matmul_flops("\n".join(line for comp in seen for line in blocks[comp]))
+
+
+def executed_flops(text: str, table) -> dict | None:
+    """Per stage, the matmul FLOPs the table runs: ``matmul_flops(text)`` (every branch of the
+    tick loop's conditionals at every tick) less those branches, plus each branch times the
+    ticks it runs on that stage. None when the loop is not the one expected."""
+    blocks = _blocks(text)
+    # the tick loop: ticks trips and conditionals in its body (a stage's layer scan may have as many trips)
+    bodies = [re.search(r"body=%?([\w.\-]+)", line).group(1) for lines in blocks.values() for line in lines
+              if " while(" in line and f'"known_trip_count":{{"n":"{table.ticks}"}}' in line]
+    bodies = [b for b in bodies if any(" conditional(" in line for line in blocks.get(b, ()))]
+    if len(bodies) != 1:
+        return None
+    p, last = table.stages, table.stages - 1
+    fwd = [int((table.forward[:, s] >= 0).sum()) if s < last else 0 for s in range(p)]
+    bwd = [int((table.backward[:, s] >= 0).sum()) for s in range(p)]
+    total = matmul_flops(text)
+    per_stage = [total] * p
+    found = set()
+    for line in blocks[bodies[0]]:
+        if " conditional(" not in line:
+            continue
+        flops = [_flops_of(blocks, b) for b in _branches(line)]
+        if not any(flops):
+            continue  # the permutes' conditionals and any without matmuls
+        if len(flops) == 2 and flops[0] == 0:    # lax.cond(f >= 0 & ~last, forward, zeros)
+            runs, role = [[0, f] for f in fwd], "forward"
+        elif len(flops) == 3 and flops[0] == 0:  # lax.switch: idle, stage backward, last stage's backward
+            runs, role = [[0, bwd[s] if s < last else 0, bwd[s] if s == last else 0] for s in range(p)], "backward"
+        else:
+            return None
+        found.add(role)
+        for s in range(p):
+            per_stage[s] += sum(f * (n - table.ticks) for f, n in zip(flops, runs[s]))
+    if found != {"forward", "backward"}:
+        return None
+    return dict(per_stage=per_stage, max=max(per_stage), min=min(per_stage))
+
+
+# -- tables ----------------------------------------------------------------------------------
 
 
 def ratio(x: float | None, ref: float | None) -> str:
     return "-" if x is None or not ref else f"{x / ref:.3f}"
 
 
-def print_memory(rows: dict) -> None:
-    ref = rows[(1, 1)]
-    print("Per-device memory and work (compiled; XLA memory_analysis and matmul FLOPs in the HLO). x d8: ratio to "
-          "data=8. layer work = (M+P-1)/M = 1/(1-bubble): every stage computes at every tick, on zeros when idle")
+def ordered(rows: dict) -> list[tuple]:
+    """Baselines first (by batch), then each P, M with its schedules side by side."""
+    return [k for k in rows if k[0] == "data"] + [k for k in rows if k[0] != "data"]
+
+
+def print_memory(args: argparse.Namespace, rows: dict) -> None:
+    a = act_mb(args)
+    print(f"Per-device memory (compiled, XLA memory_analysis) and the schedule. x d8: ratio to data=8 at the same "
+          f"global batch. stash = max over stages of in_flight x A_mb (A_mb = {a:,} B), buffer = (slots + 1) x A_mb; "
+          "bubble = (P-1)/(M+P-1), idle = Schedule.idle_fraction() (forward 1, backward 2), V=2 = interleaved's "
+          "(P-1)/(2M+P-1), not built")
     table = []
-    for (p, mb), r in rows.items():
-        table.append([variant_name(p, mb), f"{r['rows']}", f"{r['argument']:,}", f"{r['temp']:,}",
-                      ratio(r["temp"], ref["temp"]), f"{r['bubble']:.3f}" if p > 1 else "-",
-                      f"{r['ticks'] / r['mb']:.3f}" if p > 1 else "1.000", f"{r['flops'] / 1e9:.3f}",
-                      ratio(r["flops"], ref["flops"])])
-    print_table(["variant", "rows/device", "argument bytes", "temp bytes", "temp x d8", "bubble",
-                 "layer work x d8", "matmul GFLOP", "FLOP x d8"], table)
+    for key in ordered(rows):
+        r = rows[key]
+        ref = rows.get(baseline(key, args))
+        cells = [name(key), f"{r['batch']}", f"{r['rows']}", f"{r['argument']:,}", f"{r['temp']:,}",
+                 ratio(r["temp"], ref and ref["temp"])]
+        if key[0] == "data":
+            table.append(cells + ["-"] * 7)
+            continue
+        table.append(cells + [f"{r['ticks']}", f"{r['in_flight']}", f"{r['in_flight'] * a:,}",
+                              f"{(r['slots'] + 1) * a:,}", f"{r['bubble']:.3f}", f"{r['idle']:.3f}",
+                              f"{r['bubble_v2']:.3f}"])
+    print_table(["variant", "batch", "rows/device", "argument bytes", "temp bytes", "temp x d8", "ticks",
+                 "in flight", "stash bytes", "buffer bytes", "bubble", "idle", "V=2 bubble"], table)
+
+
+def print_work(rows: dict) -> None:
+    print("Matmul FLOPs per device per step. HLO: matmul_flops of the compiled program (every branch of the tick "
+          "loop's conditionals counted at every tick: an upper bound growing with the ticks); executed: each "
+          "branch weighted by the ticks the table runs it, most loaded stage (least loaded in brackets). "
+          "x d8: ratio to data=8 at the same global batch")
+    table = []
+    for key in ordered(rows):
+        r = rows[key]
+        ref = rows[("data", r["batch"])]["flops"] if ("data", r["batch"]) in rows else None
+        if key[0] == "data":
+            table.append([name(key), f"{r['flops'] / 1e9:.3f}", "1.000", f"{r['flops'] / 1e9:.3f}", "1.000", "-"])
+            continue
+        ex = r["executed"]
+        table.append([name(key), f"{r['flops'] / 1e9:.3f}", ratio(r["flops"], ref),
+                      "n/a" if ex is None else f"{ex['max'] / 1e9:.3f} ({ex['min'] / 1e9:.3f})",
+                      "n/a" if ex is None else ratio(ex["max"], ref), f"{r['ticks']}"])
+    print_table(["variant", "HLO GFLOP", "HLO x d8", "executed GFLOP", "executed x d8", "ticks"], table)
 
 
 def print_traffic(rows: dict) -> None:
-    print("Collective bytes per device per step over the stage axis, from the compiled HLO (ring-equivalent, loop "
-          "trip counts included). A_mb = one micro-batch's activation [rows/M, seq, d_model] fp32, A = the "
-          "device's rows' [rows, seq, d_model]; GPipe's minimum is 2 A_mb per tick (one shift forward, one back)")
+    print("Traffic over the stage axis per device per step, from the compiled HLO (collectives whose devices differ "
+          "along stage). permute bytes: each collective-permute in the tick loop; executed = sends the table runs "
+          "(forward + backward) x those bytes; HLO bound = every permute at every tick; all-reduce over stage "
+          "ring-equivalent, once per step")
     table = []
-    for (p, mb), r in rows.items():
-        if p == 1:
-            table.append([variant_name(p, mb)] + ["-"] * 2 + [f"{r['permute']:,.0f}"] + ["-"] * 3
-                         + [f"{r['stage_all_reduce']:,.0f}", "-"])
+    for key in ordered(rows):
+        r = rows[key]
+        if key[0] == "data":
+            table.append([name(key), "-", "-", "-", "-", "-"])
             continue
-        table.append([variant_name(p, mb), f"{r['ticks']}", f"{r['act_mb']:,.0f}", f"{r['permute']:,.0f}",
-                      f"{r['in_loop']:,.0f}", f"{r['in_loop'] / (r['ticks'] * r['act_mb']):.2f}",
-                      f"{r['outside'] / r['act']:.2f}", f"{r['stage_all_reduce']:,.0f}",
-                      f"{r['all_reduce_loop'] / (r['ticks'] * r['act_mb']):.2f}"])
-        if r["stage_other"]:
-            table[-1][0] += f"  (also {r['stage_other']:,.0f} B of other collectives over stage)"
-    print_table(["variant", "ticks", "A_mb bytes", "permute bytes", "in tick loop", "A_mb per tick",
-                 "outside loop in A", "all-reduce over stage", "of it in loop, A_mb per tick"], table)
+        per = r["permutes"]
+        sizes = "/".join(f"{b:,.0f}" for b in sorted(set(per))) if per else "none"
+        executed = per[0] * (r["sends_f"] + r["sends_b"]) if per and len(set(per)) == 1 else None
+        table.append([name(key), f"{len(per)} x {sizes}", f"{r['sends_f']} + {r['sends_b']}",
+                      "n/a" if executed is None else f"{executed:,.0f}", f"{r['permute_bound']:,.0f}",
+                      f"{r['stage_all_reduce']:,.0f}"])
+        extra = [f"{b:,.0f} B of permutes outside the loop" for b in [r["permute_outside"]] if b]
+        extra += [f"{b:,.0f} B of other collectives" for b in [r["stage_other"]] if b]
+        if extra:
+            table[-1][0] += "  (also " + ", ".join(extra) + " over stage)"
+    print_table(["variant", "permute bytes", "sends fwd + bwd", "executed bytes", "HLO bound", "all-reduce bytes"],
+                table)
 
 
-def print_timing(args: argparse.Namespace, runs: dict) -> dict:
-    """Median seconds per step of each variant over interleaved rounds; prints the table, returns the medians."""
+def print_timing(args: argparse.Namespace, rows: dict, runs: dict) -> tuple[dict, dict]:
+    """Seconds per step of each variant over interleaved rounds; prints the table, returns times and losses."""
     losses = {}
-    for key, run in runs.items():  # warm-up: one step each (compiled above; this one runs it)
+    for key, run in runs.items():  # warm-up, step 1: compiled above, this runs it
         run["state"], metrics = run["train"](run["state"], run["batch"])
         losses[key] = float(metrics["loss"])
-    keys = list(runs)
+    keys = ordered(runs)
     times: dict[tuple, list[float]] = {key: [] for key in keys}
     for r in range(args.repeats):
         # Round robin, starting one later each round, so machine load hits all alike.
@@ -253,65 +450,116 @@ def print_timing(args: argparse.Namespace, runs: dict) -> dict:
             loss = float(metrics["loss"])
             times[key].append((time.perf_counter() - start) / args.steps)
             if not math.isfinite(loss):
-                raise RuntimeError(f"{variant_name(*key)}: loss {loss}")
-    print(f"Step time (fp32, all {DEVICES} simulated devices sharing {os.cpu_count()} CPU cores): median over "
-          f"{args.repeats} interleaved rounds of {args.steps} steps, after a warm-up step. x d8: ratio to data=8")
-    medians = {key: statistics.median(t) for key, t in times.items()}
-    ref = medians.get((1, 1))
-    ref_min = min(times[(1, 1)]) if (1, 1) in times else None
-    table = [[variant_name(*key), f"{medians[key]:.3f}", f"{min(times[key]):.3f}", f"{max(times[key]):.3f}",
-              ratio(medians[key], ref), ratio(min(times[key]), ref_min), f"{losses[key]:.6f}"] for key in keys]
-    print_table(["variant", "median s/step", "min", "max", "x d8", "min x d8", "loss of step 1"], table)
+                raise RuntimeError(f"{name(key)}: loss {loss}")
+    print(f"Step time (fp32, all {DEVICES} simulated devices sharing {os.cpu_count()} CPU cores): over "
+          f"{args.repeats} interleaved rounds of {args.steps} steps, after a warm-up step. x d8: ratio to data=8 at "
+          "the same global batch (median to median, min to min)")
+    table = []
+    for key in keys:
+        ref = baseline(key, args)
+        med, fast = statistics.median(times[key]), min(times[key])
+        table.append([name(key), f"{med:.3f}", f"{fast:.3f}", f"{max(times[key]):.3f}",
+                      ratio(med, statistics.median(times[ref]) if ref in times else None),
+                      ratio(fast, min(times[ref]) if ref in times else None)])
+    print_table(["variant", "median s/step", "min", "max", "x d8", "min x d8"], table)
     spread = max(max(t) / min(t) for t in times.values())
     if spread > 1.3:
         print(f"(noisy: a variant's slowest round took {spread:.1f}x its fastest; the host is shared, so compare "
               "the median and min ratios and rerun with more --repeats before quoting one)")
-    return medians
+    return times, losses
 
 
-def read(rows: dict, medians: dict) -> None:
-    """The closing interpretation; the memory sentence says what was measured."""
-    trends = []
-    for p in sorted({p for p, _ in rows if p > 1}):
-        temps = [(mb, rows[(p, mb)]["temp"]) for q, mb in sorted(rows) if q == p]
-        if len(temps) < 2:
+def print_losses(rows: dict, losses: dict) -> float | None:
+    """Step-1 losses against data=8's at the same global batch; returns the largest relative difference."""
+    print(f"Step-1 loss (the warm-up step), against data=8 at the same global batch (tolerance {LOSS_TOLERANCE:g} "
+          "relative)")
+    table, worst = [], None
+    for key in ordered(losses):
+        ref = losses.get(("data", rows[key]["batch"]))
+        diff = None if key[0] == "data" or ref is None else abs(losses[key] - ref) / abs(ref)
+        if diff is not None:
+            worst = diff if worst is None else max(worst, diff)
+        table.append([name(key), f"{losses[key]:.7f}", "-" if diff is None else f"{diff:.1e}",
+                      "" if diff is None else "ok" if diff <= LOSS_TOLERANCE else "MISMATCH"])
+    print_table(["variant", "loss", "rel. diff to d8", ""], table)
+    if worst is not None:
+        print(f"largest relative difference: {worst:.1e}")
+    return worst
+
+
+def read(args: argparse.Namespace, rows: dict, times: dict) -> None:
+    """The closing interpretation, computed from the measurements."""
+    a = act_mb(args)
+    pipes = [k for k in rows if k[0] != "data"]
+    lines = []
+    for p in sorted({k[0] for k in pipes}):
+        parts = []
+        for schedule in SCHEDULES:
+            series = sorted((k[1], rows[k]) for k in pipes if k[0] == p and k[2] == schedule)
+            if len(series) < 2:
+                continue
+            # growth in micro-batch activations (the unit the stash grows in), step by step, next to the table's
+            steps = [((r1["temp"] - r0["temp"]) / a, r1["slots"] - r0["slots"]) for (_, r0), (_, r1) in
+                     zip(series, series[1:])]
+            flat = [abs(d) < 0.5 for d, _ in steps]  # flat: within half an A_mb
+            first_flat = next((i for i in range(len(flat)) if all(flat[i:])), None)
+            (m0, r0), (m1, r1) = series[0], series[-1]
+            word = ("stays flat" if first_flat == 0 else f"is flat from M={series[first_flat][0]} on"
+                    if first_flat is not None else "grows" if r1["temp"] > r0["temp"] else "does not grow")
+            parts.append(f"{schedule} {word} ({r1['temp'] / r0['temp']:.3f}x from M={m0} to M={m1}; per step of M "
+                         + ", ".join(f"{d:+.1f}" for d, _ in steps) + " A_mb, the table's stash buffer "
+                         + ", ".join(f"{k:+d}" for _, k in steps) + ")")
+        if parts:
+            lines.append(f"P={p}: " + "; ".join(parts))
+    if lines:
+        print("Read: temp as M grows at a fixed micro-batch (the global batch grows with it; flat = within half an "
+              "A_mb per step): " + ". ".join(lines) + ".")
+    gaps = []
+    for p, mb, schedule in pipes:
+        if schedule != "gpipe" or (p, mb, "1f1b") not in rows:
             continue
-        values = [t for _, t in temps]
-        if all(b > a for a, b in zip(values, values[1:])):
-            word = "grows"
-        elif all(b < a for a, b in zip(values, values[1:])):
-            word = "shrinks"
+        g, o = rows[(p, mb, "gpipe")], rows[(p, mb, "1f1b")]
+        gaps.append(f"P={p} M={mb} {g['temp'] - o['temp']:,} vs {(g['slots'] - o['slots']) * a:,}")
+    if gaps:
+        print("Read: gpipe's temp minus 1f1b's at the same P, M, against the difference of their stash buffers "
+              "((slots + 1) x A_mb): " + "; ".join(gaps) + ".")
+    d8 = [k for k in rows if k[0] == "data"]
+    below = [k for k in pipes if rows[k]["temp"] < rows[("data", rows[k]["batch"])]["temp"]]
+    if d8:
+        print(f"Read: {len(below)} of {len(pipes)} pipelines compile to less temp than data=8 at the same global batch "
+              f"(temp x d8 from {min(rows[k]['temp'] / rows[baseline(k, args)]['temp'] for k in pipes):.2f} to "
+              f"{max(rows[k]['temp'] / rows[baseline(k, args)]['temp'] for k in pipes):.2f}); data=8 runs with remat "
+              "none while a pipeline recomputes each stage in its backward slot, so part of that gap is the "
+              "recomputation, not the split.")
+    ex = [rows[k]["executed"]["max"] / rows[baseline(k, args)]["flops"] for k in pipes if rows[k]["executed"]]
+    hlo = [rows[k]["flops"] / rows[baseline(k, args)]["flops"] for k in pipes]
+    same = all(rows[(p, mb, "gpipe")]["executed"]["max"] == rows[(p, mb, "1f1b")]["executed"]["max"]
+               for p, mb, s in pipes if s == "gpipe" and (p, mb, "1f1b") in rows
+               and rows[(p, mb, "gpipe")]["executed"] and rows[(p, mb, "1f1b")]["executed"])
+    if ex:
+        print(f"Read: matmul FLOPs executed on the most loaded stage are {min(ex):.2f}-{max(ex):.2f}x data=8's at the "
+              f"same batch ({'equal' if same else 'not equal'} for gpipe and 1f1b at the same P, M: the same slots in "
+              f"another order); the HLO's upper bound, every branch at every tick, is {min(hlo):.2f}-{max(hlo):.2f}x.")
+    med = {k: statistics.median(t) for k, t in times.items()}
+    speed = {k: med[k] / med[baseline(k, args)] for k in pipes if k in med and baseline(k, args) in med}
+    if speed:
+        fastest, slowest = min(speed, key=speed.get), max(speed, key=speed.get)
+        faster = [k for k in speed if speed[k] < 1]
+        head = (f"Read: step time x d8 ranges from {speed[fastest]:.2f} ({name(fastest)}) to {speed[slowest]:.2f} "
+                f"({name(slowest)}). All {DEVICES} simulated devices share {os.cpu_count()} CPU cores, so the stages "
+                "never run side by side and a pipeline cannot be faster for the reason it is on P accelerators; ")
+        if faster:
+            print(head + f"{len(faster)} of {len(speed)} still measured faster than data=8 at the same batch: not "
+                  "concurrency, so the same host ran the pipeline's work (more matmul FLOPs, see above, but on "
+                  f"{args.micro_rows}-row micro-batches with less temp) in less time than data=8's; this run does not "
+                  "measure why.")
         else:
-            word = "is not monotonic"
-        trends.append(f"P={p}: temp {word} with M ("
-                      + ", ".join(f"M={mb} {t / rows[(1, 1)]['temp']:.2f}x" for mb, t in temps) + " of data=8)")
-    slowest = max((k for k in medians if k != (1, 1)), key=medians.get, default=None)
-    fastest = min((k for k in medians if k != (1, 1)), key=medians.get, default=None)
-    print("Read: all 8 simulated devices share the host's CPU cores, so the stages never run side by side and a "
-          "pipeline cannot be faster here: its step time is data=8's plus its overhead, chiefly the bubble "
-          "(every stage computes on zeros in its idle ticks: layer work (M+P-1)/M of data=8's), the head and "
-          "loss repeated on every stage, the stage-axis permutes and all-reduces, and smaller per-tick matmuls.")
-    if fastest is not None:
-        print(f"Read: step time x d8 ranges from {medians[fastest] / medians[(1, 1)]:.2f} "
-              f"({variant_name(*fastest)}) to {medians[slowest] / medians[(1, 1)]:.2f} ({variant_name(*slowest)}); "
-              "more micro-batches shrink the bubble, which is what a real multi-accelerator run would gain from.")
-    if trends:
-        pipes = [(k, r) for k, r in rows.items() if k[0] > 1]
-        print("Read: memory, as measured: " + "; ".join(trends) + ". temp x d8 next to layer work (M+P-1)/M: "
-              + ", ".join(f"P={p} M={mb} {r['temp'] / rows[(1, 1)]['temp']:.2f} vs {r['ticks'] / mb:.2f}"
-                          for (p, mb), r in pipes)
-              + ". With the global batch fixed, the M micro-batches kept for the backward pass are the same rows "
-              "at every M (the micro-batch shrinks as M grows); what M changes is the bubble's share, and the "
-              "bubble's ticks keep residuals (of zeros) too. GPipe's memory growing with M is at a fixed "
-              "micro-batch size, i.e. a global batch growing with M, which this table does not vary.")
-        per_tick = sorted({round(r["in_loop"] / (r["ticks"] * r["act_mb"]), 2) for _, r in pipes})
-        outside = sorted({round(r["outside"] / r["act"], 2) for _, r in pipes})
-        ar_tick = sorted({round(r["all_reduce_loop"] / (r["ticks"] * r["act_mb"]), 2) for _, r in pipes})
-        print(f"Read: traffic over stage, as measured: {'/'.join(map(str, per_tick))} micro-batch activations "
-              f"permuted per tick (GPipe's minimum: 2, one shift forward and one back), "
-              f"{'/'.join(map(str, outside))} local-batch activations permuted outside the tick loop, and "
-              f"all-reduces over stage, {'/'.join(map(str, ar_tick))} A_mb ring-equivalent per tick in the loop; "
-              "permute bytes fall with M (smaller micro-batches over more ticks: (M+P-1)/M A per direction).")
+            print(head + "none did: each pays its recomputation, the head on P times the rows, and the per-tick "
+                  "conditionals and permutes.")
+        for schedule in SCHEDULES:
+            pairs = [(k, speed[k]) for k in speed if k[2] == schedule]
+            if pairs:
+                print(f"      {schedule}: median x d8 " + ", ".join(f"P={k[0]} M={k[1]} {v:.2f}" for k, v in pairs))
 
 
 if __name__ == "__main__":

@@ -204,30 +204,11 @@ def scan_layers(fn: Callable[[Any, Any], Any], carry: Any, stacked_params: Any) 
     def body(c, p):
         return layer(c, p), None
 
-    stage = pipeline.stage_axis()
-    if stage is not None:
-        return _pipelined(body, carry, stacked_params, stage[1])
+    hook = pipeline.current_hook()
+    if hook is not None:  # a pipeline slot: this stage's chunk of the stack
+        return hook.run(body, carry, stacked_params)
     out, _ = jax.lax.scan(body, carry, stacked_params)
     return out
-
-
-def _pipelined(body, carry, stacked_params, stages: int):
-    """``scan_layers`` over a ``stage`` axis: the stack in ``stages`` contiguous chunks, one per
-    stage, run by ``zjax.parallel.pipeline.gpipe`` over the config's pipeline micro-batches."""
-    leaves = jax.tree.leaves(stacked_params)
-    if not isinstance(carry, jax.Array):
-        raise ConfigError("pipeline parallelism (mesh.stage > 1) needs scan_layers' carry to be one array (the "
-                          "activations); got " + type(carry).__name__)
-    n_layers = leaves[0].shape[0]
-    if n_layers % stages:
-        raise ConfigError(f"model.n_layers={n_layers} does not split into mesh.stage={stages} equal chunks; use a "
-                          "stage count that divides the layers")
-    chunks = jax.tree.map(lambda x: x.reshape((stages, n_layers // stages) + x.shape[1:]), stacked_params)
-
-    def stage_fn(params, h):
-        return jax.lax.scan(body, h, params)[0]
-
-    return pipeline.gpipe(stage_fn, chunks, carry, microbatches=pipeline.microbatches())
 
 
 # --- the seam for a Python loop over blocks ----------------------------------------------

@@ -177,11 +177,11 @@ def test_plan_divides_the_state_by_the_tensor_axis_and_counts_its_collectives():
 def test_fit_chooses_tensor_parallelism_only_when_data_parallelism_does_not_fit():
     # ZeRO-3 at tensor 1 needs at least ~67 MB here (each device gathers whole 4.2M-parameter
     # layers); at tensor 2 the same stage gathers half-layers
-    # (sequence parallelism, which fit tries before tensor at equal degree, splits the tokens, not
-    # the gathered layers: left out here, test_fit_chooses_sequence_parallelism... covers the order)
-    generous = fit(TINY, list(WIDE), budget="80MB", stages=(3,), sequences=(1,))
+    # (sequence and pipeline parallelism, which fit tries before tensor at equal degree, are left
+    # out here: test_fit_chooses_sequence_parallelism... covers the order)
+    generous = fit(TINY, list(WIDE), budget="80MB", stages=(3,), sequences=(1,), pipeline_stages=(1,))
     assert generous.chosen["mesh.tensor"] == 1
-    tight = fit(TINY, list(WIDE), budget="60MB", stages=(3,), sequences=(1,))
+    tight = fit(TINY, list(WIDE), budget="60MB", stages=(3,), sequences=(1,), pipeline_stages=(1,))
     assert tight.chosen["mesh.tensor"] == 2 and tight.chosen_memory["total"] <= 60e6
     assert tight.rejected["mesh.tensor"] == 1 and tight.rejected_compiled and tight.rejected_bytes > 60e6
     assert tight.chosen_memory["collective_tensor"] > 0 == generous.chosen_memory["collective_tensor"]

@@ -76,7 +76,11 @@ def _multipliers(comps: dict[str, list[str]]) -> dict[str, int]:
             if " while(" in line:
                 m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
                 trips = int(m.group(1)) if m else 1
-            for callee in re.findall(r"(?:body|condition|to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", line):
+            callees = re.findall(r"(?:body|condition|to_apply|calls)=%?([\w.\-]+)", line)
+            # a conditional counts every branch as run (an upper bound: a pipeline stage's idle ticks skip theirs)
+            for branches in re.findall(r"branch_computations=\{([^}]*)\}", line):
+                callees += [b.strip().lstrip("%") for b in branches.split(",")]
+            for callee in callees:
                 calls[parent].append((callee, trips if "body=" in line or "condition=" in line else 1))
     called = {c for lst in calls.values() for c, _ in lst}
     roots = [c for c in comps if c not in called]

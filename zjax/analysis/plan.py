@@ -223,12 +223,10 @@ def plan(config: Any = None, overrides=None, *, params: float | None = None,
         m = cfg.pipeline.microbatches
         pipe = {"schedule": cfg.pipeline.schedule, "stages": stages, "microbatches": m,
                 "bubble": bubble_fraction(stages, m, cfg.pipeline.repeats)}
-    # ZeRO stages the config can run (a pipeline takes ZeRO-0/1)
-    runnable = [s for s in STAGES if stages == 1 or s <= 1]
     stage_plans = [
         compiled_stage_plan(load_config(cfg, {"zero.stage": stage})) if compile
         else StagePlan(stage, paper_bytes(local, group, stage), zjax_bytes(cfg, local, group, stage))
-        for stage in runnable
+        for stage in STAGES
     ]
     traffic = seq_traffic = None
     if params is None and (tensor > 1 or sequence > 1):

@@ -96,7 +96,7 @@ IGNORED: dict[str, str] = {
     "zero_optimization.legacy_stage1": "zjax has one stage-1 implementation",
     "zero_optimization.memory_efficient_linear": "XLA chooses the linear-layer kernels",
     "zero_optimization.override_module_apply": "there are no torch module hooks to override",
-    "zero_optimization.pipeline_loading_checkpoint": "there is no pipeline engine",
+    "zero_optimization.pipeline_loading_checkpoint": "zjax restores any checkpoint onto any stage count itself",
     "zero_optimization.log_trace_cache_warnings": "there is no ZeRO-3 trace cache; XLA compiles the gathers",
     "fp16.consecutive_hysteresis": "zjax's loss scaler has a single hysteresis rule; it is not switchable",
     "fp16.auto_cast": "zjax casts to precision.compute_dtype itself; there is no autocast switch",
@@ -668,7 +668,7 @@ _PIPELINE_KEYS = ("stages", "partition", "partition_method", "activation_checkpo
 
 
 def _map_pipeline(key: str, block: Any, out: _Translation) -> None:
-    """``pipeline.stages`` -> ``mesh.stage`` (and ``gradient_accumulation_steps`` -> ``pipeline.microbatches``:
+    """``pipeline.stages`` -> ``mesh.stage`` with ``pipeline.schedule: 1f1b`` (DeepSpeed's TrainSchedule; and ``gradient_accumulation_steps`` -> ``pipeline.microbatches``:
     DeepSpeed pipelines a step's micro-batches); ``partition_method`` uniform/parameters (zjax splits a
     stack of equal layers into equal chunks: the same split); ``activation_checkpoint_interval``
     1 -> ``remat.policy: full`` (every layer), 0 -> nothing; the rest is ignored, named."""
@@ -679,6 +679,8 @@ def _map_pipeline(key: str, block: Any, out: _Translation) -> None:
         if stages < 1:
             raise ConfigError(f"{key}.stages={stages}: use a stage count >= 1")
         out.set("mesh.stage", stages, f"{key}.stages")
+        if stages > 1:  # DeepSpeed's PipelineEngine runs its TrainSchedule: 1F1B
+            out.set("pipeline.schedule", "1f1b", f"{key}.stages")
         accum = out.values.get("batch.grad_accum_steps")
         if stages > 1 and accum is not None and accum[0] > 1:
             # DeepSpeed's pipeline runs a step's gradient_accumulation_steps micro-batches through

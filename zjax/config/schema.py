@@ -349,11 +349,14 @@ class TilingConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    """Pipeline parallelism over ``mesh.stage`` (``zjax.parallel.pipeline``): each ``scan_layers``
-    stack is split into ``mesh.stage`` contiguous chunks, one per stage, and every device's
-    micro-batch runs through them as ``microbatches`` pipeline micro-batches (GPipe's schedule:
-    the bubble is (P - 1) / (M + P - 1) of the ticks). Embedding and head are replicated on
-    every stage. ``1f1b`` and ``interleaved`` are not built yet."""
+    """Pipeline parallelism over ``mesh.stage`` (``zjax.parallel.pipeline``): the loss's
+    ``scan_layers`` stack is split into ``mesh.stage`` contiguous chunks, one per stage, and
+    every device's micro-batch runs through them as ``microbatches`` pipeline micro-batches.
+    ``schedule``: ``gpipe`` (all forwards, then all backwards; a stage keeps M micro-batches'
+    inputs) or ``1f1b`` (one forward, one backward; at most 2P - 3, whatever M is); both idle
+    (P - 1) / (M + P - 1) of the time. The embedding and head are replicated on every stage;
+    the first stage computes the embedding, the last the head and loss. ``interleaved`` is not
+    built yet."""
 
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "gpipe"
     microbatches: int = Field(1, ge=1)
@@ -361,9 +364,9 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _built(self) -> PipelineConfig:
-        if self.schedule != "gpipe" or self.repeats != 1:
+        if self.schedule == "interleaved" or self.repeats != 1:
             raise ValueError(f"pipeline.schedule={self.schedule!r} (repeats={self.repeats}) is not built yet; "
-                             "use pipeline.schedule: gpipe with repeats: 1")
+                             "use pipeline.schedule gpipe or 1f1b with repeats: 1")
         return self
 
 
@@ -382,6 +385,41 @@ class RematConfig(_Section):
         return self
 
 
+class MoEConfig(_Section):
+    """Mixture-of-Experts MLPs in the reference GPT (``zjax.models.moe``; the names and
+    defaults of DeepSpeed's ``deepspeed.moe.layer.MoE``). ``num_experts: 0`` keeps the dense
+    MLP; above 0 every block's MLP is an MoE of that many SwiGLU experts of width ``d_ff``
+    (default ``model.d_ff``). The loss adds ``aux_loss_coef`` x DeepSpeed's load-balancing loss
+    and ``router_z_loss`` x the router z-loss, summed over the layers."""
+
+    num_experts: int = Field(0, ge=0)
+    top_k: int = Field(1, ge=1)
+    capacity_factor: float = Field(1.0, gt=0)
+    eval_capacity_factor: float = Field(1.0, gt=0)
+    min_capacity: int = Field(4, ge=0)
+    drop_tokens: bool = True
+    noisy_gate_policy: Literal["Jitter", "RSample"] | None = None
+    use_rts: bool = True
+    second_expert_sampling: bool = True
+    drop_policy: Literal["probs", "position"] = "probs"
+    use_residual: bool = False
+    shared_experts: int = Field(0, ge=0)
+    d_ff: int | None = Field(None, gt=0)
+    aux_loss_coef: float = Field(0.01, ge=0)
+    router_z_loss: float = Field(0.0, ge=0)
+    every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> MoEConfig:
+        if self.num_experts and self.top_k > self.num_experts:
+            raise ValueError(f"model.moe.top_k={self.top_k} is more than model.moe.num_experts={self.num_experts}; "
+                             "use top_k <= num_experts")
+        if self.every != 1:
+            raise ValueError(f"model.moe.every={self.every}: MoE on every k-th layer is not built yet; use every: 1 "
+                             "(every layer) or num_experts: 0")
+        return self
+
+
 class ModelConfig(_Section):
     """Shape of the reference decoder-only transformer."""
 
@@ -395,6 +433,7 @@ class ModelConfig(_Section):
     rope_theta: float = Field(10000.0, gt=0)
     tie_embeddings: bool = True
     norm_eps: float = Field(1e-6, gt=0)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
@@ -524,12 +563,10 @@ class Config(_Section):
                 raise ValueError(f"mesh.stage={self.mesh.stage} splits the layer stacks over stage, but "
                                  f"logical_axis_rules.layers={rule!r}; set layers: stage or null")
             self.logical_axis_rules["layers"] = "stage"
-            if self.zero.stage >= 2:
-                # measured: ZeRO-2/3's per-layer gathers inside the pipeline's vmap over stages are
-                # not partitioned over stage (XLA all-gathers the layers over it); equal losses, no saving
-                raise ValueError(f"mesh.stage={self.mesh.stage} with zero.stage={self.zero.stage} is not built yet "
-                                 "(ZeRO-2/3 inside each stage); use zero.stage 0 or 1 (DeepSpeed's pipeline "
-                                 "offers ZeRO-1)")
+            if self.model.moe.num_experts:
+                raise ValueError(f"mesh.stage={self.mesh.stage} with model.moe.num_experts={self.model.moe.num_experts}"
+                                 " is not built yet (the MoE GPT's layers carry their auxiliary loss, a pipeline "
+                                 "sends one activation); use mesh.stage: 1 or num_experts: 0")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} is longer than model.max_seq_len={self.model.max_seq_len}; "

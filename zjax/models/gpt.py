@@ -28,6 +28,7 @@ from pallas_kernels.dispatch import backend
 from zjax.errors import ConfigError
 from zjax.config import remat
 from zjax.layers import scan_layers, tiled, tiles
+from zjax.models import moe as moe_lib
 from zjax.parallel.sequence import attention, zigzag_order
 from zjax.parallel.sharding import per_shard, region_spec, shard, split_axis
 
@@ -95,6 +96,10 @@ class GPT(nnx.Module):
             return Block(cfg, rngs=rngs, param_dtype=param_dtype)
 
         self.blocks = make_blocks(rngs)
+        # the MoE routers' randomness (noise, random token selection): one stream the train
+        # step reseeds every step; each layer folds in its index
+        self.moe = _moe_config(cfg) is not None
+        self.router_rngs = nnx.data(nnx.Rngs(router=0) if self.moe else None)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         if not self.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
@@ -115,6 +120,12 @@ class GPT(nnx.Module):
         ``positions`` ``[T]``: each token's position when the sequence was reordered (ring
         attention's zig-zag order); default ``0..T-1``.
         """
+        return self.hidden_and_aux(tokens, segment_ids, positions)[0]
+
+    def hidden_and_aux(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+                       positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """``hidden`` and the MoE layers' auxiliary loss (``aux_loss_coef`` x load balancing +
+        ``router_z_loss`` x z-loss, summed over the layers; 0 without MoE)."""
         seq_len = tokens.shape[1]
         if seq_len > self.max_seq_len:
             raise ValueError(f"tokens have length {seq_len}, longer than model.max_seq_len="
@@ -130,14 +141,31 @@ class GPT(nnx.Module):
         # placeholder leaves that only scan_layers knows how to turn into arrays.
         block_def, block_state = nnx.split(self.blocks)
 
-        def layer(h, layer_state):
-            return shard(nnx.merge(block_def, layer_state)(h, rope, segment_ids, self.kernels), ACTIVATION_AXES)
+        if not self.moe:
+            def layer(h, layer_state):
+                return shard(nnx.merge(block_def, layer_state)(h, rope, segment_ids, self.kernels), ACTIVATION_AXES)
 
-        x = scan_layers(layer, x, block_state)
-        return self.final_norm(x, self.kernels)
+            x = scan_layers(layer, x, block_state)
+            return self.final_norm(x, self.kernels), jnp.float32(0)
+
+        def moe_layer(carry, layer_state):
+            h, aux, key = carry
+            key, sub = jax.random.split(key)
+            h, layer_aux = nnx.merge(block_def, layer_state)(h, rope, segment_ids, self.kernels, key=sub)
+            return shard(h, ACTIVATION_AXES), aux + layer_aux, key
+
+        x, aux, _ = scan_layers(moe_layer, (x, jnp.float32(0), self.router_rngs.router()), block_state)
+        return self.final_norm(x, self.kernels), aux
 
     def token_nll(self, inputs: jax.Array, targets: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """Float32 next-token negative log-likelihood ``[B, T]`` of ``targets`` given ``inputs``.
+        """Float32 next-token negative log-likelihood ``[B, T]`` of ``targets`` given ``inputs``
+        (``token_nll_and_aux`` also returns the MoE layers' auxiliary loss)."""
+        return self.token_nll_and_aux(inputs, targets, segment_ids)[0]
+
+    def token_nll_and_aux(self, inputs: jax.Array, targets: jax.Array,
+                          segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Float32 next-token negative log-likelihood ``[B, T]`` of ``targets`` given ``inputs``,
+        and the MoE layers' auxiliary loss (0 without MoE).
 
         Under tensor parallelism the vocabulary stays split: each shard computes its part
         of the logits and the log-sum-exp and target logit are summed over the shards
@@ -151,18 +179,19 @@ class GPT(nnx.Module):
             # causal attention gives every device the same work; the loss comes back in order
             inputs, targets = inputs[:, order], targets[:, order]
             segment_ids = None if segment_ids is None else segment_ids[:, order]
-            return self._token_nll(inputs, targets, segment_ids, order)[:, np.argsort(order)]
+            nll, aux = self._token_nll(inputs, targets, segment_ids, order)
+            return nll[:, np.argsort(order)], aux
         return self._token_nll(inputs, targets, segment_ids, None)
 
     def _token_nll(self, inputs, targets, segment_ids, positions):
-        hidden = self.hidden(inputs, segment_ids=segment_ids, positions=positions)
+        hidden, aux = self.hidden_and_aux(inputs, segment_ids=segment_ids, positions=positions)
         weights = self.output_weights()
         if self.kernels != "xla" and not any(region_spec(("embed", "vocab"), weights.shape)):
             return tiled(lambda w, h, t: pallas_kernels.softmax_cross_entropy(h, w, t, impl=self.kernels),
-                         tiles("loss"), weights, hidden, targets, what="tiling.loss_tiles")
+                         tiles("loss"), weights, hidden, targets, what="tiling.loss_tiles"), aux
         nll = functools.partial(_vocab_parallel_nll, vocab_size=self.vocab_size)
         return per_shard(nll, (ACTIVATION_AXES, ("embed", "vocab"), TOKEN_AXES), TOKEN_AXES)(
-            hidden, weights, targets)
+            hidden, weights, targets), aux
 
     def output_weights(self) -> jax.Array:
         """The ``[d_model, vocab]`` output projection (the embedding, transposed, when tied)."""
@@ -183,7 +212,8 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
         which a sequence split over devices splits alike.
 
     Returns:
-      ``(loss, {"weight": float32 number of counted targets})``.
+      ``(loss, {"weight": float32 number of counted targets})``; with MoE layers the loss
+      includes their auxiliary loss (``model.moe``'s coefficients).
     """
     segment_ids = batch.get("segment_ids")
     if "inputs" in batch:
@@ -200,9 +230,9 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
         if segment_ids is not None:
             counted = counted * (segment_ids[:, 1:] == segment_ids[:, :-1])
             segment_ids = segment_ids[:, :-1]
-    nll = model.token_nll(inputs, targets, segment_ids)
+    nll, aux = model.token_nll_and_aux(inputs, targets, segment_ids)
     weight = counted.sum()
-    loss = (nll * counted).sum() / jnp.maximum(weight, 1.0)
+    loss = (nll * counted).sum() / jnp.maximum(weight, 1.0) + aux
     return loss, {"weight": weight}
 
 
@@ -246,11 +276,23 @@ def logical_axes(module: nnx.Module) -> dict:
     return axes
 
 
+def _moe_config(cfg: Any):
+    """``cfg.moe`` when it asks for MoE layers (``num_experts`` > 0), else None."""
+    moe = getattr(cfg, "moe", None)
+    return moe if moe is not None and moe.num_experts > 0 else None
+
+
 def count_params(cfg: Any) -> int:
     """The number of parameters ``GPT(cfg)`` creates."""
     head_dim = cfg.d_model // cfg.n_heads
     attention = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     mlp = 3 * cfg.d_model * cfg.d_ff
+    moe = _moe_config(cfg)
+    if moe is not None:
+        width = moe.d_ff or cfg.d_ff
+        mlp = cfg.d_model * moe.num_experts + 3 * cfg.d_model * width * moe.num_experts
+        mlp += (3 * cfg.d_model * width + 2 * cfg.d_model) if moe.use_residual else 0
+        mlp += 3 * cfg.d_model * width * moe.shared_experts
     block = attention + mlp + 2 * cfg.d_model
     embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return embeddings + cfg.n_layers * block + cfg.d_model
@@ -263,11 +305,28 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
-        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
+        moe = _moe_config(cfg)
+        self.aux_coefs = (moe.aux_loss_coef, moe.router_z_loss) if moe is not None else None
+        if moe is None:
+            self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
+        else:
+            gate = moe_lib.GateConfig(
+                moe.num_experts, top_k=moe.top_k, capacity_factor=moe.capacity_factor,
+                eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
+                drop_tokens=moe.drop_tokens, noisy_gate_policy=moe.noisy_gate_policy, use_rts=moe.use_rts,
+                second_expert_sampling=moe.second_expert_sampling, drop_policy=moe.drop_policy)
+            self.mlp = moe_lib.MoE(cfg.d_model, moe.d_ff or cfg.d_ff, gate, rngs=rngs, use_residual=moe.use_residual,
+                                   shared_experts=moe.shared_experts, param_dtype=param_dtype, init_std=INIT_STD,
+                                   out_std=INIT_STD / math.sqrt(2 * cfg.n_layers))
 
-    def __call__(self, x, rope, segment_ids, kernels="xla"):
+    def __call__(self, x, rope, segment_ids, kernels="xla", key=None):
+        """``x + attn(norm(x))`` then ``+ mlp(norm(...))``; with an MoE MLP, ``(x, aux loss)``."""
         x = x + self.attn(checkpoint_name(self.attn_norm(x, kernels), "attn_norm"), rope, segment_ids, kernels)
-        return x + self.mlp(checkpoint_name(self.mlp_norm(x, kernels), "mlp_norm"), kernels)
+        h = checkpoint_name(self.mlp_norm(x, kernels), "mlp_norm")
+        if self.aux_coefs is None:
+            return x + self.mlp(h, kernels)
+        y, routing = self.mlp(h, key=key)
+        return x + y.astype(x.dtype), self.aux_coefs[0] * routing.aux_loss + self.aux_coefs[1] * routing.z_loss
 
 
 class Attention(nnx.Module):

@@ -1,58 +1,60 @@
-"""Pipeline parallelism over the ``stage`` mesh axis: the GPipe schedule as a circular buffer.
+"""Pipeline parallelism over the ``stage`` mesh axis: schedules as tables, one executor.
 
-``gpipe(stage_fn, stage_params, x, microbatches=M)`` runs ``P`` pipeline stages (the
-leading dimension of every leaf of ``stage_params``, split over the ``stage`` mesh axis
-when the current mesh has one of size P) over ``M`` micro-batches of ``x``. It is MaxText's
-formulation, automatic over the axis: a buffer ``[P, B/M, ...]`` split over ``stage``
-holds each stage's input; at each of the ``M + P - 1`` ticks every stage applies its
-layers to its slot at once (``vmap`` over the stage dimension, which XLA partitions so
-that each device computes its own stage), stage 0 takes the next micro-batch, the last
-stage's output is kept, and the buffer shifts one stage on (``jnp.roll`` along the split
-dimension: one collective-permute of a micro-batch's activation per tick). Stage ``s``
-works on micro-batch ``t - s`` at tick ``t``; the ``P - 1`` ticks at either end where it
-has none are the bubble, ``(P - 1) / (M + P - 1)`` of the ticks.
+A model's ``scan_layers`` stack is split into ``P`` contiguous chunks, stage ``s`` holding
+chunk ``s`` (the rule ``layers: stage``). A *schedule* is a table (``make_schedule``): at
+tick ``t`` stage ``s`` runs the forward of micro-batch ``forward[t, s]`` and then the
+backward of micro-batch ``backward[t, s]`` (``-1``: none). Two are built:
 
-The backward pass is JAX's transpose of the loop (all forwards, then all backwards:
-GPipe); what a stage keeps for it per tick is its ``stage_fn``'s residuals (wrap it in
-``jax.checkpoint`` to keep only its input). No parameter crosses a stage boundary: each
-device holds and updates its own stage's layers. Measured (benchmarks/pipeline.py): the
-backward's roll lowers to two permutes per tick and the input's gradient is summed over
-the stages (an all-reduce of one micro-batch per tick): 3 permutes + 1 all-reduce per
-tick in all, where a hand-written schedule would send 2.
+- ``gpipe``: all forwards, then all backwards; a stage keeps the inputs of all ``M``
+  micro-batches until their backward.
+- ``1f1b`` (DeepSpeed's and PipeDream-flush's): after the warm-up, each tick one forward
+  and one backward; stage ``s`` > 0 keeps at most ``2(P - s) - 1`` micro-batches' inputs (the first
+  stage recomputes its input from the batch),
+  whatever ``M`` is (DeepSpeed's asynchronous engine keeps ``P - s``; in lock-step ticks a
+  micro-batch's round trip to the last stage and back takes ``2(P - 1 - s)`` ticks).
+
+Both take ``M + P - 1`` forward and backward slot-times per step, so their idle fraction is
+``(P - 1) / (M + P - 1)`` (``Schedule.idle_fraction`` counts it from the table).
+
+``pipeline_grads`` runs a table inside a ``shard_map`` manual over ``stage`` (each device
+runs its own stage's program, with real conditionals: a stage with nothing to do at a tick
+does nothing). The model is not split by hand: the user's loss is traced per slot with a
+hook in ``scan_layers`` that (a) on the first stage keeps the layers' input (the
+embedding), elsewhere replaces it by the activation received from the previous stage,
+(b) runs only this stage's chunk of the stack, and (c) on all but the last stage stops the
+loss there, returning the chunk's output; on the last stage the loss runs to the end and
+is differentiated at once. Each forward slot keeps only its input; the backward slot
+recomputes the stage from it (a checkpoint per stage, as DeepSpeed's pipeline with
+activation checkpointing). One collective-permute sends a micro-batch's activation to the
+next stage per tick that has a forward, one sends its gradient back per tick that has a
+backward; no parameter crosses a stage boundary. Gradients of the parameters outside the
+stack (embedding on the first stage, head on the last, both for a tied embedding) are
+summed over the stages once per call. ZeRO's collectives over ``data`` run inside the
+stage's program, so every ZeRO stage composes (each stage reduce-scatters its own chunk's
+gradients per micro-batch at ZeRO-2/3).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from zjax.errors import ConfigError
 
 STAGE = "stage"
-_MICROBATCHES: contextvars.ContextVar[int] = contextvars.ContextVar("zjax_pipeline_microbatches", default=1)
-
-
-@contextlib.contextmanager
-def pipeline_microbatches(microbatches: int):
-    """Sets the pipeline micro-batches ``scan_layers`` uses while tracing (the step sets the config's)."""
-    token = _MICROBATCHES.set(int(microbatches))
-    try:
-        yield
-    finally:
-        _MICROBATCHES.reset(token)
-
-
-def microbatches() -> int:
-    return _MICROBATCHES.get()
+SCHEDULES = ("gpipe", "1f1b")
 
 
 def stage_axis() -> tuple[str, int] | None:
     """``("stage", P)`` when the current mesh splits layers over a ``stage`` axis of size P > 1
-    that XLA partitions (outside any shard_map manual over it), else None."""
+    that is not manual yet, else None."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or STAGE not in mesh.shape or mesh.shape[STAGE] == 1 or STAGE in mesh.manual_axes:
         return None
@@ -70,59 +72,341 @@ def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
     return (stages - 1) / (repeats * microbatches + stages - 1)
 
 
-def gpipe(stage_fn: Callable[[Any, jax.Array], jax.Array], stage_params: Any, x: jax.Array, *,
-          microbatches: int) -> jax.Array:
-    """``x`` through ``P`` stages in order, ``stage_fn(params_of_stage_s, h) -> h``.
+# --- schedules ---------------------------------------------------------------------------
 
-    Args:
-      stage_fn: one stage's computation; its output has its input's shape and dtype.
-      stage_params: a pytree whose leaves all lead with the stage dimension ``P``.
-      x: ``[B, ...]``, ``B`` divisible by ``microbatches``.
-      microbatches: ``M``, the micro-batches in flight.
 
-    Returns:
-      ``[B, ...]``: ``stage_fn`` of the last stage after ... after that of stage 0, per row.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule:
+    """A pipeline schedule as tables over ``[ticks, stages]``.
+
+    Attributes:
+      name: ``gpipe`` or ``1f1b``.
+      stages, microbatches: ``P`` and ``M``.
+      forward, backward: the micro-batch whose forward (backward) a stage runs at a tick, -1 none.
+      write, read: the stash slot a forward stores its input in, and a backward reads it from
+        (-1: none; the first stage recomputes its input from the batch).
+      slots: stash slots a stage needs (the most micro-batches it keeps at once).
+    """
+
+    name: str
+    stages: int
+    microbatches: int
+    forward: np.ndarray
+    backward: np.ndarray
+    write: np.ndarray
+    read: np.ndarray
+    slots: int
+
+    @property
+    def ticks(self) -> int:
+        return self.forward.shape[0]
+
+    def in_flight(self) -> list[int]:
+        """Per stage, the most micro-batches whose input it keeps at once (between a micro-batch's
+        forward and its backward; the first stage keeps none: it recomputes its input)."""
+        out = []
+        for s in range(self.stages):
+            held, most = 0, 0
+            for t in range(self.ticks):
+                held += int(self.write[t, s] >= 0)
+                most = max(most, held)
+                held -= int(self.read[t, s] >= 0)
+            out.append(most)
+        return out
+
+    def idle_fraction(self, forward_cost: float = 1.0, backward_cost: float = 2.0) -> float:
+        """The idle fraction counted from the table: each tick lasts as long as its slowest stage
+        (a forward costs ``forward_cost``, a backward ``backward_cost``), and the work done is
+        every stage's M forwards and M backwards."""
+        cost = (self.forward >= 0) * forward_cost + (self.backward >= 0) * backward_cost
+        elapsed = float(cost.max(axis=1).sum())
+        return 1.0 - self.microbatches * (forward_cost + backward_cost) / elapsed
+
+
+def make_schedule(name: str, stages: int, microbatches: int) -> Schedule:
+    """The table of ``name`` (``gpipe`` | ``1f1b``) for ``stages`` stages and ``microbatches``.
+
+    A micro-batch's activation reaches the next stage by the next tick and its gradient the
+    previous stage by the next tick (no queues): forward ``F(m, s) = m + s``; backward
+    ``B(m, s) = (M + P - 1) + m + (P - 1 - s)`` (GPipe) or ``m + 2(P - 1) - s`` (1F1B; on the last
+    stage in the same tick as its forward).
 
     Example:
-      >>> w = jnp.arange(1.0, 4.0)  # three stages, each multiplies by its weight
-      >>> gpipe(lambda w, h: h * w, w, jnp.ones((4, 2)), microbatches=2)[0].tolist()
-      [6.0, 6.0]
+      >>> s = make_schedule("1f1b", 4, 16)
+      >>> s.in_flight(), round(s.idle_fraction(), 4)
+      ([0, 5, 3, 1], 0.1579)
     """
-    leaves = jax.tree.leaves(stage_params)
-    if not leaves:
-        raise ValueError("gpipe: stage_params has no arrays; its leaves lead with the stage dimension")
-    stages = leaves[0].shape[0]
-    if any(leaf.shape[:1] != (stages,) for leaf in leaves):
-        raise ValueError(f"gpipe: every leaf of stage_params must lead with the same stage count; got shapes "
-                         f"{[leaf.shape for leaf in leaves]}")
-    batch = x.shape[0]
-    if batch % microbatches:
-        raise ConfigError(f"pipeline.microbatches={microbatches} does not divide the {batch} rows a device "
-                          "holds per micro-step; use a divisor of it")
-    xs = x.reshape((microbatches, batch // microbatches) + x.shape[1:])
-    axis = stage_axis()[0] if stage_axis() else None
+    if name not in SCHEDULES:
+        raise ConfigError(f"pipeline.schedule={name!r} is not a schedule; use one of {', '.join(SCHEDULES)}")
+    p, m = int(stages), int(microbatches)
+    if p < 1 or m < 1:
+        raise ConfigError(f"a pipeline needs stages >= 1 and microbatches >= 1; got {p} and {m}")
+    f_at = np.arange(m)[:, None] + np.arange(p)[None, :]  # [M, P]
+    if name == "gpipe":
+        b_at = (m + p - 1) + np.arange(m)[:, None] + (p - 1 - np.arange(p))[None, :]
+    else:
+        b_at = np.arange(m)[:, None] + 2 * (p - 1) - np.arange(p)[None, :]
+    ticks = int(b_at.max()) + 1
+    forward = np.full((ticks, p), -1, np.int32)
+    backward = np.full((ticks, p), -1, np.int32)
+    for mb in range(m):
+        for s in range(p):
+            assert forward[f_at[mb, s], s] < 0 and backward[b_at[mb, s], s] < 0, (name, mb, s)
+            forward[f_at[mb, s], s] = mb
+            backward[b_at[mb, s], s] = mb
+    # stash slots, lowest free first; a backward frees its slot after the same tick's forward wrote
+    write = np.full((ticks, p), -1, np.int32)
+    read = np.full((ticks, p), -1, np.int32)
+    slots = 0
+    for s in range(1, p):
+        free, where = list(range(m)), {}
+        for t in range(ticks):
+            if forward[t, s] >= 0:
+                where[forward[t, s]] = write[t, s] = free.pop(0)
+                slots = max(slots, write[t, s] + 1)
+            if backward[t, s] >= 0:
+                read[t, s] = where.pop(backward[t, s])
+                free = sorted(free + [read[t, s]])
+    return Schedule(name, p, m, forward, backward, write, read, slots)
 
-    def pin(buf):
-        # the buffer's stage dimension lives on the stage axis: each device holds its stage's slot
-        if axis is None:
-            return buf
-        return lax.with_sharding_constraint(buf, jax.sharding.PartitionSpec(axis))
 
-    def tick(carry, t):
-        buf, outs = carry
-        entering = lax.dynamic_index_in_dim(xs, jnp.minimum(t, microbatches - 1), keepdims=False)
-        # stage 0's slot takes the next micro-batch (a select on each device's own slot: no communication)
-        first = (lax.broadcasted_iota(jnp.int32, buf.shape, 0) == 0) & (t < microbatches)
-        buf = pin(jnp.where(first, entering[None], buf))
-        out = pin(jax.vmap(stage_fn)(stage_params, buf))
-        # every stage files its output in its own row of `outs` (no communication); the last
-        # stage's row collects micro-batch t - (P - 1), the others' rows are overwritten scratch
-        slot = jnp.clip(t - (stages - 1), 0, microbatches - 1)
-        outs = pin(lax.dynamic_update_index_in_dim(outs, out[:, None], slot, 1))
-        return (pin(jnp.roll(out, 1, axis=0)), outs), None
+# --- the hook in scan_layers ---------------------------------------------------------------
 
-    buf = pin(jnp.zeros((stages,) + xs.shape[1:], x.dtype))
-    outs = pin(jnp.zeros((stages,) + xs.shape, x.dtype))
-    (_, outs), _ = lax.scan(tick, (buf, outs), jnp.arange(microbatches + stages - 1))
-    # the last stage's outputs, once, to where the caller uses them
-    return outs[-1].reshape(x.shape)
+
+class _Carry(Exception):
+    def __init__(self, carry):
+        super().__init__("zjax pipeline probe (internal)")
+        self.carry = carry
+
+
+class _Output(Exception):
+    def __init__(self, out):
+        super().__init__("zjax pipeline stage output (internal)")
+        self.out = out
+
+
+@dataclasses.dataclass
+class _Hook:
+    """What ``scan_layers`` does inside a pipeline slot (``mode``: ``probe`` stops at the stack and
+    reports its input; ``stage`` runs this stage's chunk and stops with its output; ``last`` runs
+    the chunk and lets the loss finish)."""
+
+    mode: str
+    h: Any = None
+    is_first: Any = None
+    used: bool = False
+
+    def run(self, body: Callable, carry: Any, stacked: Any) -> Any:
+        if self.used:
+            raise ConfigError("pipeline parallelism (mesh.stage > 1) needs the loss to call zjax.scan_layers "
+                              "exactly once (the stack the stages split); this loss calls it more than once")
+        self.used = True
+        if not isinstance(carry, jax.Array):
+            raise ConfigError("pipeline parallelism (mesh.stage > 1) needs scan_layers' carry to be one array (the "
+                              "activations); got " + type(carry).__name__)
+        if self.mode == "probe":
+            raise _Carry(carry)
+        h = self.h if self.is_first is None else jnp.where(self.is_first, carry, self.h.astype(carry.dtype))
+        out = lax.scan(body, h, stacked)[0]
+        if self.mode == "stage":
+            raise _Output(out)
+        return out
+
+
+_HOOK: contextvars.ContextVar[_Hook | None] = contextvars.ContextVar("zjax_pipeline_hook", default=None)
+
+
+def current_hook() -> _Hook | None:
+    """The pipeline slot ``scan_layers`` runs in, or None."""
+    return _HOOK.get()
+
+
+@contextlib.contextmanager
+def _hooked(hook: _Hook):
+    token = _HOOK.set(hook)
+    try:
+        yield hook
+    finally:
+        _HOOK.reset(token)
+
+
+def _never_called() -> ConfigError:
+    return ConfigError("pipeline parallelism (mesh.stage > 1) splits the stack the loss passes through "
+                       "zjax.scan_layers; this loss never calls scan_layers (a Python loop over blocks or a "
+                       "Linen/NNX scan cannot be split into stages yet)")
+
+
+def _probe(loss_of, *args):
+    with _hooked(_Hook("probe")):
+        try:
+            loss_of(*args)
+        except _Carry as found:
+            return found.carry
+    raise _never_called()
+
+
+def _stage_output(loss_of, h, is_first, *args):
+    with _hooked(_Hook("stage", h, is_first)):
+        try:
+            loss_of(*args)
+        except _Output as found:
+            return found.out
+    raise _never_called()
+
+
+def _last_loss(loss_of, h, *args):
+    with _hooked(_Hook("last", h)) as hook:
+        out = loss_of(*args)
+    if not hook.used:
+        raise _never_called()
+    return out
+
+
+# --- the executor ----------------------------------------------------------------------------
+
+
+def stage_specs(layouts: Any) -> Any:
+    """Per leaf of a layout tree (``None`` holes kept), its split over ``stage``: ``P("stage")``
+    for a stack split into stage chunks, else ``P()``."""
+    from zjax.parallel import zero
+
+    return zero.map_layouts(lambda lay: None if lay is None else P(STAGE) if lay.lead_axis == STAGE else P(),
+                            layouts)
+
+
+def _select(batch: Any, microbatches: int, m: jax.Array) -> Any:
+    return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, m, keepdims=False), batch)
+
+
+def pipeline_grads(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: jax.Array, *, schedule: Schedule,
+                   diff_specs: Any, extra_specs: Any, seed: jax.Array, accum_dtype=jnp.float32):
+    """Runs ``schedule`` over the ``stage`` axis: the gradient of ``seed * sum_m lw_m`` with respect
+    to ``diff``, ``sum_m lw_m`` and ``sum_m w_m``, where ``(lw_m, w_m) = loss_of(diff, extra, mb_m, key_m)``
+    for the ``M`` micro-batches ``mb_m`` of ``batch`` (rows split evenly) and ``key_m = fold_in(key, m)``.
+
+    ``loss_of`` must pass its layer stack through ``zjax.scan_layers`` once, with one array as the
+    carry. ``diff_specs``/``extra_specs``: ``stage_specs`` of ``diff``/``extra`` (a stack split over
+    ``stage`` arrives as this stage's chunk). Call inside a trace where ``stage`` is an automatic
+    mesh axis (the step calls it inside its ``shard_map`` over ``data``).
+    """
+    p, m = schedule.stages, schedule.microbatches
+    rows = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(rows) != 1 or next(iter(rows)) % m:
+        raise ConfigError(f"pipeline.microbatches={m} does not divide the {sorted(rows)} rows a device holds per "
+                          "micro-step; use a divisor of it")
+    micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+    tables = jnp.asarray(np.stack([schedule.forward, schedule.backward, schedule.write, schedule.read], -1))
+    # a tick sends when any stage but the last ran a forward / any but the first a backward
+    sends_f = jnp.asarray((schedule.forward[:, :-1] >= 0).any(axis=1))
+    sends_b = jnp.asarray((schedule.backward[:, 1:] >= 0).any(axis=1))
+    to_next = [(s, s + 1) for s in range(p - 1)]
+    to_prev = [(s + 1, s) for s in range(p - 1)]
+
+    def program(diff, extra, micro, key, seed):
+        s = lax.axis_index(STAGE)
+        first, last = s == 0, s == p - 1
+
+        def args(mb_index):
+            return _select(micro, m, mb_index), jax.random.fold_in(key, mb_index)
+
+        mb0, k0 = args(jnp.int32(0))
+        carry = _probe(loss_of, diff, extra, mb0, k0)
+        zeros_h = jnp.zeros(carry.shape, carry.dtype)
+
+        def stage_out(d, h, mb, k):
+            return _stage_output(loss_of, h, first, d, extra, mb, k)
+
+        def forward(mb_index, h_recv):
+            mb, k = args(mb_index)
+            return stage_out(diff, h_recv, mb, k)
+
+        def back_stage(mb_index, h_in, ct):
+            mb, k = args(mb_index)
+            _, vjp = jax.vjp(lambda d, h: stage_out(d, h, mb, k), diff, h_in)
+            gd, gh = vjp(ct.astype(carry.dtype))
+            return gd, gh, jnp.float32(0), jnp.float32(0)
+
+        def back_last(mb_index, h_in, ct):
+            mb, k = args(mb_index)
+
+            def scaled(d, h):
+                lw, w = _last_loss(loss_of, h, d, extra, mb, k)
+                return lw * seed, (lw, w)
+
+            (_, (lw, w)), (gd, gh) = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)(diff, h_in)
+            return gd, gh, lw.astype(jnp.float32), jnp.asarray(w, jnp.float32)
+
+        def idle(mb_index, h_in, ct):
+            return jax.tree.map(jnp.zeros_like, diff), zeros_h, jnp.float32(0), jnp.float32(0)
+
+        def tick(state, t):
+            h_recv, ct_recv, stash, acc, lw_sum, w_sum = state
+            f_mb, b_mb, write, read = (tables[t, s, i] for i in range(4))
+            h_out = lax.cond((f_mb >= 0) & ~last, forward, lambda i, h: zeros_h, f_mb, h_recv)
+            # the input is kept until the backward (slot `slots` is scratch for ticks that keep none)
+            stash = lax.dynamic_update_index_in_dim(stash, h_recv, jnp.where(write >= 0, write, schedule.slots), 0)
+            h_in = lax.dynamic_index_in_dim(stash, jnp.maximum(read, 0), keepdims=False)
+            kind = jnp.where(b_mb < 0, 0, jnp.where(last, 2, 1))
+            gd, gh, lw, w = lax.switch(kind, (idle, back_stage, back_last), b_mb, h_in, ct_recv)
+            acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, gd)
+            h_next = lax.cond(sends_f[t], lambda x: lax.ppermute(x, STAGE, to_next), jnp.zeros_like, h_out)
+            ct_next = lax.cond(sends_b[t], lambda x: lax.ppermute(x, STAGE, to_prev), jnp.zeros_like, gh)
+            return (h_next, ct_next, stash, acc, lw_sum + lw, w_sum + w), None
+
+        stash = jnp.zeros((schedule.slots + 1,) + carry.shape, carry.dtype)
+        acc = jax.tree.map(lambda x: jnp.zeros(x.shape, accum_dtype), diff)
+        state = (zeros_h, zeros_h, stash, acc, jnp.float32(0), jnp.float32(0))
+        (_, _, _, acc, lw_sum, w_sum), _ = lax.scan(tick, state, jnp.arange(schedule.ticks))
+        # what lives outside the stack (embedding, head) is summed over the stages that used it
+        acc = jax.tree.map(lambda g, spec: g if spec == P(STAGE) else lax.psum(g, STAGE), acc, diff_specs)
+        return acc, lax.psum(lw_sum, STAGE), lax.psum(w_sum, STAGE)
+
+    run = jax.shard_map(program, mesh=jax.sharding.get_abstract_mesh(),
+                        in_specs=(diff_specs, extra_specs, P(), P(), P()), out_specs=(diff_specs, P(), P()),
+                        axis_names={STAGE}, check_vma=False)
+    return run(diff, extra, micro, key, jnp.asarray(seed, jnp.float32))
+
+
+def pipeline_loss(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: jax.Array, *, stages: int,
+                  microbatches: int, diff_specs: Any, extra_specs: Any):
+    """``(sum_m lw_m, sum_m w_m)`` as ``pipeline_grads`` defines them, forwards only (evaluation):
+    each micro-batch passes the stages in order; the last stage computes its loss."""
+    p, m = stages, microbatches
+    rows = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(rows) != 1 or next(iter(rows)) % m:
+        raise ConfigError(f"pipeline.microbatches={m} does not divide the {sorted(rows)} rows a device holds; "
+                          "use a divisor of it")
+    micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+    to_next = [(s, s + 1) for s in range(p - 1)]
+
+    def program(diff, extra, micro, key):
+        s = lax.axis_index(STAGE)
+        first, last = s == 0, s == p - 1
+
+        def args(mb_index):
+            return _select(micro, m, mb_index), jax.random.fold_in(key, mb_index)
+
+        carry = _probe(loss_of, diff, extra, *args(jnp.int32(0)))
+        zeros_h = jnp.zeros(carry.shape, carry.dtype)
+
+        def forward(mb_index, h):
+            return _stage_output(loss_of, h, first, diff, extra, *args(mb_index)), jnp.float32(0), jnp.float32(0)
+
+        def finish(mb_index, h):
+            lw, w = _last_loss(loss_of, h, diff, extra, *args(mb_index))
+            return zeros_h, lw.astype(jnp.float32), jnp.asarray(w, jnp.float32)
+
+        def tick(state, t):
+            h_recv, lw_sum, w_sum = state
+            mb_index = t - s
+            kind = jnp.where((mb_index < 0) | (mb_index >= m), 0, jnp.where(last, 2, 1))
+            h_out, lw, w = lax.switch(kind, (lambda i, h: (zeros_h, jnp.float32(0), jnp.float32(0)), forward, finish),
+                                      jnp.clip(mb_index, 0, m - 1), h_recv)
+            return (lax.ppermute(h_out, STAGE, to_next), lw_sum + lw, w_sum + w), None
+
+        (_, lw_sum, w_sum), _ = lax.scan(tick, (zeros_h, jnp.float32(0), jnp.float32(0)), jnp.arange(m + p - 1))
+        return lax.psum(lw_sum, STAGE), lax.psum(w_sum, STAGE)
+
+    run = jax.shard_map(program, mesh=jax.sharding.get_abstract_mesh(), in_specs=(diff_specs, extra_specs, P(), P()),
+                        out_specs=(P(), P()), axis_names={STAGE}, check_vma=False)
+    return run(diff, extra, micro, key)

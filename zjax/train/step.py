@@ -49,7 +49,7 @@ from zjax.parallel import zero
 from zjax.config.schema import Config, load_config
 from zjax.errors import ConfigError, LossScaleError
 from zjax.layers import gather_param, layer_context, tiling
-from zjax.parallel.pipeline import pipeline_microbatches
+from zjax.parallel import pipeline
 from zjax.parallel.sequence import sequence_parallel
 from zjax.parallel.sharding import axis_rules, logical_spec
 from zjax.parallel.mesh import make_mesh
@@ -209,6 +209,10 @@ class TrainStep:
         # Whether the model's 'layers' stacks reach the loss gathered whole (it does not pass them
         # through zjax.scan_layers: a Linen nn.scan or NNX nnx.scan stack); None until traced.
         self._whole_stacks: bool | None = None
+        # the pipeline schedule over mesh.stage (None without one)
+        stages = self.mesh.shape.get(pipeline.STAGE, 1)
+        self.schedule_table = (pipeline.make_schedule(cfg.pipeline.schedule, stages, cfg.pipeline.microbatches)
+                               if stages > 1 else None)
 
     # -- placement ------------------------------------------------------------------
 
@@ -481,8 +485,7 @@ class TrainStep:
         calls: list = []
         with layer_context(self.config.remat, sharded_params=self.zero.reduces_in_backward, calls=calls, gathered={}), \
                 axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
-                tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
-                pipeline_microbatches(self.config.pipeline.microbatches):
+                tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles):
             grads, loss, weight = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
@@ -518,25 +521,37 @@ class TrainStep:
         return grads, loss, finite, grad_norm
 
     def _compute_params(self, state: TrainState):
-        """The differentiable inputs of the loss and how to turn them into the user's params
-        (the trainable ones from the inputs, the frozen ones merged in, gathered at ZeRO-3)."""
-        diff, to_params = self._trainable_params(state)
+        """The differentiable inputs of the loss, what else it reads (``extra``: the replicated
+        compute copy at ZeRO-2, the frozen params) and ``to_params(diff, extra)``, the user's
+        params (the trainable ones from the inputs, the frozen ones merged in, gathered at
+        ZeRO-3). ``extra`` is explicit so that a pipeline can hand each stage its chunk."""
+        diff, extra, to_params = self._trainable_params(state)
         if self.frozen_layouts is None:
-            return diff, to_params
-        dt, stacked_ok = self.dtypes, not self._whole_stacks
+            return diff, (extra, None), lambda d, e: to_params(d, e[0])
+        dt, stacked_ok, gathers = self.dtypes, not self._whole_stacks, self.zero.gathers_for_loss
+        frozen_layouts = self.frozen_layouts
 
-        def frozen():
-            if not self.zero.gathers_for_loss:
-                return state.frozen
-            return map_layouts(
-                lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
-                if lay.stacked and stacked_ok else gather_param(s, lay, dt.compute, dt.reduce),
-                self.frozen_layouts, state.frozen)
+        def params(d, e):
+            frozen = e[1]
+            if gathers:
+                frozen = map_layouts(
+                    lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
+                    if lay.stacked and stacked_ok else gather_param(s, lay, dt.compute, dt.reduce),
+                    frozen_layouts, frozen)
+            return zero.merge_frozen(to_params(d, e[0]), frozen)
 
-        return diff, lambda d: zero.merge_frozen(to_params(d), frozen())
+        return diff, (extra, state.frozen), params
+
+    def _stage_specs(self) -> dict:
+        """How ``_compute_params``' ``diff`` and ``extra`` split over ``stage`` (the pipeline's specs)."""
+        compute_copy = self.layouts if self.zero.reduces_in_backward and not self.zero.gathers_for_loss else None
+        extra = (compute_copy, self.frozen_layouts)
+        return {"diff_specs": pipeline.stage_specs(self.layouts),
+                "extra_specs": jax.tree.map(pipeline.stage_specs, extra, is_leaf=lambda x: x is None)}
 
     def _trainable_params(self, state: TrainState):
-        """The differentiable inputs of the loss and how to turn them into the trainable params.
+        """The differentiable inputs of the loss, the replicated compute copy they are read with
+        (ZeRO-2; else None) and how to turn both into the trainable params.
 
         Stages 2 and 3 differentiate with respect to this device's shard, so every
         parameter's gradient is reduce-scattered as soon as its (layer's) backward pass
@@ -546,7 +561,7 @@ class TrainStep:
         # A stack the model scans itself is gathered whole; zjax.scan_layers opens placeholders.
         placeholders = not self._whole_stacks
         if self.zero.gathers_for_loss:
-            def to_params(d):
+            def to_params(d, _):
                 return map_layouts(
                     lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
                     if lay.stacked and placeholders
@@ -555,10 +570,10 @@ class TrainStep:
                     d,
                 )
 
-            return state.master, to_params
+            return state.master, None, to_params
         compute = jax.tree.map(lambda x: x.astype(dt.compute), state.replicated)
         if self.zero.reduces_in_backward:
-            def to_params(d):
+            def to_params(d, compute):
                 return map_layouts(
                     lambda lay, s, full: zero.ShardedParam(s, lay, dt.compute, dt.reduce, full=full)
                     if lay.stacked and placeholders
@@ -569,9 +584,9 @@ class TrainStep:
                 )
 
             shards = map_layouts(lambda lay, x: zero.local_slice(zero.to_stored(x, lay), lay), layouts, compute)
-            return shards, to_params
+            return shards, compute, to_params
         # Marked varying so that the gradient stays local until we reduce it.
-        return jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), compute), lambda d: d
+        return jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), compute), None, lambda d, _: d
 
     def _params_for_loss(self, state: TrainState, sample: Any, key: Any):
         """``_compute_params``, after finding out once, by tracing the loss on ``sample`` (one
@@ -583,8 +598,8 @@ class TrainStep:
             self._whole_stacks = False
 
             def trace(state):
-                diff, to_params = self._compute_params(state)
-                jax.eval_shape(lambda d: self._weighted_loss(to_params(d), sample, key), diff)
+                diff, extra, to_params = self._compute_params(state)
+                jax.eval_shape(lambda d, e: self._weighted_loss(to_params(d, e), sample, key), diff, extra)
 
             try:
                 trace(state)
@@ -616,10 +631,15 @@ class TrainStep:
                 key = jax.random.fold_in(state.rng, 2**31 - 1)
                 with layer_context("none", sharded_params=self.zero.reduces_in_backward, gathered={}), \
                         axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
-                        tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
-                        pipeline_microbatches(self.config.pipeline.microbatches):
-                    diff, to_params = self._params_for_loss(state, batch, key)
-                    lw, w = self._weighted_loss(to_params(diff), batch, key)
+                        tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles):
+                    diff, extra, to_params = self._params_for_loss(state, batch, key)
+                    if self.schedule_table is None:
+                        lw, w = self._weighted_loss(to_params(diff, extra), batch, key)
+                    else:
+                        lw, w = pipeline.pipeline_loss(
+                            lambda d, e, mb, k: self._weighted_loss(to_params(d, e), mb, k), diff, extra, batch,
+                            key, stages=self.schedule_table.stages, microbatches=self.schedule_table.microbatches,
+                            **self._stage_specs())
                 return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
 
             local_eval = self._manual(local, in_specs=(self.state_specs, P(BATCH_AXES)), out_specs=P())
@@ -634,13 +654,20 @@ class TrainStep:
         scale = state.loss_scale.scale
         device = lax.axis_index(REPLICA) * self.data_size + lax.axis_index(DATA)
         step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
-        diff, to_params = self._params_for_loss(state, jax.tree.map(lambda x: x[0], batch), step_key)
+        diff, extra, to_params = self._params_for_loss(state, jax.tree.map(lambda x: x[0], batch), step_key)
 
         def micro_loss(d, mb, key):
-            lw, w = self._weighted_loss(to_params(d), mb, key)
+            lw, w = self._weighted_loss(to_params(d, extra), mb, key)
             return lw * scale, (lw, w)
 
-        grad_fn = jax.grad(micro_loss, has_aux=True)
+        if self.schedule_table is None:
+            grad_fn = jax.grad(micro_loss, has_aux=True)
+        else:  # the pipeline differentiates each stage itself
+            def grad_fn(d, mb, key):
+                g, lw, w = pipeline.pipeline_grads(
+                    lambda d, e, mb, k: self._weighted_loss(to_params(d, e), mb, k), d, extra, mb, key,
+                    schedule=self.schedule_table, seed=scale, accum_dtype=dt.accum, **self._stage_specs())
+                return g, (lw, w)
 
         if not in_backward:
             acc0 = map_layouts(lambda lay, x: zero.constrain(jnp.zeros(x.shape, dt.accum), lay), layouts,

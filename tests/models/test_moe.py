@@ -1,0 +1,352 @@
+"""DeepSpeed's MoE gating in JAX (zjax.models.moe): capacity arithmetic, top-1/top-2/top-k
+decisions, dropped-token counts and the load-balancing loss against loop-by-loop numpy
+ports of deepspeed.moe.sharded_moe; the layer equals each token's experts applied one by
+one; random token selection is seeded; the NNX module trains under make_train_step."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import zjax
+from zjax.models.moe import GateConfig, MoE, capacity, expert_mlp, moe_ffn, route
+
+S, E, D, F = 48, 6, 8, 12
+
+
+def logits(seed=0, skew=True):
+    x = np.random.default_rng(seed).normal(size=(S, E)).astype(np.float32)
+    if skew:  # make experts 0 and 1 popular, so capacity drops tokens
+        x[:, :2] += 1.5
+    return x
+
+
+def softmax(x):
+    z = np.exp(x - x.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def ds_top1(lg, cap):
+    """deepspeed top1gating without noise or RTS (first tokens kept), one token at a time."""
+    gates = softmax(lg.astype(np.float64))
+    choice = gates.argmax(-1)
+    me, ce = gates.mean(0), np.bincount(choice, minlength=E) / S
+    combine, filled = np.zeros((S, E, cap)), np.zeros(E, int)
+    for s in range(S):
+        e = choice[s]
+        if filled[e] < cap:
+            combine[s, e, filled[e]] = gates[s, e]
+            filled[e] += 1
+    return combine, E * np.sum(me * ce), np.bincount(choice, minlength=E)
+
+
+def ds_top2(lg, cap):
+    """deepspeed top2gating without second-expert sampling: first choices fill the slots first."""
+    gates = softmax(lg.astype(np.float64))
+    first = gates.argmax(-1)
+    masked = np.where(np.eye(E)[first] > 0, -np.inf, lg)
+    second = masked.argmax(-1)
+    n_first = np.bincount(first, minlength=E)
+    combine = np.zeros((S, E, cap))
+    seen1, seen2 = np.zeros(E, int), np.zeros(E, int)
+    for s in range(S):
+        e1, e2 = first[s], second[s]
+        loc1, loc2 = seen1[e1], n_first[e2] + seen2[e2]
+        seen1[e1] += 1
+        seen2[e2] += 1
+        g1 = gates[s, e1] if loc1 < cap else 0.0
+        g2 = gates[s, e2] if loc2 < cap else 0.0
+        denom = max(g1 + g2, np.finfo(np.float32).eps)
+        if loc1 < cap:
+            combine[s, e1, loc1] = g1 / denom
+        if loc2 < cap:
+            combine[s, e2, loc2] = g2 / denom
+    aux = np.mean(gates.mean(0) * np.bincount(first, minlength=E) / S) * E * E
+    return combine, aux, np.bincount(first, minlength=E) + np.bincount(second, minlength=E)
+
+
+def ds_topk(lg, k, cap):
+    """deepspeed topkgating with drop_policy='probs': each expert keeps its cap largest gates."""
+    gates = softmax(lg.astype(np.float64))
+    chosen = np.argsort(-gates, axis=-1)[:, :k]
+    mask = np.zeros((S, E), bool)
+    np.put_along_axis(mask, chosen, True, axis=-1)
+    counts = mask.sum(0)
+    aux = np.mean(gates.mean(0) * mask.mean(0)) * E * E / k
+    for e in range(E):
+        rows = np.flatnonzero(mask[:, e])
+        keep = rows[np.argsort(-gates[rows, e], kind="stable")[:cap]]
+        mask[:, e] = False
+        mask[keep, e] = True
+    w = gates * mask
+    w = w / np.maximum(w.sum(-1, keepdims=True), np.finfo(np.float32).eps)
+    combine = np.zeros((S, E, cap))
+    for e in range(E):
+        for slot, s in enumerate(np.flatnonzero(mask[:, e])):
+            combine[s, e, slot] = w[s, e]
+    return combine, aux, counts
+
+
+def test_capacity_is_deepspeeds_arithmetic():
+    assert capacity(64, 8, 1, 1.0, 4) == 8
+    assert capacity(64, 8, 2, 1.25, 4) == 20  # ceil(8 * 2.5)
+    assert capacity(10, 4, 1, 1.0, 0) == 3    # ceil(2.5)
+    assert capacity(8, 8, 1, 1.0, 4) == 4     # min_capacity wins
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_gating_equals_deepspeeds_decisions_and_losses(k):
+    lg = logits(k)
+    cfg = GateConfig(E, top_k=k, capacity_factor=1.0, min_capacity=2, use_rts=False, second_expert_sampling=False)
+    cap = capacity(S, E, k, 1.0, 2)
+    routing = jax.jit(route, static_argnums=1)(jnp.asarray(lg), cfg)  # no key: no noise, no random selection
+    ref = {1: lambda: ds_top1(lg, cap), 2: lambda: ds_top2(lg, cap), 3: lambda: ds_topk(lg, 3, cap)}[k]()
+    combine, aux, counts = ref
+    assert routing.capacity == cap
+    np.testing.assert_allclose(routing.combine, combine, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(routing.dispatch, combine > 0)
+    np.testing.assert_allclose(routing.aux_loss, aux, rtol=1e-5)
+    np.testing.assert_array_equal(routing.counts, counts)
+    # dropped = assignments over capacity; the skewed logits make some
+    assert int(routing.dropped) == int(counts.sum() - (combine > 0).sum()) > 0
+    z = np.log(np.exp(lg.astype(np.float64)).sum(-1))
+    np.testing.assert_allclose(routing.z_loss, np.mean(z ** 2), rtol=1e-5)
+
+
+def test_top1_load_balancing_loss_by_hand():
+    # 4 tokens, 2 experts: first choices e0, e0, e1, e0 -> ce = (3/4, 1/4); me = mean softmax
+    lg = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]], np.float32))
+    routing = route(jnp.asarray(lg), GateConfig(2, min_capacity=0, use_rts=False))
+    me = np.array([0.6, 0.4])
+    assert float(routing.aux_loss) == pytest.approx(2 * (0.6 * 0.75 + 0.4 * 0.25), rel=1e-6)
+    # capacity ceil(4/2) = 2: the third e0 token (row 3) is dropped, first come first served
+    assert routing.capacity == 2 and int(routing.dropped) == 1
+    assert routing.dispatch[3].sum() == 0 and routing.dispatch[:3].sum() == 3
+    assert me.sum() == pytest.approx(1.0)
+
+
+def test_random_token_selection_is_seeded_and_keeps_capacity():
+    lg = jnp.asarray(logits(5))
+    cfg = GateConfig(E, top_k=1, min_capacity=1, use_rts=True)
+    a = route(lg, cfg, key=jax.random.key(0))
+    b = route(lg, cfg, key=jax.random.key(0))
+    c = route(lg, cfg, key=jax.random.key(1))
+    np.testing.assert_array_equal(a.combine, b.combine)
+    assert not np.array_equal(np.asarray(a.dispatch), np.asarray(c.dispatch))
+    kept = np.asarray(a.dispatch).sum((0, 2))
+    np.testing.assert_array_equal(kept, np.minimum(np.asarray(a.counts), a.capacity))
+
+
+def test_dropless_keeps_every_token_and_eval_uses_its_own_factor():
+    lg = jnp.asarray(logits(2))
+    dropless = route(lg, GateConfig(E, top_k=2, drop_tokens=False))
+    assert dropless.capacity == S and int(dropless.dropped) == 0
+    np.testing.assert_allclose(dropless.combine.sum((1, 2)), 1.0, rtol=1e-6)
+    cfg = GateConfig(E, capacity_factor=1.0, eval_capacity_factor=2.0, min_capacity=0)
+    assert route(lg, cfg, train=True).capacity == math.ceil(S / E)
+    assert route(lg, cfg, train=False).capacity == math.ceil(S / E * 2)
+
+
+def params(seed=0, residual=False, shared=False):
+    k = jax.random.split(jax.random.key(seed), 10)
+    p = {"router": jax.random.normal(k[0], (D, E)), "w_gate": jax.random.normal(k[1], (E, D, F)) / 3,
+         "w_up": jax.random.normal(k[2], (E, D, F)) / 3, "w_down": jax.random.normal(k[3], (E, F, D)) / 3}
+    if residual:
+        p["residual"] = {"w_gate": jax.random.normal(k[4], (D, F)) / 3, "w_up": jax.random.normal(k[5], (D, F)) / 3,
+                         "w_down": jax.random.normal(k[6], (F, D)) / 3}
+        p["coefficient"] = jax.random.normal(k[7], (D, 2))
+    if shared:
+        p["shared"] = {"w_gate": jax.random.normal(k[8], (D, F)) / 3, "w_up": jax.random.normal(k[9], (D, F)) / 3,
+                       "w_down": jax.random.normal(k[4], (F, D)) / 3}
+    return p
+
+
+def mlp(x, w_gate, w_up, w_down):
+    """SwiGLU in numpy (the reference never calls the code under test)."""
+    x, w_gate, w_up, w_down = (np.asarray(a, np.float64) for a in (x, w_gate, w_up, w_down))
+    g = x @ w_gate
+    return (g / (1 + np.exp(-g)) * (x @ w_up)) @ w_down
+
+
+@pytest.mark.parametrize("k,residual,shared", [(1, False, False), (2, True, False), (2, False, True)])
+def test_the_layer_equals_each_tokens_experts_one_by_one(k, residual, shared):
+    p = params(k, residual, shared)
+    x = jax.random.normal(jax.random.key(9), (4, S // 4, D))
+    cfg = GateConfig(E, top_k=k, drop_tokens=False)
+    y, routing = jax.jit(moe_ffn, static_argnums=2)(x, p, cfg)
+    tokens = np.asarray(x).reshape(S, D)
+    weights = np.asarray(routing.combine).sum(-1)  # [S, E]: each token's weight per expert
+    want = np.zeros((S, D))
+    for s in range(S):
+        for e in np.flatnonzero(weights[s]):
+            want[s] += weights[s, e] * mlp(tokens[s], p["w_gate"][e], p["w_up"][e], p["w_down"][e])
+    if residual:
+        coef = softmax(tokens @ np.asarray(p["coefficient"]))
+        dense = mlp(tokens, *(p["residual"][n] for n in ("w_gate", "w_up", "w_down")))
+        want = want * coef[:, :1] + dense * coef[:, 1:]
+    if shared:
+        want += mlp(tokens, *(p["shared"][n] for n in ("w_gate", "w_up", "w_down")))
+    np.testing.assert_allclose(np.asarray(y).reshape(S, D), want, rtol=1e-4, atol=1e-5)
+    # every token's weights: top-1 its gate, top-2 renormalized to 1
+    if k == 2:
+        np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+    # the router learns through the combine weights
+    g = jax.jit(jax.grad(lambda p: jnp.sum(moe_ffn(x, p, cfg)[0] ** 2)))(p)
+    assert float(jnp.abs(g["router"]).sum()) > 0
+    assert expert_mlp(jnp.zeros((E, 1, D)), p["w_gate"], p["w_up"], p["w_down"]).shape == (E, 1, D)
+
+
+def test_bad_gate_settings_are_clear_errors():
+    with pytest.raises(zjax.ConfigError, match="moe.top_k=3: use 1 <= top_k <= num_experts=2"):
+        GateConfig(2, top_k=3)
+    with pytest.raises(zjax.ConfigError, match="noisy_gate_policy='gumbel'"):
+        GateConfig(4, noisy_gate_policy="gumbel")
+    with pytest.raises(zjax.ConfigError, match="router gives 3 logits per token but moe.num_experts=4"):
+        route(jnp.zeros((5, 3)), GateConfig(4))
+
+
+def test_the_nnx_module_trains_in_a_zero3_step():
+    """A third-party-style NNX model with an MoE block (and its aux loss) trains under ZeRO-3."""
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(32, D, rngs=rngs)
+            self.moe = MoE(D, F, GateConfig(4, top_k=2, min_capacity=0), rngs=rngs, shared_experts=1)
+            self.head = nnx.Linear(D, 32, rngs=rngs)
+
+        def __call__(self, tokens):
+            h = self.embed(tokens)
+            y, routing = self.moe(h)
+            return self.head(h + y), routing
+
+    def loss_fn(model, batch):
+        logits, routing = model(batch["tokens"][:, :-1])
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["tokens"][:, 1:, None], -1).mean()
+        return nll + 0.01 * routing.aux_loss, {"dropped": routing.dropped}
+
+    cfg = zjax.load_config("configs/tiny.yaml", ["zero.stage=3", "batch.global_batch_size=8", "data.seq_len=8",
+                                                 "optimizer.lr=0.01", "precision.compute_dtype=float32"])
+    train = zjax.make_train_step(cfg, loss_fn, model=Tiny(nnx.Rngs(0)))
+    state = train.init()
+    batch = {"tokens": np.tile(np.arange(9, dtype=np.int32), (8, 1)) % 7}
+    losses = []
+    for _ in range(8):
+        state, metrics = train(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# --- the reference GPT's model.moe ------------------------------------------------------------
+
+from gpt_helpers import gpt_train, token_batches  # noqa: E402
+
+MOE_GPT = ("precision.compute_dtype=float32", "model.moe.num_experts=4", "model.moe.top_k=2",
+           "model.moe.use_residual=true", "model.moe.shared_experts=1", "model.moe.router_z_loss=0.001")
+
+
+def test_the_moe_gpt_trains_alike_under_zero_0_and_3_and_counts_its_params():
+    from zjax.models.gpt import count_params
+
+    runs = {}
+    for stage in (0, 3):
+        train, state = gpt_train(*MOE_GPT, f"zero.stage={stage}")
+        losses = []
+        for batch in token_batches(2, 16, 32):
+            state, metrics = train(state, batch)
+            losses.append(float(metrics["loss"]))
+        runs[stage] = np.array(losses)
+    np.testing.assert_allclose(runs[3], runs[0], rtol=1e-5)
+    assert np.isfinite(runs[0]).all()
+    cfg = zjax.load_config("configs/tiny.yaml", list(MOE_GPT))
+    assert count_params(cfg.model) == sum(x.size for x in jax.tree.leaves(state.params))
+    # the experts' weights are stacked per layer and carry the experts axis
+    assert state.params["blocks"]["mlp"]["w_gate"].shape == (2, 4, 64, 176)
+
+
+def test_the_moe_gpts_loss_adds_the_auxiliary_losses():
+    from zjax.models.gpt import gpt_loss, make_gpt
+
+    batch = {"tokens": jnp.asarray(token_batches(1, 4, 16)[0]["tokens"])}
+    losses = {}
+    for coef in (0.0, 0.5):
+        cfg = zjax.load_config("configs/tiny.yaml", [*MOE_GPT, f"model.moe.aux_loss_coef={coef}",
+                                                     "model.moe.router_z_loss=0"])
+        # two copies: the routers' random stream advances with every call
+        model = make_gpt(cfg.model, seed=0)
+        twin = nnx.clone(model)
+        nll, aux = nnx.jit(lambda m, t: m.token_nll_and_aux(t[:, :-1], t[:, 1:]))(model, batch["tokens"])
+        loss = nnx.jit(lambda m, b: gpt_loss(m, b)[0])(twin, batch)
+        losses[coef] = (float(loss), float(aux), float(nll.mean()))
+    assert losses[0.0][1] == 0.0 and losses[0.0][0] == pytest.approx(losses[0.0][2], rel=1e-6)
+    # two layers' load-balancing losses, each >= 1 (its minimum, at perfect balance), times 0.5
+    assert losses[0.5][1] >= 0.5 * 2 * 0.99
+    assert losses[0.5][0] == pytest.approx(losses[0.5][2] + losses[0.5][1], rel=1e-6)
+
+
+def test_moe_settings_not_built_are_clear_errors():
+    with pytest.raises(zjax.ConfigError, match="model.moe.top_k=3 is more than model.moe.num_experts=2"):
+        zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=2", "model.moe.top_k=3"])
+    with pytest.raises(zjax.ConfigError, match="model.moe.every=2: MoE on every k-th layer is not built yet"):
+        zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=2", "model.moe.every=2"])
+    with pytest.raises(zjax.ConfigError, match="mesh.stage=2 with model.moe.num_experts=2 is not built yet"):
+        zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=2", "mesh.stage=2"])
+
+
+# --- expert parallelism: the experts split over a mesh axis, two all-to-alls ------------------
+
+
+@pytest.mark.parametrize("shape,k,drop", [((1, 8), 1, True), ((2, 4), 2, False)])
+def test_expert_parallelism_equals_each_devices_tokens_through_all_experts(shape, k, drop):
+    """expert=8 and data=2 x expert=4: every device routes its own tokens; the result and the
+    gradients equal running each device's tokens through the whole MoE alone."""
+    from jax.sharding import PartitionSpec as P
+
+    from zjax.analysis import hlo
+
+    experts, tokens_per_device = 8, 12
+    devices = shape[0] * shape[1]
+    cfg = GateConfig(experts, top_k=k, drop_tokens=drop, min_capacity=1, capacity_factor=1.25)
+    key = jax.random.split(jax.random.key(3), 4)
+    p = {"router": jax.random.normal(key[0], (D, experts)),
+         "w_gate": jax.random.normal(key[1], (experts, D, F)) / 3,
+         "w_up": jax.random.normal(key[2], (experts, D, F)) / 3,
+         "w_down": jax.random.normal(key[3], (experts, F, D)) / 3}
+    x = jax.random.normal(jax.random.key(4), (devices * tokens_per_device, D))
+    mesh = jax.make_mesh(shape, ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    specs = {"router": P(), "w_gate": P("expert"), "w_up": P("expert"), "w_down": P("expert")}
+
+    def parallel(p, x):
+        def local(p, x):
+            y, routing = moe_ffn(x, p, cfg, expert_axis="expert")
+            return y, routing.dropped[None]
+        return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(("data", "expert"))),
+                             out_specs=(P(("data", "expert")), P(("data", "expert"))))(p, x)
+
+    def reference(p, x):
+        groups = x.reshape(devices, tokens_per_device, D)
+        ys, dropped = [], []
+        for g in range(devices):
+            y, routing = moe_ffn(groups[g], p, cfg)
+            ys.append(y)
+            dropped.append(routing.dropped)
+        return jnp.concatenate(ys), jnp.stack(dropped)
+
+    y, dropped = jax.jit(parallel)(p, x)
+    want_y, want_dropped = jax.jit(reference)(p, x)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(dropped, want_dropped)
+    if drop:
+        assert int(dropped.sum()) > 0
+    loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)[0]))  # noqa: E731
+    grads = jax.jit(jax.grad(loss(parallel), argnums=(0, 1)))(p, x)
+    want = jax.jit(jax.grad(loss(reference), argnums=(0, 1)))(p, x)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # two all-to-alls of [E, C, d] per layer forward, four with the backward; no weight gathered
+    cap = tokens_per_device if not drop else capacity(tokens_per_device, experts, k, 1.25, 1)
+    text = jax.jit(jax.grad(loss(parallel), argnums=(0, 1))).lower(p, x).compile().as_text()
+    found = hlo.collectives(text, devices, dict(mesh.shape))
+    a2a = [c for c in found if c.kind == "all-to-all"]
+    assert len(a2a) == 4 and {c.full_bytes for c in a2a} == {4 * experts * cap * D}
+    assert not any(c.kind == "all-gather" for c in found)

@@ -1,0 +1,319 @@
+"""Mixture-of-Experts: DeepSpeed's gating (top-1, top-2, top-k) and an MoE feed-forward layer.
+
+The gating follows ``deepspeed.moe.sharded_moe`` (``top1gating``, ``top2gating``,
+``topkgating``; in float32): softmax gates over the router's logits; an expert's
+*capacity* is ``C = ceil(S / E * capacity_factor * k)``, at least ``min_capacity``, for
+``S`` tokens, ``E`` experts and top-``k`` routing; the load-balancing loss is
+``E * sum_e me_e * ce_e`` (``me``: mean gate of expert e, ``ce``: the fraction of tokens
+whose *first* choice is e; for k > 2 ``E^2 / k * mean(me * ce)`` over all k choices), computed
+before any token is dropped; ``counts`` are the tokens routed to each expert before
+capacity (DeepSpeed's ``exp_counts``).
+
+- top-1: the argmax of the gates (of logits plus Gumbel noise under
+  ``noisy_gate_policy='RSample'``); an expert over capacity keeps ``C`` of its tokens,
+  chosen at random under ``use_rts`` (random token selection), else the first ``C`` in
+  token order; the combine weight is the token's gate (not renormalized).
+- top-2: the first choice as top-1 (without noise); the second is the argmax of the other
+  experts' logits, plus Gumbel noise under ``second_expert_sampling`` (DeepSpeed's
+  ``top2_2nd_expert_sampling``, default on); slots are filled first choices first, and a
+  token's two gates are renormalized to sum to 1 over the choices kept.
+- top-k (k > 2): the k largest gates; an expert over capacity keeps its ``C`` tokens of
+  largest gate (``drop_policy='probs'``) or the first ``C`` (``'position'``); gates are
+  renormalized over the choices kept.
+
+``drop_tokens=False`` keeps every token. DeepSpeed then sizes the buffers by the largest
+expert count of the step, a shape that changes per step; under ``jit`` shapes are static,
+so the capacity is the worst case, ``S`` (an expert receives a token at most once).
+
+Dispatch here is the dense GShard form: ``dispatch [S, E, C]`` one-hot masks gather each
+expert's ``[C, d]`` slots (``einsum('sec,sd->ecd')``), the experts run batched over ``E``,
+and ``combine [S, E, C]`` weights bring their outputs back (``einsum('sec,ecd->sd')``).
+
+Expert parallelism: ``moe_ffn(..., expert_axis=...)`` inside a region manual over the axis
+(two all-to-alls per layer forward). Not built yet (issue 16): the train step and the
+reference GPT over ``mesh.expert`` (the batch split over it too), dropless grouped matmuls (``lax.ragged_dot``), auxiliary-loss-free balancing with a
+per-expert bias (it needs state the optimizer does not update), the reference GPT's
+``model.moe`` block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zjax.errors import ConfigError
+
+NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
+DROP_POLICIES = ("probs", "position")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """DeepSpeed's ``TopKGate`` settings (``deepspeed.moe.layer.MoE``'s arguments, same names and
+    defaults; ``second_expert_sampling`` is its ``top2_2nd_expert_sampling``)."""
+
+    num_experts: int
+    top_k: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    noisy_gate_policy: str | None = None
+    use_rts: bool = True
+    second_expert_sampling: bool = True
+    drop_policy: str = "probs"
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise ConfigError(f"moe.num_experts={self.num_experts}: use at least 1 expert")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"moe.top_k={self.top_k}: use 1 <= top_k <= num_experts={self.num_experts}")
+        if self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            raise ConfigError(f"moe.capacity_factor={self.capacity_factor}, eval_capacity_factor="
+                              f"{self.eval_capacity_factor}: use positive factors (1.0 = an even share)")
+        if self.min_capacity < 0:
+            raise ConfigError(f"moe.min_capacity={self.min_capacity}: use 0 or more")
+        if self.noisy_gate_policy not in NOISY_GATE_POLICIES:
+            raise ConfigError(f"moe.noisy_gate_policy={self.noisy_gate_policy!r}: use none, Jitter or RSample")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ConfigError(f"moe.drop_policy={self.drop_policy!r}: use probs or position")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """Where each token goes, and what the gate reports.
+
+    Attributes:
+      combine: ``[S, E, C]`` float32, token s's weight at slot c of expert e (0 where it is not).
+      dispatch: ``[S, E, C]`` bool, ``combine > 0`` as DeepSpeed's ``dispatch_mask``.
+      aux_loss: DeepSpeed's ``l_aux`` (before any coefficient).
+      z_loss: ``mean(logsumexp(logits)^2)`` (ST-MoE's router z-loss, before any coefficient).
+      counts: ``[E]`` int32, tokens routed to each expert before capacity (``exp_counts``).
+      dropped: int32, token-to-expert assignments capacity dropped.
+    """
+
+    combine: jax.Array
+    dispatch: jax.Array
+    aux_loss: jax.Array
+    z_loss: jax.Array
+    counts: jax.Array
+    dropped: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.combine.shape[-1]
+
+
+def capacity(tokens: int, experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """DeepSpeed's ``_capacity``: ``ceil(S / E * capacity_factor * k)``, at least ``min_capacity``.
+
+    Example:
+      >>> capacity(64, 8, 1, 1.0, 4), capacity(64, 8, 2, 1.25, 4), capacity(8, 8, 1, 1.0, 4)
+      (8, 20, 4)
+    """
+    return max(math.ceil((tokens / experts) * (capacity_factor * k)), min_capacity)
+
+
+def _gumbel(key, shape):
+    return jax.random.gumbel(key, shape, jnp.float32)
+
+
+def _rank_in_column(priority: jax.Array) -> jax.Array:
+    """Per column, each row's rank by ``priority``, highest first (0 = highest; ties by row)."""
+    order = jnp.argsort(-priority, axis=0, stable=True)
+    return jnp.argsort(order, axis=0, stable=True)
+
+
+def _slots(locations: jax.Array, mask: jax.Array, cap: int) -> jax.Array:
+    """``[S, E]`` slot indices of kept assignments -> ``[S, E, C]`` one-hot (zero where not kept)."""
+    return jax.nn.one_hot(jnp.where(mask, locations, cap), cap, dtype=jnp.float32)
+
+
+def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Array | None = None) -> Routing:
+    """The gate's decisions for ``logits [S, E]`` (any float dtype; computed in float32).
+
+    ``key`` feeds the random parts (RSample noise, random token selection, the second
+    expert's Gumbel sampling); they are skipped without a key, and outside training
+    (``train=False``, which also switches to ``eval_capacity_factor``).
+    """
+    logits = logits.astype(jnp.float32)
+    s, e = logits.shape
+    if e != cfg.num_experts:
+        raise ConfigError(f"the router gives {e} logits per token but moe.num_experts={cfg.num_experts}")
+    k = cfg.top_k
+    factor = cfg.capacity_factor if train else cfg.eval_capacity_factor
+    cap = capacity(s, e, k, factor, cfg.min_capacity) if cfg.drop_tokens else s
+    keys = list(jax.random.split(key, 3)) if (key is not None and train) else [None] * 3
+    gates = jax.nn.softmax(logits, axis=-1)
+    me = jnp.mean(gates, axis=0)
+    z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+    if k == 1:
+        noisy = logits + _gumbel(keys[0], logits.shape) if cfg.noisy_gate_policy == "RSample" and keys[0] is not None \
+            else gates
+        mask = jax.nn.one_hot(jnp.argmax(noisy, axis=-1), e, dtype=jnp.int32)
+        counts = mask.sum(0)
+        aux = jnp.sum(me * jnp.mean(mask.astype(jnp.float32), axis=0)) * e
+        if cfg.drop_tokens:
+            if cfg.use_rts and keys[1] is not None:
+                priority = jnp.where(mask > 0, jax.random.uniform(keys[1], mask.shape), -1.0)
+            else:  # first come, first served
+                priority = jnp.where(mask > 0, -jnp.arange(s, dtype=jnp.float32)[:, None], -jnp.inf)
+            mask = mask * (_rank_in_column(priority) < cap)
+        locations = jnp.cumsum(mask, axis=0) - 1
+        combine = (gates * mask)[..., None] * _slots(locations, mask > 0, cap)
+        kept = mask.sum()
+    elif k == 2:
+        first = jnp.argmax(gates, axis=-1)
+        mask1 = jax.nn.one_hot(first, e, dtype=jnp.int32)
+        second_logits = logits + _gumbel(keys[2], logits.shape) \
+            if cfg.second_expert_sampling and keys[2] is not None else logits
+        mask2 = jax.nn.one_hot(jnp.argmax(jnp.where(mask1 > 0, -jnp.inf, second_logits), axis=-1), e,
+                               dtype=jnp.int32)
+        loc1 = jnp.cumsum(mask1, axis=0) - 1
+        loc2 = jnp.cumsum(mask2, axis=0) - 1 + mask1.sum(0, keepdims=True)
+        aux = jnp.mean(me * jnp.mean(mask1.astype(jnp.float32), axis=0)) * e * e
+        counts = (mask1 + mask2).sum(0)
+        if cfg.drop_tokens:
+            mask1 = mask1 * (loc1 < cap)
+            mask2 = mask2 * (loc2 < cap)
+        g1 = jnp.sum(gates * mask1, axis=-1)
+        g2 = jnp.sum(gates * mask2, axis=-1)
+        denom = jnp.maximum(g1 + g2, jnp.finfo(jnp.float32).eps)
+        combine = ((g1 / denom)[:, None, None] * mask1[..., None] * _slots(loc1, mask1 > 0, cap)
+                   + (g2 / denom)[:, None, None] * mask2[..., None] * _slots(loc2, mask2 > 0, cap))
+        kept = mask1.sum() + mask2.sum()
+    else:
+        top_gate, top_idx = jax.lax.top_k(gates, k)
+        mask = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=jnp.int32), axis=1)
+        counts = mask.sum(0)
+        aux = jnp.mean(me * jnp.mean(mask.astype(jnp.float32), axis=0)) * e * e / k
+        if cfg.drop_tokens:
+            if cfg.drop_policy == "probs":
+                mask = mask * (_rank_in_column(jnp.where(mask > 0, gates, -1.0)) < cap)
+            else:
+                mask = mask * (jnp.cumsum(mask, axis=0) - 1 < cap)
+        locations = jnp.cumsum(mask, axis=0) - 1
+        masked = gates * mask
+        masked = masked / jnp.maximum(masked.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
+        combine = masked[..., None] * _slots(locations, mask > 0, cap)
+        kept = mask.sum()
+    return Routing(combine, combine > 0, aux, z_loss, counts.astype(jnp.int32),
+                   (counts.sum() - kept).astype(jnp.int32))
+
+
+# --- the layer -------------------------------------------------------------------------------
+
+
+def expert_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """Each expert's SwiGLU MLP on its slots: ``x [E, C, d]``, ``w_gate/w_up [E, d, f]``, ``w_down [E, f, d]``."""
+    h = jax.nn.silu(jnp.einsum("ecd,edf->ecf", x, w_gate)) * jnp.einsum("ecd,edf->ecf", x, w_up)
+    return jnp.einsum("ecf,efd->ecd", h, w_down)
+
+
+def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, key: jax.Array | None = None,
+            expert_axis: str | None = None) -> tuple[jax.Array, Routing]:
+    """The MoE feed-forward (functional form): ``x [..., d]`` -> ``(y [..., d], routing)``.
+
+    ``params``: ``router [d, E]``; the experts' ``w_gate``/``w_up`` ``[E, d, f]`` and ``w_down``
+    ``[E, f, d]``; optionally ``residual`` (PR-MoE, DeepSpeed's ``use_residual``: a dense MLP
+    ``{w_gate, w_up [d, f], w_down [f, d]}`` mixed with the experts by ``coefficient [d, 2]``,
+    softmax weights per token) and ``shared`` (DeepSeek-style shared experts: a dense MLP of the
+    same form whose output is added).
+
+    ``expert_axis``: inside a region manual over that mesh axis (size ``E_p``), expert
+    parallelism: the experts' weights are this device's ``E / E_p`` experts, ``x`` its own
+    tokens (routed alone, as DeepSpeed routes each rank's). The slots ``[E, C, d]`` go to
+    their experts' devices in one all-to-all (device j receives ``[E / E_p, E_p * C, d]``:
+    its experts' slots from every device) and come back in a second; the backward pass runs
+    the two transposed. Expert weights never move.
+    """
+    shape = x.shape
+    tokens = x.reshape(-1, shape[-1])
+    gate_in = tokens.astype(jnp.float32)
+    if cfg.noisy_gate_policy == "Jitter" and train and key is not None:
+        key, jitter = jax.random.split(key)
+        gate_in = gate_in * jax.random.uniform(jitter, gate_in.shape, minval=1.0 - 1e-2, maxval=1.0 + 1e-2)
+    logits = gate_in @ params["router"].astype(jnp.float32)
+    routing = route(logits, cfg, train=train, key=key)
+    slots = jnp.einsum("sec,sd->ecd", routing.dispatch.astype(tokens.dtype), tokens)
+    if expert_axis is None:
+        out = expert_mlp(slots, params["w_gate"], params["w_up"], params["w_down"])
+    else:
+        local = params["w_gate"].shape[0]
+        if local * jax.lax.axis_size(expert_axis) != cfg.num_experts:
+            raise ConfigError(f"moe.num_experts={cfg.num_experts} experts do not split into this device's {local} "
+                              f"over the {jax.lax.axis_size(expert_axis)} devices of {expert_axis!r}; use a "
+                              f"num_experts divisible by mesh.{expert_axis}")
+        mine = jax.lax.all_to_all(slots, expert_axis, split_axis=0, concat_axis=1, tiled=True)
+        out = expert_mlp(mine, params["w_gate"], params["w_up"], params["w_down"])
+        out = jax.lax.all_to_all(out, expert_axis, split_axis=1, concat_axis=0, tiled=True)
+    y = jnp.einsum("sec,ecd->sd", routing.combine.astype(out.dtype), out)
+    if "residual" in params:
+        r = params["residual"]
+        dense = expert_mlp(tokens[None], r["w_gate"][None], r["w_up"][None], r["w_down"][None])[0]
+        coef = jax.nn.softmax(tokens.astype(jnp.float32) @ params["coefficient"].astype(jnp.float32), axis=-1)
+        y = y * coef[:, :1].astype(y.dtype) + dense * coef[:, 1:].astype(y.dtype)
+    if "shared" in params:
+        sh = params["shared"]
+        y = y + expert_mlp(tokens[None], sh["w_gate"][None], sh["w_up"][None], sh["w_down"][None])[0]
+    return y.reshape(shape), routing
+
+
+def _init(rngs: nnx.Rngs, shape, fan_in: int, dtype, axes, std: float | None = None):
+    std = 1.0 / math.sqrt(fan_in) if std is None else std
+    value = jax.random.normal(rngs.params(), shape, jnp.float32) * std
+    return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
+
+
+class MoE(nnx.Module):
+    """An MoE feed-forward block as an NNX module (``moe_ffn`` on its parameters).
+
+    ``MoE(d_model, d_ff, GateConfig(...), rngs=nnx.Rngs(0), use_residual=False, shared_experts=0)``;
+    calling it on ``x [..., d_model]`` returns ``(y, routing)``. Parameters carry logical axes
+    (``experts``, ``embed``, ``mlp``) for the sharding rules. ``init_std``/``out_std``: the
+    normal init's deviation of the input and output projections (default 1/sqrt(fan-in)).
+    ``deterministic`` (set by ``module.eval()``): gate as outside training (no noise, no
+    random selection, ``eval_capacity_factor``).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, cfg: GateConfig, *, rngs: nnx.Rngs, use_residual: bool = False,
+                 shared_experts: int = 0, param_dtype: Any = jnp.float32, init_std: float | None = None,
+                 out_std: float | None = None):
+        e = cfg.num_experts
+        self.cfg = cfg
+        self.deterministic = False
+        self.router = _init(rngs, (d_model, e), d_model, param_dtype, ("embed", None), init_std)
+        self.w_gate = _init(rngs, (e, d_model, d_ff), d_model, param_dtype, ("experts", "embed", "mlp"), init_std)
+        self.w_up = _init(rngs, (e, d_model, d_ff), d_model, param_dtype, ("experts", "embed", "mlp"), init_std)
+        self.w_down = _init(rngs, (e, d_ff, d_model), d_ff, param_dtype, ("experts", "mlp", "embed"), out_std)
+        self.residual = nnx.data(None)
+        self.coefficient = nnx.data(None)
+        self.shared = nnx.data(None)
+        if use_residual:
+            self.residual = _dense(rngs, d_model, d_ff, param_dtype, init_std, out_std)
+            self.coefficient = _init(rngs, (d_model, 2), d_model, param_dtype, ("embed", None), init_std)
+        if shared_experts:
+            self.shared = _dense(rngs, d_model, d_ff * shared_experts, param_dtype, init_std, out_std)
+
+    def __call__(self, x: jax.Array, *, train: bool | None = None, key: jax.Array | None = None):
+        train = not self.deterministic if train is None else train
+        params = {"router": self.router[...], "w_gate": self.w_gate[...], "w_up": self.w_up[...],
+                  "w_down": self.w_down[...]}
+        if self.residual is not None:
+            params["residual"] = {k: v[...] for k, v in self.residual.items()}
+            params["coefficient"] = self.coefficient[...]
+        if self.shared is not None:
+            params["shared"] = {k: v[...] for k, v in self.shared.items()}
+        return moe_ffn(x, params, self.cfg, train=train, key=key)
+
+
+def _dense(rngs, d_model, d_ff, dtype, init_std=None, out_std=None) -> nnx.Dict:
+    return nnx.Dict(w_gate=_init(rngs, (d_model, d_ff), d_model, dtype, ("embed", "mlp"), init_std),
+                    w_up=_init(rngs, (d_model, d_ff), d_model, dtype, ("embed", "mlp"), init_std),
+                    w_down=_init(rngs, (d_ff, d_model), d_ff, dtype, ("mlp", "embed"), out_std))
