@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 # Two workers (pytest-xdist): the suite is compile-bound, 1.4x faster on 2 cores than one process.
 # The docstring examples of zjax and pallas_kernels run too (--doctest-modules).
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2 --doctest-modules tests zjax pallas_kernels
+	$(PY) -m pytest -n 2 --dist worksteal --doctest-modules tests zjax pallas_kernels
 
 BENCHMARKS := zero tensor long_context pipeline remat kernels checkpoint data
 

@@ -38,6 +38,18 @@ def test_train_writes_one_metrics_line_per_step_and_val_losses(tmp_path):
     assert "val loss" in result.stdout
 
 
+def test_train_logs_the_moe_dropped_fraction(tmp_path):
+    """A scalar the loss reports beside its weight (the MoE GPT's dropped-assignment fraction)
+    is a step metric and a metrics.jsonl column."""
+    out = tmp_path / "run"
+    result = _zjax("train", str(TINY), "steps=2", "eval_every=0", "model.moe.num_experts=4", "model.moe.top_k=2",
+                   f"output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [list(r) for r in steps] == [STEP_KEYS[:-1] + ["moe_dropped_fraction", "tokens_per_s"]] * 2
+    assert all(0 <= r["moe_dropped_fraction"] < 1 for r in steps)
+
+
 def test_explain_prints_the_effective_config_with_overrides(capsys):
     assert main(["config", "explain", str(TINY)]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["zero"]["stage"] == 3

@@ -245,25 +245,6 @@ MOE_GPT = ("precision.compute_dtype=float32", "model.moe.num_experts=4", "model.
            "model.moe.use_residual=true", "model.moe.shared_experts=1", "model.moe.router_z_loss=0.001")
 
 
-def test_the_moe_gpt_trains_alike_under_zero_0_and_3_and_counts_its_params():
-    from zjax.models.gpt import count_params
-
-    runs = {}
-    for stage in (0, 3):
-        train, state = gpt_train(*MOE_GPT, f"zero.stage={stage}")
-        losses = []
-        for batch in token_batches(2, 16, 32):
-            state, metrics = train(state, batch)
-            losses.append(float(metrics["loss"]))
-        runs[stage] = np.array(losses)
-    np.testing.assert_allclose(runs[3], runs[0], rtol=1e-5)
-    assert np.isfinite(runs[0]).all()
-    cfg = zjax.load_config("configs/tiny.yaml", list(MOE_GPT))
-    assert count_params(cfg.model) == sum(x.size for x in jax.tree.leaves(state.params))
-    # the experts' weights are stacked per layer and carry the experts axis
-    assert state.params["blocks"]["mlp"]["w_gate"].shape == (2, 4, 64, 176)
-
-
 def test_the_moe_gpts_loss_adds_the_auxiliary_losses():
     from zjax.models.gpt import gpt_loss, make_gpt
 
@@ -277,7 +258,7 @@ def test_the_moe_gpts_loss_adds_the_auxiliary_losses():
         twin = nnx.clone(model)
         nll, aux = nnx.jit(lambda m, t: m.token_nll_and_aux(t[:, :-1], t[:, 1:]))(model, batch["tokens"])
         loss = nnx.jit(lambda m, b: gpt_loss(m, b)[0])(twin, batch)
-        losses[coef] = (float(loss), float(aux), float(nll.mean()))
+        losses[coef] = (float(loss), float(aux["loss"]), float(nll.mean()))
     assert losses[0.0][1] == 0.0 and losses[0.0][0] == pytest.approx(losses[0.0][2], rel=1e-6)
     # two layers' load-balancing losses, each >= 1 (its minimum, at perfect balance), times 0.5
     assert losses[0.5][1] >= 0.5 * 2 * 0.99
@@ -349,4 +330,72 @@ def test_expert_parallelism_equals_each_devices_tokens_through_all_experts(shape
     found = hlo.collectives(text, devices, dict(mesh.shape))
     a2a = [c for c in found if c.kind == "all-to-all"]
     assert len(a2a) == 4 and {c.full_bytes for c in a2a} == {4 * experts * cap * D}
+    assert not any(c.kind == "all-gather" for c in found)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_ragged_grouped_matmuls_equal_dropless_slots(k):
+    """dispatch='ragged' (lax.ragged_dot over each expert's rows, no capacity slots) gives the
+    dense dropless layer's output and gradients."""
+    p = params(k, residual=k == 2)
+    x = jax.random.normal(jax.random.key(7), (S, D))
+    dense = GateConfig(E, top_k=k, drop_tokens=False)
+    ragged = GateConfig(E, top_k=k, drop_tokens=False, dispatch="ragged")
+
+    def loss(cfg):
+        return jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(moe_ffn(x, p, cfg)[0])), argnums=(0, 1)))
+
+    (a, ga), (b, gb) = loss(ragged)(p, x), loss(dense)(p, x)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
+    with pytest.raises(zjax.ConfigError, match="dispatch='ragged' runs every token's experts"):
+        GateConfig(E, dispatch="ragged")
+
+
+def test_the_gpts_ragged_dispatch_equals_its_dropless_slots():
+    from zjax.models.gpt import make_gpt
+
+    tokens = jnp.asarray(token_batches(1, 4, 16)[0]["tokens"])
+    nll = {}
+    for dispatch in ("dense", "ragged"):
+        cfg = zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=4", "model.moe.top_k=2",
+                                                     "model.moe.drop_tokens=false", f"model.moe.dispatch={dispatch}"])
+        nll[dispatch] = nnx.jit(lambda m, t: m.token_nll(t[:, :-1], t[:, 1:]))(make_gpt(cfg.model, seed=0), tokens)
+    np.testing.assert_allclose(nll["ragged"], nll["dense"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_moe_gpt_over_mesh_expert_trains_like_data_parallelism():
+    """data=2 x expert=4 at ZeRO-3 against data=8 at ZeRO-0: the batch is split over expert
+    outside the experts, each device routes its own rows, the experts (8, two per device) are
+    split over expert and reached by all-to-alls; losses, params and the dropped fraction
+    equal data=8's (each device routes the same rows)."""
+    from zjax.analysis import hlo
+    from zjax.models.gpt import count_params
+
+    over = (*MOE_GPT, "model.moe.num_experts=8", "model.moe.use_rts=false", "model.moe.second_expert_sampling=false")
+    runs = {}
+    for expert, stage in ((1, 0), (4, 3)):
+        train, state = gpt_train(*over, f"mesh.expert={expert}", f"zero.stage={stage}")
+        losses = []
+        for batch in token_batches(2, 16, 32):
+            state, metrics = train(state, batch)
+            losses.append(float(metrics["loss"]))
+        runs[expert] = (np.array(losses), state, train, float(metrics["moe_dropped_fraction"]))
+    np.testing.assert_allclose(runs[4][0], runs[1][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(runs[4][1].params), jax.tree.leaves(runs[1][1].params)):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5
+    # the loss's extra scalars are step metrics: the fraction of assignments capacity dropped
+    assert 0 < runs[1][3] < 1 and runs[4][3] == pytest.approx(runs[1][3], rel=1e-6)
+    cfg = zjax.load_config("configs/tiny.yaml", list(over))
+    assert count_params(cfg.model) == sum(x.size for x in jax.tree.leaves(runs[1][1].params))
+    train, state = runs[4][2], runs[4][1]
+    w = state.master["blocks"]["mlp"]["w_gate"]  # [layers, experts, embed, mlp]: experts over expert, embed over data
+    assert w.shape == (2, 8, 64, 176)
+    assert w.sharding.spec[1] == "expert" and {s.data.shape[1] for s in w.addressable_shards} == {2}
+    text = train.lower(state, token_batches(1, 16, 32)[0]).compile().as_text()
+    found = [c for c in hlo.collectives(text, 8, dict(train.mesh.shape)) if "expert" in c.axes]
+    # each device's 64 tokens: capacity ceil(64 / 8 x 2) = 16 slots per expert, [E, C, d] float32
+    a2a = [c for c in found if c.kind == "all-to-all"]
+    assert a2a and {c.full_bytes for c in a2a} == {8 * 16 * 64 * 4}
     assert not any(c.kind == "all-gather" for c in found)

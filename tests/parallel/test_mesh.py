@@ -29,13 +29,6 @@ def test_same_losses_on_1_2_and_8_devices():
         np.testing.assert_allclose(on_n, on8, rtol=1e-5)
 
 
-@pytest.mark.parametrize("axis, what", [("expert", "expert")])
-def test_axes_whose_parallelism_is_not_built_are_refused_above_one(axis, what):
-    cfg = zjax.load_config("configs/tiny.yaml", [f"mesh.{axis}=2"])
-    with pytest.raises(zjax.ConfigError, match=f"mesh.{axis}=2: {what} parallelism is not implemented yet"):
-        zjax.make_train_step(cfg, gpt_loss, model=make_gpt(cfg.model))
-
-
 def test_mesh_that_does_not_match_device_count():
     cfg = zjax.load_config("configs/tiny.yaml", ["mesh.data=3"])
     with pytest.raises(zjax.ConfigError, match="mesh"):

@@ -85,12 +85,13 @@ def toy_pipeline(name, microbatches):
     schedule = make_schedule(name, STAGES, microbatches)
 
     def loss_of(d, extra, mb, key):
-        return toy_loss(d, mb), jnp.float32(1.0)
+        return toy_loss(d, mb), jnp.float32(1.0), {"tokens": jnp.float32(mb["tokens"].size)}
 
     def run(params, batch):
-        g, lw, w = pipeline_grads(loss_of, params, None, batch, jax.random.key(0), schedule=schedule,
-                                  diff_specs=specs, extra_specs=None, seed=jnp.float32(1.0))
-        return lw / w, jax.tree.map(lambda x: x / w, g)
+        g, lw, w, extras = pipeline_grads(loss_of, params, None, batch, jax.random.key(0), schedule=schedule,
+                                          diff_specs=specs, extra_specs=None, seed=jnp.float32(1.0))
+        # the loss's extra scalars are summed over the micro-batches like the loss
+        return lw / w, jax.tree.map(lambda x: x / w, g), extras["tokens"]
 
     with jax.set_mesh(toy_mesh()):
         placed = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(toy_mesh(), s), specs))
@@ -102,13 +103,14 @@ def test_the_executor_equals_the_layers_in_order_with_gradients(name, microbatch
     run, placed = toy_pipeline(name, microbatches)
     batch = toy_batch()
     with jax.set_mesh(toy_mesh()):
-        loss, grads = run(placed, batch)
+        loss, grads, tokens = run(placed, batch)
         text = run.lower(placed, batch).compile().as_text()
     # the mean over micro-batches of the loss, and its gradient (the tied embedding's from both ends)
     micro = jax.tree.map(lambda x: x.reshape((microbatches, -1) + x.shape[1:]), batch)
     want_loss, want = jax.value_and_grad(
         lambda p: jnp.mean(jax.vmap(lambda mb: toy_loss(p, mb))(micro)))(toy_params())
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert float(tokens) == batch["tokens"].size
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
     # over stage: two permutes of one micro-batch's activation per tick, and the gradients of what
@@ -118,7 +120,7 @@ def test_the_executor_equals_the_layers_in_order_with_gradients(name, microbatch
     ticks = make_schedule(name, STAGES, microbatches).ticks
     assert sorted((c.kind, c.full_bytes) for c in found if c.runs == ticks) == [("collective-permute", act)] * 2
     assert {c.kind for c in found if c.runs == 1} == {"all-reduce"}
-    assert sum(c.full_bytes for c in found if c.kind == "all-reduce") <= 4 * (VOCAB * D + D + 2)
+    assert sum(c.full_bytes for c in found if c.kind == "all-reduce") <= 4 * (VOCAB * D + D + 3)  # + 3 scalars
 
 
 def test_1f1b_keeps_fewer_activations_than_gpipe_and_does_not_grow_with_microbatches():
@@ -131,7 +133,7 @@ def test_1f1b_keeps_fewer_activations_than_gpipe_and_does_not_grow_with_microbat
             batch = jax.tree.map(lambda x: jnp.tile(x, (m // 4, 1)), toy_batch())  # 4 rows per micro-batch
 
             def run(params, batch, schedule=schedule, specs=specs):
-                return pipeline_grads(lambda d, e, mb, k: (toy_loss(d, mb), jnp.float32(1)), params, None, batch,
+                return pipeline_grads(lambda d, e, mb, k: (toy_loss(d, mb), jnp.float32(1), {}), params, None, batch,
                                       jax.random.key(0), schedule=schedule, diff_specs=specs, extra_specs=None,
                                       seed=jnp.float32(1.0))
 
@@ -148,7 +150,7 @@ def test_evaluation_runs_the_forwards_only():
     params, specs = toy_params(), toy_specs(toy_params())
     batch = toy_batch()
     with jax.set_mesh(toy_mesh()):
-        lw, w = jax.jit(lambda p, b: pipeline_loss(lambda d, e, mb, k: (toy_loss(d, mb), jnp.float32(1)), p, None, b,
+        lw, w, _ = jax.jit(lambda p, b: pipeline_loss(lambda d, e, mb, k: (toy_loss(d, mb), jnp.float32(1), {}), p, None, b,
                                                    jax.random.key(0), stages=STAGES, microbatches=4, diff_specs=specs,
                                                    extra_specs=None))(params, batch)
     micro = jax.tree.map(lambda x: x.reshape((4, -1) + x.shape[1:]), batch)
@@ -159,7 +161,7 @@ def test_a_loss_without_scan_layers_or_rows_that_do_not_split_are_clear_errors()
     params, specs = toy_params(), toy_specs(toy_params())
 
     def no_scan(d, e, mb, k):
-        return jnp.sum(d["embed"][mb["tokens"]]), jnp.float32(1)
+        return jnp.sum(d["embed"][mb["tokens"]]), jnp.float32(1), {}
 
     with jax.set_mesh(toy_mesh()), pytest.raises(zjax.ConfigError, match="never calls scan_layers"):
         jax.jit(lambda p, b: pipeline_grads(no_scan, p, None, b, jax.random.key(0),

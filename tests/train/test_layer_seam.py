@@ -59,8 +59,9 @@ def test_gradients_through_the_seam_equal_the_blocks(policy):
     want = jax.grad(loss, argnums=(0, 1))(block, x, False)
     with layers.layer_context(policy, calls=[]):
         got = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(block, x, True)
+    # jitted against op-by-op float32: the same math rounded in another order (a wrong gradient is O(1) off)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_a_block_that_is_not_callable_is_refused():

@@ -41,6 +41,7 @@ DEFAULT_LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "vocab": "tensor",
+    "experts": "expert",
 }
 
 
@@ -117,8 +118,8 @@ class MeshConfig(_Section):
     """Device-mesh size per axis; -1 takes every device the other axes leave.
 
     The axes, outermost first: ``replica``, ``data`` (ZeRO), ``stage`` (pipeline),
-    ``tensor``, ``sequence`` and ``expert``; the last four must be 1 until their
-    parallelism lands (``zjax.parallel.mesh.make_mesh`` says which).
+    ``tensor``, ``sequence`` and ``expert`` (experts of ``model.moe`` split over it, and the
+    activations' batch outside the experts).
 
     ``replica`` is the outermost axis: full replicas (e.g. TPU slices or nodes joined
     over the data-center network) that each run ZeRO over their own ``data`` devices
@@ -402,6 +403,7 @@ class MoEConfig(_Section):
     use_rts: bool = True
     second_expert_sampling: bool = True
     drop_policy: Literal["probs", "position"] = "probs"
+    dispatch: Literal["dense", "ragged"] = "dense"
     use_residual: bool = False
     shared_experts: int = Field(0, ge=0)
     d_ff: int | None = Field(None, gt=0)
@@ -414,6 +416,9 @@ class MoEConfig(_Section):
         if self.num_experts and self.top_k > self.num_experts:
             raise ValueError(f"model.moe.top_k={self.top_k} is more than model.moe.num_experts={self.num_experts}; "
                              "use top_k <= num_experts")
+        if self.num_experts and self.dispatch == "ragged" and self.drop_tokens:
+            raise ValueError("model.moe.dispatch=ragged runs every token's experts (dropless): set "
+                             "model.moe.drop_tokens: false, or use dispatch: dense for capacity and dropping")
         if self.every != 1:
             raise ValueError(f"model.moe.every={self.every}: MoE on every k-th layer is not built yet; use every: 1 "
                              "(every layer) or num_experts: 0")

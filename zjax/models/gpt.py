@@ -123,9 +123,10 @@ class GPT(nnx.Module):
         return self.hidden_and_aux(tokens, segment_ids, positions)[0]
 
     def hidden_and_aux(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                       positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """``hidden`` and the MoE layers' auxiliary loss (``aux_loss_coef`` x load balancing +
-        ``router_z_loss`` x z-loss, summed over the layers; 0 without MoE)."""
+                       positions: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """``hidden`` and the MoE layers' report: ``{"loss": aux_loss_coef x load balancing +
+        router_z_loss x z-loss, summed over the layers}`` (0 without MoE), with MoE also
+        ``"dropped"`` and ``"assignments"``: token-to-expert assignments capacity dropped, of all."""
         seq_len = tokens.shape[1]
         if seq_len > self.max_seq_len:
             raise ValueError(f"tokens have length {seq_len}, longer than model.max_seq_len="
@@ -146,16 +147,16 @@ class GPT(nnx.Module):
                 return shard(nnx.merge(block_def, layer_state)(h, rope, segment_ids, self.kernels), ACTIVATION_AXES)
 
             x = scan_layers(layer, x, block_state)
-            return self.final_norm(x, self.kernels), jnp.float32(0)
+            return self.final_norm(x, self.kernels), {"loss": jnp.float32(0)}
 
         def moe_layer(carry, layer_state):
-            h, aux, key = carry
+            h, stats, key = carry
             key, sub = jax.random.split(key)
-            h, layer_aux = nnx.merge(block_def, layer_state)(h, rope, segment_ids, self.kernels, key=sub)
-            return shard(h, ACTIVATION_AXES), aux + layer_aux, key
+            h, layer_stats = nnx.merge(block_def, layer_state)(h, rope, segment_ids, self.kernels, key=sub)
+            return shard(h, ACTIVATION_AXES), stats + layer_stats, key
 
-        x, aux, _ = scan_layers(moe_layer, (x, jnp.float32(0), self.router_rngs.router()), block_state)
-        return self.final_norm(x, self.kernels), aux
+        x, stats, _ = scan_layers(moe_layer, (x, jnp.zeros(3, jnp.float32), self.router_rngs.router()), block_state)
+        return self.final_norm(x, self.kernels), {"loss": stats[0], "dropped": stats[1], "assignments": stats[2]}
 
     def token_nll(self, inputs: jax.Array, targets: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
         """Float32 next-token negative log-likelihood ``[B, T]`` of ``targets`` given ``inputs``
@@ -163,9 +164,9 @@ class GPT(nnx.Module):
         return self.token_nll_and_aux(inputs, targets, segment_ids)[0]
 
     def token_nll_and_aux(self, inputs: jax.Array, targets: jax.Array,
-                          segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                          segment_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Float32 next-token negative log-likelihood ``[B, T]`` of ``targets`` given ``inputs``,
-        and the MoE layers' auxiliary loss (0 without MoE).
+        and the MoE layers' report (``hidden_and_aux``).
 
         Under tensor parallelism the vocabulary stays split: each shard computes its part
         of the logits and the log-sum-exp and target logit are summed over the shards
@@ -213,7 +214,8 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
 
     Returns:
       ``(loss, {"weight": float32 number of counted targets})``; with MoE layers the loss
-      includes their auxiliary loss (``model.moe``'s coefficients).
+      includes their auxiliary loss (``model.moe``'s coefficients) and the dict their
+      ``moe_dropped_fraction`` (of token-to-expert assignments, over the layers).
     """
     segment_ids = batch.get("segment_ids")
     if "inputs" in batch:
@@ -232,7 +234,9 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
             segment_ids = segment_ids[:, :-1]
     nll, aux = model.token_nll_and_aux(inputs, targets, segment_ids)
     weight = counted.sum()
-    loss = (nll * counted).sum() / jnp.maximum(weight, 1.0) + aux
+    loss = (nll * counted).sum() / jnp.maximum(weight, 1.0) + aux["loss"]
+    if "dropped" in aux:  # reported by the train step as a metric
+        return loss, {"weight": weight, "moe_dropped_fraction": aux["dropped"] / jnp.maximum(aux["assignments"], 1.0)}
     return loss, {"weight": weight}
 
 
@@ -314,19 +318,23 @@ class Block(nnx.Module):
                 moe.num_experts, top_k=moe.top_k, capacity_factor=moe.capacity_factor,
                 eval_capacity_factor=moe.eval_capacity_factor, min_capacity=moe.min_capacity,
                 drop_tokens=moe.drop_tokens, noisy_gate_policy=moe.noisy_gate_policy, use_rts=moe.use_rts,
-                second_expert_sampling=moe.second_expert_sampling, drop_policy=moe.drop_policy)
+                second_expert_sampling=moe.second_expert_sampling, drop_policy=moe.drop_policy,
+                dispatch=moe.dispatch)
             self.mlp = moe_lib.MoE(cfg.d_model, moe.d_ff or cfg.d_ff, gate, rngs=rngs, use_residual=moe.use_residual,
                                    shared_experts=moe.shared_experts, param_dtype=param_dtype, init_std=INIT_STD,
                                    out_std=INIT_STD / math.sqrt(2 * cfg.n_layers))
 
     def __call__(self, x, rope, segment_ids, kernels="xla", key=None):
-        """``x + attn(norm(x))`` then ``+ mlp(norm(...))``; with an MoE MLP, ``(x, aux loss)``."""
+        """``x + attn(norm(x))`` then ``+ mlp(norm(...))``; with an MoE MLP, ``(x, [aux loss, dropped
+        assignments, assignments])``."""
         x = x + self.attn(checkpoint_name(self.attn_norm(x, kernels), "attn_norm"), rope, segment_ids, kernels)
         h = checkpoint_name(self.mlp_norm(x, kernels), "mlp_norm")
         if self.aux_coefs is None:
             return x + self.mlp(h, kernels)
-        y, routing = self.mlp(h, key=key)
-        return x + y.astype(x.dtype), self.aux_coefs[0] * routing.aux_loss + self.aux_coefs[1] * routing.z_loss
+        y, routing = self.mlp(h, key=key, x_axes=ACTIVATION_AXES)
+        aux = self.aux_coefs[0] * routing.aux_loss + self.aux_coefs[1] * routing.z_loss
+        assignments = routing.counts.sum().astype(jnp.float32)
+        return x + y.astype(x.dtype), jnp.stack([aux, routing.dropped.astype(jnp.float32), assignments])
 
 
 class Attention(nnx.Module):

@@ -29,11 +29,15 @@ Dispatch here is the dense GShard form: ``dispatch [S, E, C]`` one-hot masks gat
 expert's ``[C, d]`` slots (``einsum('sec,sd->ecd')``), the experts run batched over ``E``,
 and ``combine [S, E, C]`` weights bring their outputs back (``einsum('sec,ecd->sd')``).
 
+``dispatch='ragged'`` is the dropless alternative: each token's choices sorted by expert and
+multiplied by grouped matmuls (``lax.ragged_dot``), no capacity slots.
+
 Expert parallelism: ``moe_ffn(..., expert_axis=...)`` inside a region manual over the axis
 (two all-to-alls per layer forward). Not built yet (issue 16): the train step and the
-reference GPT over ``mesh.expert`` (the batch split over it too), dropless grouped matmuls (``lax.ragged_dot``), auxiliary-loss-free balancing with a
-per-expert bias (it needs state the optimizer does not update), the reference GPT's
-``model.moe`` block.
+reference GPT over ``mesh.expert`` (the batch split over it too), ragged dispatch across
+devices (a ragged all-to-all), auxiliary-loss-free balancing with a per-expert bias (it
+needs state the optimizer does not update). The reference GPT's ``model.moe`` block uses
+this layer.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ from zjax.errors import ConfigError
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 DROP_POLICIES = ("probs", "position")
+DISPATCHES = ("dense", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +71,7 @@ class GateConfig:
     use_rts: bool = True
     second_expert_sampling: bool = True
     drop_policy: str = "probs"
+    dispatch: str = "dense"
 
     def __post_init__(self):
         if self.num_experts < 1:
@@ -81,6 +87,11 @@ class GateConfig:
             raise ConfigError(f"moe.noisy_gate_policy={self.noisy_gate_policy!r}: use none, Jitter or RSample")
         if self.drop_policy not in DROP_POLICIES:
             raise ConfigError(f"moe.drop_policy={self.drop_policy!r}: use probs or position")
+        if self.dispatch not in DISPATCHES:
+            raise ConfigError(f"moe.dispatch={self.dispatch!r}: use dense (capacity slots) or ragged (grouped matmuls)")
+        if self.dispatch == "ragged" and self.drop_tokens:
+            raise ConfigError("moe.dispatch='ragged' runs every token's experts (dropless): set moe.drop_tokens: false, "
+                              "or use dispatch: dense for capacity and token dropping")
 
 
 @jax.tree_util.register_dataclass
@@ -89,16 +100,19 @@ class Routing:
     """Where each token goes, and what the gate reports.
 
     Attributes:
-      combine: ``[S, E, C]`` float32, token s's weight at slot c of expert e (0 where it is not).
-      dispatch: ``[S, E, C]`` bool, ``combine > 0`` as DeepSpeed's ``dispatch_mask``.
+      weights: ``[S, E]`` float32, token s's combine weight for expert e (0 where not routed or dropped).
+      combine: ``[S, E, C]`` float32, token s's weight at slot c of expert e (0 where it is not);
+        None when the slots were not asked for (``route(..., slots=False)``).
+      dispatch: ``[S, E, C]`` bool, ``combine > 0`` as DeepSpeed's ``dispatch_mask`` (or None).
       aux_loss: DeepSpeed's ``l_aux`` (before any coefficient).
       z_loss: ``mean(logsumexp(logits)^2)`` (ST-MoE's router z-loss, before any coefficient).
       counts: ``[E]`` int32, tokens routed to each expert before capacity (``exp_counts``).
       dropped: int32, token-to-expert assignments capacity dropped.
     """
 
-    combine: jax.Array
-    dispatch: jax.Array
+    weights: jax.Array
+    combine: jax.Array | None
+    dispatch: jax.Array | None
     aux_loss: jax.Array
     z_loss: jax.Array
     counts: jax.Array
@@ -107,6 +121,11 @@ class Routing:
     @property
     def capacity(self) -> int:
         return self.combine.shape[-1]
+
+    def top(self, k: int) -> tuple[jax.Array, jax.Array]:
+        """Each token's ``k`` experts and weights, ``([S, k] int32, [S, k] float32)`` (dropless: its choices)."""
+        weight, expert = jax.lax.top_k(self.weights, k)
+        return expert.astype(jnp.int32), weight
 
 
 def capacity(tokens: int, experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -134,8 +153,12 @@ def _slots(locations: jax.Array, mask: jax.Array, cap: int) -> jax.Array:
     return jax.nn.one_hot(jnp.where(mask, locations, cap), cap, dtype=jnp.float32)
 
 
-def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Array | None = None) -> Routing:
+def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Array | None = None,
+          slots: bool = True) -> Routing:
     """The gate's decisions for ``logits [S, E]`` (any float dtype; computed in float32).
+
+    ``slots=False`` skips the ``[S, E, C]`` slot tensors (the grouped-matmul path needs only
+    ``weights``; dropless, C = S would make them S^2 E).
 
     ``key`` feeds the random parts (RSample noise, random token selection, the second
     expert's Gumbel sampling); they are skipped without a key, and outside training
@@ -165,8 +188,8 @@ def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Ar
             else:  # first come, first served
                 priority = jnp.where(mask > 0, -jnp.arange(s, dtype=jnp.float32)[:, None], -jnp.inf)
             mask = mask * (_rank_in_column(priority) < cap)
-        locations = jnp.cumsum(mask, axis=0) - 1
-        combine = (gates * mask)[..., None] * _slots(locations, mask > 0, cap)
+        weights = gates * mask
+        combine = weights[..., None] * _slots(jnp.cumsum(mask, axis=0) - 1, mask > 0, cap) if slots else None
         kept = mask.sum()
     elif k == 2:
         first = jnp.argmax(gates, axis=-1)
@@ -185,8 +208,9 @@ def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Ar
         g1 = jnp.sum(gates * mask1, axis=-1)
         g2 = jnp.sum(gates * mask2, axis=-1)
         denom = jnp.maximum(g1 + g2, jnp.finfo(jnp.float32).eps)
+        weights = (g1 / denom)[:, None] * mask1 + (g2 / denom)[:, None] * mask2
         combine = ((g1 / denom)[:, None, None] * mask1[..., None] * _slots(loc1, mask1 > 0, cap)
-                   + (g2 / denom)[:, None, None] * mask2[..., None] * _slots(loc2, mask2 > 0, cap))
+                   + (g2 / denom)[:, None, None] * mask2[..., None] * _slots(loc2, mask2 > 0, cap)) if slots else None
         kept = mask1.sum() + mask2.sum()
     else:
         top_gate, top_idx = jax.lax.top_k(gates, k)
@@ -198,13 +222,12 @@ def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Ar
                 mask = mask * (_rank_in_column(jnp.where(mask > 0, gates, -1.0)) < cap)
             else:
                 mask = mask * (jnp.cumsum(mask, axis=0) - 1 < cap)
-        locations = jnp.cumsum(mask, axis=0) - 1
-        masked = gates * mask
-        masked = masked / jnp.maximum(masked.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
-        combine = masked[..., None] * _slots(locations, mask > 0, cap)
+        weights = gates * mask
+        weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
+        combine = weights[..., None] * _slots(jnp.cumsum(mask, axis=0) - 1, mask > 0, cap) if slots else None
         kept = mask.sum()
-    return Routing(combine, combine > 0, aux, z_loss, counts.astype(jnp.int32),
-                   (counts.sum() - kept).astype(jnp.int32))
+    return Routing(weights, combine, None if combine is None else combine > 0, aux, z_loss,
+                   counts.astype(jnp.int32), (counts.sum() - kept).astype(jnp.int32))
 
 
 # --- the layer -------------------------------------------------------------------------------
@@ -217,7 +240,7 @@ def expert_mlp(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arr
 
 
 def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, key: jax.Array | None = None,
-            expert_axis: str | None = None) -> tuple[jax.Array, Routing]:
+            expert_axis: str | None = None, mlp_axis: str | None = None) -> tuple[jax.Array, Routing]:
     """The MoE feed-forward (functional form): ``x [..., d]`` -> ``(y [..., d], routing)``.
 
     ``params``: ``router [d, E]``; the experts' ``w_gate``/``w_up`` ``[E, d, f]`` and ``w_down``
@@ -231,7 +254,9 @@ def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, 
     tokens (routed alone, as DeepSpeed routes each rank's). The slots ``[E, C, d]`` go to
     their experts' devices in one all-to-all (device j receives ``[E / E_p, E_p * C, d]``:
     its experts' slots from every device) and come back in a second; the backward pass runs
-    the two transposed. Expert weights never move.
+    the two transposed. Expert weights never move. ``mlp_axis``: the manual axis the experts'
+    (and dense MLPs') hidden width ``f`` is split over (tensor parallelism inside each expert):
+    each MLP's output is summed over it once.
     """
     shape = x.shape
     tokens = x.reshape(-1, shape[-1])
@@ -240,10 +265,17 @@ def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, 
         key, jitter = jax.random.split(key)
         gate_in = gate_in * jax.random.uniform(jitter, gate_in.shape, minval=1.0 - 1e-2, maxval=1.0 + 1e-2)
     logits = gate_in @ params["router"].astype(jnp.float32)
+    if cfg.dispatch == "ragged":
+        if expert_axis is not None:
+            raise ConfigError("moe.dispatch='ragged' with expert parallelism is not built yet (it needs a ragged "
+                              "all-to-all); use dispatch: dense with a worst-case capacity (drop_tokens: false)")
+        routing = route(logits, cfg, train=train, key=key, slots=False)
+        y = _sum_over(_ragged_experts(tokens, routing, params, cfg.top_k), mlp_axis)
+        return _dense_parts(y, tokens, params, mlp_axis).reshape(shape), routing
     routing = route(logits, cfg, train=train, key=key)
     slots = jnp.einsum("sec,sd->ecd", routing.dispatch.astype(tokens.dtype), tokens)
     if expert_axis is None:
-        out = expert_mlp(slots, params["w_gate"], params["w_up"], params["w_down"])
+        out = _sum_over(expert_mlp(slots, params["w_gate"], params["w_up"], params["w_down"]), mlp_axis)
     else:
         local = params["w_gate"].shape[0]
         if local * jax.lax.axis_size(expert_axis) != cfg.num_experts:
@@ -251,18 +283,42 @@ def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, 
                               f"over the {jax.lax.axis_size(expert_axis)} devices of {expert_axis!r}; use a "
                               f"num_experts divisible by mesh.{expert_axis}")
         mine = jax.lax.all_to_all(slots, expert_axis, split_axis=0, concat_axis=1, tiled=True)
-        out = expert_mlp(mine, params["w_gate"], params["w_up"], params["w_down"])
+        out = _sum_over(expert_mlp(mine, params["w_gate"], params["w_up"], params["w_down"]), mlp_axis)
         out = jax.lax.all_to_all(out, expert_axis, split_axis=1, concat_axis=0, tiled=True)
     y = jnp.einsum("sec,ecd->sd", routing.combine.astype(out.dtype), out)
+    return _dense_parts(y, tokens, params, mlp_axis).reshape(shape), routing
+
+
+def _sum_over(x: jax.Array, axis: str | None) -> jax.Array:
+    return x if axis is None else jax.lax.psum(x, axis)
+
+
+def _ragged_experts(tokens: jax.Array, routing: Routing, params: dict, k: int) -> jax.Array:
+    """Dropless grouped matmuls (``lax.ragged_dot``): every token's k choices sorted by expert,
+    each expert's rows multiplied by its own weights, the results weighted back per token."""
+    expert, weight = routing.top(k)
+    flat = expert.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = tokens[order // k]
+    sizes = jnp.bincount(flat, length=params["w_gate"].shape[0]).astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(rows, params["w_gate"], sizes)) * jax.lax.ragged_dot(rows, params["w_up"], sizes)
+    out = jax.lax.ragged_dot(h, params["w_down"], sizes)
+    out = jnp.zeros_like(out).at[order].set(out).reshape(tokens.shape[0], k, -1)
+    return jnp.einsum("skd,sk->sd", out, weight.astype(out.dtype))
+
+
+def _dense_parts(y: jax.Array, tokens: jax.Array, params: dict, mlp_axis: str | None = None) -> jax.Array:
+    """PR-MoE's residual MLP mixed in and the shared experts added, where ``params`` has them."""
     if "residual" in params:
         r = params["residual"]
-        dense = expert_mlp(tokens[None], r["w_gate"][None], r["w_up"][None], r["w_down"][None])[0]
+        dense = _sum_over(expert_mlp(tokens[None], r["w_gate"][None], r["w_up"][None], r["w_down"][None])[0], mlp_axis)
         coef = jax.nn.softmax(tokens.astype(jnp.float32) @ params["coefficient"].astype(jnp.float32), axis=-1)
         y = y * coef[:, :1].astype(y.dtype) + dense * coef[:, 1:].astype(y.dtype)
     if "shared" in params:
         sh = params["shared"]
-        y = y + expert_mlp(tokens[None], sh["w_gate"][None], sh["w_up"][None], sh["w_down"][None])[0]
-    return y.reshape(shape), routing
+        y = y + _sum_over(expert_mlp(tokens[None], sh["w_gate"][None], sh["w_up"][None], sh["w_down"][None])[0],
+                          mlp_axis)
+    return y
 
 
 def _init(rngs: nnx.Rngs, shape, fan_in: int, dtype, axes, std: float | None = None):
@@ -301,16 +357,51 @@ class MoE(nnx.Module):
         if shared_experts:
             self.shared = _dense(rngs, d_model, d_ff * shared_experts, param_dtype, init_std, out_std)
 
-    def __call__(self, x: jax.Array, *, train: bool | None = None, key: jax.Array | None = None):
+    def __call__(self, x: jax.Array, *, train: bool | None = None, key: jax.Array | None = None,
+                 x_axes: tuple | None = None):
+        """``(y, routing)`` for ``x [..., d_model]`` whose logical axes are ``x_axes`` (default
+        ``("batch", ..., "embed")``). Under a mesh with an ``expert`` (or ``tensor``) axis the
+        layer runs in a region manual over it (``zjax.parallel.sharding.per_shard``): each
+        device routes its own rows and the experts' slots travel by two all-to-alls. The routing
+        returned then holds what the devices report together (``aux_loss``/``z_loss`` their
+        mean, ``counts``/``dropped`` their sum; ``weights``, ``combine`` and ``dispatch`` None)."""
+        from zjax.parallel.sharding import per_shard, split_axis
+
         train = not self.deterministic if train is None else train
         params = {"router": self.router[...], "w_gate": self.w_gate[...], "w_up": self.w_up[...],
                   "w_down": self.w_down[...]}
+        axes = {"router": ("embed", None), "w_gate": ("experts", "embed", "mlp"), "w_up": ("experts", "embed", "mlp"),
+                "w_down": ("experts", "mlp", "embed")}
+        dense_axes = {"w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed")}
         if self.residual is not None:
             params["residual"] = {k: v[...] for k, v in self.residual.items()}
             params["coefficient"] = self.coefficient[...]
+            axes["residual"], axes["coefficient"] = dense_axes, ("embed", None)
         if self.shared is not None:
             params["shared"] = {k: v[...] for k, v in self.shared.items()}
-        return moe_ffn(x, params, self.cfg, train=train, key=key)
+            axes["shared"] = dense_axes
+        leaves, tree = jax.tree.flatten(params)
+        leaf_axes = tree.flatten_up_to(axes)
+        x_axes = x_axes if x_axes is not None else ("batch", *[None] * (x.ndim - 2), "embed")
+        key = jax.random.key(0) if key is None else key  # unused unless training draws noise
+        random = train and (self.cfg.use_rts or self.cfg.noisy_gate_policy or self.cfg.second_expert_sampling)
+        cfg = self.cfg
+
+        def local(x, key_data, *leaves):
+            expert_axis = split_axis("experts")
+            y, routing = moe_ffn(x, jax.tree.unflatten(tree, leaves), cfg, train=train,
+                                 key=jax.random.wrap_key_data(key_data) if random else None,
+                                 expert_axis=expert_axis, mlp_axis=split_axis("mlp"))
+            stats = (routing.aux_loss, routing.z_loss, routing.counts, routing.dropped)
+            if expert_axis is not None:  # each device routed its own rows
+                n = jax.lax.axis_size(expert_axis)
+                stats = (jax.lax.psum(stats[0], expert_axis) / n, jax.lax.psum(stats[1], expert_axis) / n,
+                         jax.lax.psum(stats[2], expert_axis), jax.lax.psum(stats[3], expert_axis))
+            return y, *stats
+
+        y, aux, z, counts, dropped = per_shard(local, (x_axes, None, *leaf_axes), [x_axes, None, None, None, None])(
+            x, jax.random.key_data(key), *leaves)
+        return y, Routing(None, None, None, aux, z, counts, dropped)
 
 
 def _dense(rngs, d_model, d_ff, dtype, init_std=None, out_std=None) -> nnx.Dict:

@@ -281,8 +281,9 @@ def _select(batch: Any, microbatches: int, m: jax.Array) -> Any:
 def pipeline_grads(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: jax.Array, *, schedule: Schedule,
                    diff_specs: Any, extra_specs: Any, seed: jax.Array, accum_dtype=jnp.float32):
     """Runs ``schedule`` over the ``stage`` axis: the gradient of ``seed * sum_m lw_m`` with respect
-    to ``diff``, ``sum_m lw_m`` and ``sum_m w_m``, where ``(lw_m, w_m) = loss_of(diff, extra, mb_m, key_m)``
-    for the ``M`` micro-batches ``mb_m`` of ``batch`` (rows split evenly) and ``key_m = fold_in(key, m)``.
+    to ``diff``, ``sum_m lw_m``, ``sum_m w_m`` and ``sum_m extras_m``, where ``(lw_m, w_m, extras_m) =
+    loss_of(diff, extra, mb_m, key_m)`` (``extras``: a dict of float32 scalars, possibly empty) for
+    the ``M`` micro-batches ``mb_m`` of ``batch`` (rows split evenly) and ``key_m = fold_in(key, m)``.
 
     ``loss_of`` must pass its layer stack through ``zjax.scan_layers`` once, with one array as the
     carry. ``diff_specs``/``extra_specs``: ``stage_specs`` of ``diff``/``extra`` (a stack split over
@@ -316,6 +317,10 @@ def pipeline_grads(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: ja
         def stage_out(d, h, mb, k):
             return _stage_output(loss_of, h, first, d, extra, mb, k)
 
+        # the loss's extra scalars, computed on the last stage
+        zeros_x = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                               jax.eval_shape(lambda: _last_loss(loss_of, zeros_h, diff, extra, mb0, k0)[2]))
+
         def forward(mb_index, h_recv):
             mb, k = args(mb_index)
             return stage_out(diff, h_recv, mb, k)
@@ -324,52 +329,52 @@ def pipeline_grads(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: ja
             mb, k = args(mb_index)
             _, vjp = jax.vjp(lambda d, h: stage_out(d, h, mb, k), diff, h_in)
             gd, gh = vjp(ct.astype(carry.dtype))
-            return gd, gh, jnp.float32(0), jnp.float32(0)
+            return gd, gh, jnp.float32(0), jnp.float32(0), zeros_x
 
         def back_last(mb_index, h_in, ct):
             mb, k = args(mb_index)
 
             def scaled(d, h):
-                lw, w = _last_loss(loss_of, h, d, extra, mb, k)
-                return lw * seed, (lw, w)
+                lw, w, extras = _last_loss(loss_of, h, d, extra, mb, k)
+                return lw * seed, (lw, w, extras)
 
-            (_, (lw, w)), (gd, gh) = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)(diff, h_in)
-            return gd, gh, lw.astype(jnp.float32), jnp.asarray(w, jnp.float32)
+            (_, (lw, w, extras)), (gd, gh) = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)(diff, h_in)
+            return gd, gh, lw.astype(jnp.float32), jnp.asarray(w, jnp.float32), extras
 
         def idle(mb_index, h_in, ct):
-            return jax.tree.map(jnp.zeros_like, diff), zeros_h, jnp.float32(0), jnp.float32(0)
+            return jax.tree.map(jnp.zeros_like, diff), zeros_h, jnp.float32(0), jnp.float32(0), zeros_x
 
         def tick(state, t):
-            h_recv, ct_recv, stash, acc, lw_sum, w_sum = state
+            h_recv, ct_recv, stash, acc, lw_sum, w_sum, x_sum = state
             f_mb, b_mb, write, read = (tables[t, s, i] for i in range(4))
             h_out = lax.cond((f_mb >= 0) & ~last, forward, lambda i, h: zeros_h, f_mb, h_recv)
             # the input is kept until the backward (slot `slots` is scratch for ticks that keep none)
             stash = lax.dynamic_update_index_in_dim(stash, h_recv, jnp.where(write >= 0, write, schedule.slots), 0)
             h_in = lax.dynamic_index_in_dim(stash, jnp.maximum(read, 0), keepdims=False)
             kind = jnp.where(b_mb < 0, 0, jnp.where(last, 2, 1))
-            gd, gh, lw, w = lax.switch(kind, (idle, back_stage, back_last), b_mb, h_in, ct_recv)
+            gd, gh, lw, w, extras = lax.switch(kind, (idle, back_stage, back_last), b_mb, h_in, ct_recv)
             acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, gd)
             h_next = lax.cond(sends_f[t], lambda x: lax.ppermute(x, STAGE, to_next), jnp.zeros_like, h_out)
             ct_next = lax.cond(sends_b[t], lambda x: lax.ppermute(x, STAGE, to_prev), jnp.zeros_like, gh)
-            return (h_next, ct_next, stash, acc, lw_sum + lw, w_sum + w), None
+            return (h_next, ct_next, stash, acc, lw_sum + lw, w_sum + w, jax.tree.map(jnp.add, x_sum, extras)), None
 
         stash = jnp.zeros((schedule.slots + 1,) + carry.shape, carry.dtype)
         acc = jax.tree.map(lambda x: jnp.zeros(x.shape, accum_dtype), diff)
-        state = (zeros_h, zeros_h, stash, acc, jnp.float32(0), jnp.float32(0))
-        (_, _, _, acc, lw_sum, w_sum), _ = lax.scan(tick, state, jnp.arange(schedule.ticks))
+        state = (zeros_h, zeros_h, stash, acc, jnp.float32(0), jnp.float32(0), zeros_x)
+        (_, _, _, acc, lw_sum, w_sum, x_sum), _ = lax.scan(tick, state, jnp.arange(schedule.ticks))
         # what lives outside the stack (embedding, head) is summed over the stages that used it
         acc = jax.tree.map(lambda g, spec: g if spec == P(STAGE) else lax.psum(g, STAGE), acc, diff_specs)
-        return acc, lax.psum(lw_sum, STAGE), lax.psum(w_sum, STAGE)
+        return acc, lax.psum(lw_sum, STAGE), lax.psum(w_sum, STAGE), lax.psum(x_sum, STAGE)
 
     run = jax.shard_map(program, mesh=jax.sharding.get_abstract_mesh(),
-                        in_specs=(diff_specs, extra_specs, P(), P(), P()), out_specs=(diff_specs, P(), P()),
+                        in_specs=(diff_specs, extra_specs, P(), P(), P()), out_specs=(diff_specs, P(), P(), P()),
                         axis_names={STAGE}, check_vma=False)
     return run(diff, extra, micro, key, jnp.asarray(seed, jnp.float32))
 
 
 def pipeline_loss(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: jax.Array, *, stages: int,
                   microbatches: int, diff_specs: Any, extra_specs: Any):
-    """``(sum_m lw_m, sum_m w_m)`` as ``pipeline_grads`` defines them, forwards only (evaluation):
+    """``(sum_m lw_m, sum_m w_m, sum_m extras_m)`` as ``pipeline_grads`` defines them, forwards only (evaluation):
     each micro-batch passes the stages in order; the last stage computes its loss."""
     p, m = stages, microbatches
     rows = {x.shape[0] for x in jax.tree.leaves(batch)}
@@ -388,25 +393,28 @@ def pipeline_loss(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: jax
 
         carry = _probe(loss_of, diff, extra, *args(jnp.int32(0)))
         zeros_h = jnp.zeros(carry.shape, carry.dtype)
+        zeros_x = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
+            lambda: _last_loss(loss_of, zeros_h, diff, extra, *args(jnp.int32(0)))[2]))
+        nothing = (jnp.float32(0), jnp.float32(0), zeros_x)
 
         def forward(mb_index, h):
-            return _stage_output(loss_of, h, first, diff, extra, *args(mb_index)), jnp.float32(0), jnp.float32(0)
+            return _stage_output(loss_of, h, first, diff, extra, *args(mb_index)), *nothing
 
         def finish(mb_index, h):
-            lw, w = _last_loss(loss_of, h, diff, extra, *args(mb_index))
-            return zeros_h, lw.astype(jnp.float32), jnp.asarray(w, jnp.float32)
+            lw, w, extras = _last_loss(loss_of, h, diff, extra, *args(mb_index))
+            return zeros_h, lw.astype(jnp.float32), jnp.asarray(w, jnp.float32), extras
 
         def tick(state, t):
-            h_recv, lw_sum, w_sum = state
+            h_recv, sums = state
             mb_index = t - s
             kind = jnp.where((mb_index < 0) | (mb_index >= m), 0, jnp.where(last, 2, 1))
-            h_out, lw, w = lax.switch(kind, (lambda i, h: (zeros_h, jnp.float32(0), jnp.float32(0)), forward, finish),
-                                      jnp.clip(mb_index, 0, m - 1), h_recv)
-            return (lax.ppermute(h_out, STAGE, to_next), lw_sum + lw, w_sum + w), None
+            h_out, *got = lax.switch(kind, (lambda i, h: (zeros_h, *nothing), forward, finish),
+                                     jnp.clip(mb_index, 0, m - 1), h_recv)
+            return (lax.ppermute(h_out, STAGE, to_next), jax.tree.map(jnp.add, sums, tuple(got))), None
 
-        (_, lw_sum, w_sum), _ = lax.scan(tick, (zeros_h, jnp.float32(0), jnp.float32(0)), jnp.arange(m + p - 1))
-        return lax.psum(lw_sum, STAGE), lax.psum(w_sum, STAGE)
+        (_, sums), _ = lax.scan(tick, (zeros_h, nothing), jnp.arange(m + p - 1))
+        return lax.psum(sums, STAGE)
 
     run = jax.shard_map(program, mesh=jax.sharding.get_abstract_mesh(), in_specs=(diff_specs, extra_specs, P(), P()),
-                        out_specs=(P(), P()), axis_names={STAGE}, check_vma=False)
+                        out_specs=P(), axis_names={STAGE}, check_vma=False)
     return run(diff, extra, micro, key)

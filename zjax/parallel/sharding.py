@@ -23,6 +23,10 @@ from zjax.config.schema import DEFAULT_LOGICAL_AXIS_RULES
 # The batch is split over both data-parallel axes: replicas outside ZeRO and ZeRO's data axis.
 from zjax.parallel.zero import BATCH_AXES, model_axes_of
 
+# Expert parallelism's axis: experts' weights split over it (the rule experts: expert), and the
+# batch of activations outside the experts (``_batch_axes``).
+EXPERT = "expert"
+
 _RULES: contextvars.ContextVar[Mapping[str, str | None] | None] = contextvars.ContextVar("zjax_rules", default=None)
 
 
@@ -59,12 +63,21 @@ def logical_spec(names: Sequence[str | None], rules: Mapping[str, str | None] | 
     used: set[str] = set()
     out = []
     for name in names:
-        axes = BATCH_AXES if name == "batch" else ((rules.get(name),) if name is not None else (None,))
+        axes = _batch_axes(mesh_axes) if name == "batch" else ((rules.get(name),) if name is not None else (None,))
         keep = tuple(a for a in axes if a is not None and a not in used
                      and (mesh_axes is None or mesh_axes.get(a, 1) > 1))
         used.update(keep)
         out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
     return P(*out)
+
+
+def _batch_axes(mesh_axes: Mapping[str, int] | None) -> tuple[str, ...]:
+    """The mesh axes ``batch`` is split over: ``replica`` x ``data``, and, for the activations of a
+    mesh with an ``expert`` axis above 1, ``expert`` too (it carries batch outside the experts,
+    as in MaxText; the step's input stays split over replica x data only)."""
+    if mesh_axes is not None and mesh_axes.get(EXPERT, 1) > 1:
+        return (*BATCH_AXES, EXPERT)
+    return BATCH_AXES
 
 
 def shard(x: Any, names: Sequence[str | None]) -> Any:
@@ -121,7 +134,13 @@ def region_spec(names: Sequence[str | None] | None, shape: Sequence[int] | None 
         return P()
     if shape is None:
         return logical_spec(names, mesh_axes=axes)
-    return P(*model_axes_of(tuple(shape), tuple(names), current_rules(), axes))
+    split = list(model_axes_of(tuple(shape), tuple(names), current_rules(), axes))
+    if axes.get(EXPERT, 1) > 1 and EXPERT not in split and len(names) == len(shape):  # activations' batch
+        for i, name in enumerate(names):
+            if name == "batch" and shape[i] % axes[EXPERT] == 0:
+                split[i] = EXPERT
+                break
+    return P(*split)
 
 
 def per_shard(fn: Callable, in_axes: Sequence[Any], out_axes: Any) -> Callable:

@@ -130,8 +130,9 @@ def _train(cfg: Config, stop: _StopSignal, signal_at: _SignalAt) -> dict:
             timed_tokens += len(host) * tokens_per_step
             timed_seconds += seconds
         for i, m in enumerate(host):
+            # the step's metrics, then any extra scalars the loss reported (e.g. moe_dropped_fraction)
             log.write({"step": step - len(host) + 1 + i, **{key: _number(m[key]) for key in METRICS},
-                       "tokens_per_s": rate})
+                       **{key: _number(v) for key, v in m.items() if key not in METRICS}, "tokens_per_s": rate})
         bar.set_postfix(loss=f"{float(host[-1]['loss']):.3f}", tok_s=f"{rate:,.0f}")
         pending = []
         since = time.perf_counter()

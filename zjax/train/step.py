@@ -287,7 +287,7 @@ class TrainStep:
         self._grads = self._manual(
             self._local_grads,
             in_specs=(self.state_specs, P(BATCH_AXES)),
-            out_specs=(self._param_specs, P(), P(), P()),
+            out_specs=(self._param_specs, P(), P(), P(), P()),
         )
         self._gather = self._manual(
             lambda master: map_layouts(
@@ -450,7 +450,7 @@ class TrainStep:
     def _global_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """The step on global arrays: gradients (in shard_map), the update, the gather."""
         state = self._to_device(state)
-        grads, loss, finite, grad_norm = self._grads(state, batch)
+        grads, loss, finite, grad_norm, extras = self._grads(state, batch)
         if self.keeps_master:
             master = state.master
         else:
@@ -475,6 +475,7 @@ class TrainStep:
             "lr": self.schedule(applied) if self.schedule is not None else jnp.float32(jnp.nan),
             "loss_scale": state.loss_scale.scale,
             "skipped": (~finite).astype(jnp.int32),
+            **extras,
         }
         return new_state, metrics
 
@@ -486,7 +487,7 @@ class TrainStep:
         with layer_context(self.config.remat, sharded_params=self.zero.reduces_in_backward, calls=calls, gathered={}), \
                 axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
                 tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles):
-            grads, loss, weight = self._accumulate(state, batch)
+            grads, loss, weight, extras = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
                 "remat.policy=%r had no effect: the model calls neither zjax.layer nor zjax.scan_layers, the seams "
@@ -518,7 +519,7 @@ class TrainStep:
         if clip > 0:
             coef = jnp.minimum(1.0, clip / (grad_norm + 1e-6))
             grads = jax.tree.map(lambda g: g * coef, grads)
-        return grads, loss, finite, grad_norm
+        return grads, loss, finite, grad_norm, extras
 
     def _compute_params(self, state: TrainState):
         """The differentiable inputs of the loss, what else it reads (``extra``: the replicated
@@ -618,11 +619,15 @@ class TrainStep:
         return self._compute_params(state)
 
     def _weighted_loss(self, params, batch, key):
-        """(loss * weight, weight) of one micro-batch, in float32."""
+        """(loss * weight, weight, {name: value * weight}) of one micro-batch, in float32: the
+        loss's aux dict may hold a ``weight`` and any other scalars (metrics the step reports as
+        their weighted mean, e.g. an MoE's dropped-token fraction)."""
         loss, aux = self.adapter.loss_fn(params, batch, key)
-        weight = aux.get("weight", 1.0) if isinstance(aux, dict) else 1.0
-        weight = lax.stop_gradient(jnp.asarray(weight, jnp.float32))
-        return loss.astype(jnp.float32) * weight, weight
+        aux = aux if isinstance(aux, dict) else {}
+        weight = lax.stop_gradient(jnp.asarray(aux.get("weight", 1.0), jnp.float32))
+        extras = {name: lax.stop_gradient(jnp.asarray(value, jnp.float32)) * weight for name, value in aux.items()
+                  if name != "weight" and name not in METRICS and jnp.ndim(value) == 0}
+        return loss.astype(jnp.float32) * weight, weight, extras
 
     def evaluate(self, state: TrainState, batch: Any) -> jax.Array:
         """The (weighted) mean loss on a global batch, without updating anything."""
@@ -634,9 +639,9 @@ class TrainStep:
                         tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles):
                     diff, extra, to_params = self._params_for_loss(state, batch, key)
                     if self.schedule_table is None:
-                        lw, w = self._weighted_loss(to_params(diff, extra), batch, key)
+                        lw, w, _ = self._weighted_loss(to_params(diff, extra), batch, key)
                     else:
-                        lw, w = pipeline.pipeline_loss(
+                        lw, w, _ = pipeline.pipeline_loss(
                             lambda d, e, mb, k: self._weighted_loss(to_params(d, e), mb, k), diff, extra, batch,
                             key, stages=self.schedule_table.stages, microbatches=self.schedule_table.microbatches,
                             **self._stage_specs())
@@ -657,17 +662,17 @@ class TrainStep:
         diff, extra, to_params = self._params_for_loss(state, jax.tree.map(lambda x: x[0], batch), step_key)
 
         def micro_loss(d, mb, key):
-            lw, w = self._weighted_loss(to_params(d, extra), mb, key)
-            return lw * scale, (lw, w)
+            lw, w, extras = self._weighted_loss(to_params(d, extra), mb, key)
+            return lw * scale, (lw, w, extras)
 
         if self.schedule_table is None:
             grad_fn = jax.grad(micro_loss, has_aux=True)
         else:  # the pipeline differentiates each stage itself
             def grad_fn(d, mb, key):
-                g, lw, w = pipeline.pipeline_grads(
+                g, lw, w, extras = pipeline.pipeline_grads(
                     lambda d, e, mb, k: self._weighted_loss(to_params(d, e), mb, k), d, extra, mb, key,
                     schedule=self.schedule_table, seed=scale, accum_dtype=dt.accum, **self._stage_specs())
-                return g, (lw, w)
+                return g, (lw, w, extras)
 
         if not in_backward:
             acc0 = map_layouts(lambda lay, x: zero.constrain(jnp.zeros(x.shape, dt.accum), lay), layouts,
@@ -677,15 +682,19 @@ class TrainStep:
                                layouts)
 
         def body(carry, xs):
-            acc, loss_sum, w_sum = carry
+            acc, loss_sum, w_sum, extras_sum = carry
             mb, i = xs
             # stages 2-3: g is already this device's reduce-scattered shard
-            g, (lw, w) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
+            g, (lw, w, extras) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
             acc = jax.tree.map(lambda a, x: a + x.astype(dt.accum), acc, g)
-            return (acc, loss_sum + lw, w_sum + w), None
+            return (acc, loss_sum + lw, w_sum + w, jax.tree.map(jnp.add, extras_sum, extras)), None
 
-        carry0 = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), (acc0, jnp.float32(0), jnp.float32(0)))
-        (acc, loss_sum, w_sum), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
+        # the loss's extra scalars (their names), summed like the loss
+        names = jax.eval_shape(lambda d: self._weighted_loss(to_params(d, extra), jax.tree.map(lambda x: x[0], batch),
+                                                             step_key)[2], diff)
+        carry0 = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"),
+                              (acc0, jnp.float32(0), jnp.float32(0), {n: jnp.float32(0) for n in names}))
+        (acc, loss_sum, w_sum, extras_sum), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
 
         if not in_backward:
             acc = map_layouts(
@@ -696,4 +705,5 @@ class TrainStep:
             acc = lax.psum(acc, REPLICA)
         total_w = lax.psum(w_sum, BATCH_AXES)
         loss = lax.psum(loss_sum, BATCH_AXES) / total_w
-        return acc, loss, total_w
+        extras = {n: lax.psum(v, BATCH_AXES) / total_w for n, v in extras_sum.items()}
+        return acc, loss, total_w, extras
