@@ -413,3 +413,10 @@ def test_the_moe_gpt_over_mesh_expert_trains_like_data_parallelism(tmp_path):
         for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(expected[part])):
             np.testing.assert_array_equal(np.asarray(a), b)
     ckpt.close()
+
+
+def test_deepspeeds_ep_size_sets_the_expert_axis():
+    cfg = zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=8", "model.moe.ep_size=4"])
+    assert cfg.mesh.expert == 4
+    with pytest.raises(zjax.ConfigError, match="model.moe.ep_size=4 .* and mesh.expert=2 disagree"):
+        zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=8", "model.moe.ep_size=4", "mesh.expert=2"])

@@ -391,7 +391,9 @@ class MoEConfig(_Section):
     defaults of DeepSpeed's ``deepspeed.moe.layer.MoE``). ``num_experts: 0`` keeps the dense
     MLP; above 0 every block's MLP is an MoE of that many SwiGLU experts of width ``d_ff``
     (default ``model.d_ff``). The loss adds ``aux_loss_coef`` x DeepSpeed's load-balancing loss
-    and ``router_z_loss`` x the router z-loss, summed over the layers."""
+    and ``router_z_loss`` x the router z-loss, summed over the layers. ``ep_size`` (DeepSpeed's
+    expert-parallel group size) sets ``mesh.expert``; ``dispatch: ragged`` runs dropless grouped
+    matmuls instead of capacity slots."""
 
     num_experts: int = Field(0, ge=0)
     top_k: int = Field(1, ge=1)
@@ -410,6 +412,7 @@ class MoEConfig(_Section):
     aux_loss_coef: float = Field(0.01, ge=0)
     router_z_loss: float = Field(0.0, ge=0)
     every: int = Field(1, ge=1)
+    ep_size: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:
@@ -562,6 +565,13 @@ class Config(_Section):
                     f"tensor_sequence_parallel=true splits the residual stream over tensor, but "
                     f"logical_axis_rules.residual_length={rule!r}; set residual_length: tensor or null")
             self.logical_axis_rules["residual_length"] = "tensor"
+        ep = self.model.moe.ep_size
+        if ep is not None and ep != self.mesh.expert:
+            # DeepSpeed's expert-parallel group size is zjax's expert axis
+            if self.mesh.expert != 1:
+                raise ValueError(f"model.moe.ep_size={ep} (DeepSpeed's expert-parallel size) and mesh.expert="
+                                 f"{self.mesh.expert} disagree; keep one of them")
+            self.mesh.expert = ep
         if self.mesh.stage > 1 or self.mesh.stage == -1:
             rule = self.logical_axis_rules.get("layers")
             if rule not in (None, "stage"):
