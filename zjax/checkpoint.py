@@ -297,16 +297,17 @@ def _portable(state, layouts, treedef) -> dict:
         state,
     )
 
-    def unpad(tree):
-        return map_layouts(lambda lay, x: zero.from_stored(x, lay), layouts, tree)
+    def unpad(tree):  # to user shapes, and an interleaved pipeline's stacks to the layer order
+        return zero.stage_order(layouts, map_layouts(lambda lay, x: zero.from_stored(x, lay), layouts, tree), True)
 
     if state.master is not None:
         params = unpad(state.master)
     else:
-        params = state.replicated
+        params = zero.stage_order(layouts, state.replicated, True)
     if state.frozen is not None:
-        frozen = map_layouts(lambda lay, x: zero.from_stored(x, lay), zero.split_layouts(state.layout_def, False),
-                             state.frozen)
+        frozen_layouts = zero.split_layouts(state.layout_def, False)
+        frozen = zero.stage_order(frozen_layouts, map_layouts(lambda lay, x: zero.from_stored(x, lay), frozen_layouts,
+                                                              state.frozen), True)
         params = zero.merge_frozen(params, frozen)
     stored = tuple(lay.stored_shape for lay in treedef.flatten_up_to(layouts))
     return {
@@ -341,11 +342,15 @@ def restore_program(train):
     def pad(tree):
         return map_layouts(lambda lay, x: zero.to_stored(x, lay), layouts, tree)
 
+    def pad_moments(tree):  # an interleaved pipeline's stacks to stage order too
+        return pad(zero.stage_order(layouts, tree))
+
     shapes = tuple(lay.shape for lay in treedef.flatten_up_to(layouts))
 
     frozen_layouts = train.frozen_layouts
 
     def build(p):
+        p = {**p, "params": zero.stage_order(train.all_layouts, p["params"])}
         params = zero.select(layouts, p["params"])
         frozen = None if frozen_layouts is None else map_layouts(
             lambda lay, x: zero.to_stored(x.astype(train.dtypes.compute), lay),
@@ -356,7 +361,7 @@ def restore_program(train):
             if train.keeps_replicated else None,
             master=pad(params) if train.keeps_master else None,
             frozen=frozen,
-            opt_state=_map_param_subtrees(pad, p["opt_state"], treedef, shapes),
+            opt_state=_map_param_subtrees(pad_moments, p["opt_state"], treedef, shapes),
             loss_scale=p["loss_scale"],
             rng=jax.random.wrap_key_data(p["rng"]),
         )

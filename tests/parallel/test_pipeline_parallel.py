@@ -13,7 +13,7 @@ from gpt_helpers import gpt_train, token_batches
 from zjax.analysis import hlo
 from zjax.layers import scan_layers
 from zjax.parallel.pipeline import bubble_fraction, make_schedule, pipeline_grads, pipeline_loss, stage_specs
-from zjax.parallel.zero import LeafLayout
+from zjax.parallel.zero import LeafLayout, stage_order
 
 STAGES, D, VOCAB, ROWS, LEN = 4, 16, 32, 16, 4
 
@@ -36,6 +36,33 @@ def test_a_schedules_idle_fraction_and_stash_come_from_its_table(name, stages):
             assert held == [0] + [m] * (stages - 1)
         else:  # at most 2(P - s) - 1, whatever M is
             assert held == [0] + [min(m, 2 * (stages - st) - 1) for st in range(1, stages)]
+
+
+@pytest.mark.parametrize("stages,repeats", [(2, 2), (4, 2), (2, 4)])
+def test_the_interleaved_schedules_idle_fraction_is_megatrons(stages, repeats):
+    held = []
+    for m in (stages, 2 * stages, 4 * stages):
+        s = make_schedule("interleaved", stages, m, repeats)
+        for st in range(stages):
+            f = {(int(s.forward[t, st]), int(s.forward_chunk[t, st])): t for t in range(s.ticks) if s.forward[t, st] >= 0}
+            b = {(int(s.backward[t, st]), int(s.backward_chunk[t, st])): t for t in range(s.ticks)
+                 if s.backward[t, st] >= 0}
+            # every (micro-batch, chunk) once each way, the forward first
+            assert sorted(f) == sorted(b) == [(i, v) for i in range(m) for v in range(repeats)]
+            assert all(f[x] <= b[x] for x in f)
+        # a micro-batch goes through the V·P chunks in the model's order, one tick each, and back
+        for i in range(m):
+            when = [int(np.nonzero((s.forward[:, c % stages] == i) & (s.forward_chunk[:, c % stages] == c // stages))[0][0])
+                    for c in range(stages * repeats)]
+            assert np.all(np.diff(when) == 1)
+        # chunks of 1/V of a stage: (P-1)/(V·M+P-1), V times below 1F1B's at large M
+        assert s.idle_fraction() == pytest.approx(bubble_fraction(stages, m, repeats))
+        held.append(max(s.in_flight()))
+    assert held[0] <= held[1] == held[2]  # bounded whatever M is
+    with pytest.raises(zjax.ConfigError, match="pipeline.microbatches=3 is not a multiple of 2"):
+        make_schedule("interleaved", 2, 3, 2)
+    with pytest.raises(zjax.ConfigError, match="pipeline.repeats=2 needs pipeline.schedule: interleaved"):
+        make_schedule("1f1b", 2, 4, 2)
 
 
 def test_bubble_fraction_is_the_schedules_formula():
@@ -73,16 +100,23 @@ def toy_mesh():
     return jax.make_mesh((2, STAGES), ("data", "stage"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def toy_specs(params):
+def toy_layouts(params, repeats=1):
     layouts = jax.tree.map(lambda x: LeafLayout(x.shape, False, 1, False), params)
-    layouts["layers"] = jax.tree.map(lambda x: LeafLayout(x.shape, True, 1, False, lead_axis="stage"),
-                                     params["layers"])
-    return stage_specs(layouts)
+    interleave = (repeats, STAGES) if repeats > 1 else None
+    layouts["layers"] = jax.tree.map(lambda x: LeafLayout(x.shape, True, 1, False, lead_axis="stage",
+                                                          interleave=interleave), params["layers"])
+    return layouts
 
 
-def toy_pipeline(name, microbatches):
-    params, specs = toy_params(), toy_specs(toy_params())
-    schedule = make_schedule(name, STAGES, microbatches)
+def toy_specs(params):
+    return stage_specs(toy_layouts(params))
+
+
+def toy_pipeline(name, microbatches, repeats=1):
+    layouts = toy_layouts(toy_params(), repeats)
+    # an interleaved pipeline's stack in stage order: each stage's rows are its chunks s, P + s, ...
+    params, specs = stage_order(layouts, toy_params()), stage_specs(layouts)
+    schedule = make_schedule(name, STAGES, microbatches, repeats)
 
     def loss_of(d, extra, mb, key):
         return toy_loss(d, mb), jnp.float32(1.0), {"tokens": jnp.float32(mb["tokens"].size)}
@@ -95,16 +129,17 @@ def toy_pipeline(name, microbatches):
 
     with jax.set_mesh(toy_mesh()):
         placed = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(toy_mesh(), s), specs))
-        return jax.jit(run), placed
+        return jax.jit(run), placed, layouts
 
 
-@pytest.mark.parametrize("name,microbatches", [("gpipe", 2), ("1f1b", 8)])
-def test_the_executor_equals_the_layers_in_order_with_gradients(name, microbatches):
-    run, placed = toy_pipeline(name, microbatches)
+@pytest.mark.parametrize("name,microbatches,repeats", [("gpipe", 2, 1), ("1f1b", 8, 1), ("interleaved", 4, 2)])
+def test_the_executor_equals_the_layers_in_order_with_gradients(name, microbatches, repeats):
+    run, placed, layouts = toy_pipeline(name, microbatches, repeats)
     batch = toy_batch()
     with jax.set_mesh(toy_mesh()):
         loss, grads, tokens = run(placed, batch)
         text = run.lower(placed, batch).compile().as_text()
+    grads = stage_order(layouts, grads, inverse=True)  # back to the layers' order
     # the mean over micro-batches of the loss, and its gradient (the tied embedding's from both ends)
     micro = jax.tree.map(lambda x: x.reshape((microbatches, -1) + x.shape[1:]), batch)
     want_loss, want = jax.value_and_grad(
@@ -117,7 +152,7 @@ def test_the_executor_equals_the_layers_in_order_with_gradients(name, microbatch
     # lives outside the stack summed once; no parameter is gathered over stage
     found = [c for c in hlo.collectives(text, 8, {"data": 2, "stage": STAGES}) if "stage" in c.axes]
     act = 4 * ROWS // microbatches * LEN * D
-    ticks = make_schedule(name, STAGES, microbatches).ticks
+    ticks = make_schedule(name, STAGES, microbatches, repeats).ticks
     assert sorted((c.kind, c.full_bytes) for c in found if c.runs == ticks) == [("collective-permute", act)] * 2
     assert {c.kind for c in found if c.runs == 1} == {"all-reduce"}
     assert sum(c.full_bytes for c in found if c.kind == "all-reduce") <= 4 * (VOCAB * D + D + 3)  # + 3 scalars
@@ -126,10 +161,10 @@ def test_the_executor_equals_the_layers_in_order_with_gradients(name, microbatch
 def test_1f1b_keeps_fewer_activations_than_gpipe_and_does_not_grow_with_microbatches():
     """Compiled temp bytes per device at M = 4P and 8P (one micro-batch of the same size)."""
     temp = {}
-    for name in ("gpipe", "1f1b"):
+    for name, repeats in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
         for m in (4 * STAGES, 8 * STAGES):
             params, specs = toy_params(), toy_specs(toy_params())
-            schedule = make_schedule(name, STAGES, m)
+            schedule = make_schedule(name, STAGES, m, repeats)
             batch = jax.tree.map(lambda x: jnp.tile(x, (m // 4, 1)), toy_batch())  # 4 rows per micro-batch
 
             def run(params, batch, schedule=schedule, specs=specs):
@@ -144,17 +179,21 @@ def test_1f1b_keeps_fewer_activations_than_gpipe_and_does_not_grow_with_microbat
     assert temp["1f1b", small] < temp["gpipe", small]
     assert temp["1f1b", large] <= 1.1 * temp["1f1b", small]
     assert temp["gpipe", large] > 1.2 * temp["gpipe", small]
+    # interleaved keeps more chunk inputs than 1F1B (one per chunk in flight), but as flat in M
+    assert temp["interleaved", large] <= 1.1 * temp["interleaved", small] < temp["gpipe", large]
 
 
-def test_evaluation_runs_the_forwards_only():
-    params, specs = toy_params(), toy_specs(toy_params())
+@pytest.mark.parametrize("name,repeats", [("1f1b", 1), ("interleaved", 2)])
+def test_evaluation_runs_the_forwards_only(name, repeats):
+    layouts = toy_layouts(toy_params(), repeats)
+    params, specs = stage_order(layouts, toy_params()), stage_specs(layouts)
     batch = toy_batch()
     with jax.set_mesh(toy_mesh()):
         lw, w, _ = jax.jit(lambda p, b: pipeline_loss(lambda d, e, mb, k: (toy_loss(d, mb), jnp.float32(1), {}), p, None, b,
-                                                   jax.random.key(0), stages=STAGES, microbatches=4, diff_specs=specs,
-                                                   extra_specs=None))(params, batch)
+                                                   jax.random.key(0), schedule=make_schedule(name, STAGES, 4, repeats),
+                                                   diff_specs=specs, extra_specs=None))(params, batch)
     micro = jax.tree.map(lambda x: x.reshape((4, -1) + x.shape[1:]), batch)
-    np.testing.assert_allclose(lw / w, jnp.mean(jax.vmap(lambda mb: toy_loss(params, mb))(micro)), rtol=1e-5)
+    np.testing.assert_allclose(lw / w, jnp.mean(jax.vmap(lambda mb: toy_loss(toy_params(), mb))(micro)), rtol=1e-5)
 
 
 def test_a_loss_without_scan_layers_or_rows_that_do_not_split_are_clear_errors():
@@ -195,11 +234,14 @@ def data8():
 
 
 @pytest.mark.parametrize("stages,schedule,zero_stage,microbatches,accum", [
-    (4, "gpipe", 0, 2, 1), (2, "1f1b", 1, 2, 2), (4, "1f1b", 2, 4, 1), (2, "gpipe", 3, 2, 2)])
+    (4, "gpipe", 0, 2, 1), (2, "1f1b", 1, 2, 2), (4, "1f1b", 2, 4, 1), (2, "gpipe", 3, 2, 2),
+    (2, "interleaved", 3, 2, 2), (2, "interleaved", 1, 4, 1)])
 def test_pipelines_train_like_data_parallelism(data8, stages, schedule, zero_stage, microbatches, accum):
     ref_losses, ref, _ = data8
+    repeats = 2 if schedule == "interleaved" else 1
     losses, state, train = run(f"mesh.stage={stages}", f"zero.stage={zero_stage}", f"pipeline.schedule={schedule}",
-                               f"pipeline.microbatches={microbatches}", f"batch.grad_accum_steps={accum}")
+                               f"pipeline.microbatches={microbatches}", f"batch.grad_accum_steps={accum}",
+                               f"pipeline.repeats={repeats}")
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
         assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5
@@ -214,11 +256,15 @@ def test_pipelines_train_like_data_parallelism(data8, stages, schedule, zero_sta
     assert kinds == {"collective-permute", "all-reduce"}
 
 
-def test_pipeline_settings_that_are_not_built_or_do_not_divide_are_clear_errors():
-    with pytest.raises(zjax.ConfigError, match="pipeline.schedule='interleaved'.*not built yet"):
-        zjax.load_config("configs/tiny.yaml", ["pipeline.schedule=interleaved"])
+def test_pipeline_settings_that_do_not_fit_are_clear_errors():
+    with pytest.raises(zjax.ConfigError, match="pipeline.repeats=2 needs pipeline.schedule: interleaved"):
+        zjax.load_config("configs/tiny.yaml", ["pipeline.repeats=2"])
     with pytest.raises(zjax.ConfigError, match="a 'layers' stack of 2 layers does not split into mesh.stage=4"):
         gpt_train("zero.stage=1", "mesh.stage=4")
+    with pytest.raises(zjax.ConfigError, match=r"stack of 2 layers does not split into mesh.stage=2 x "
+                                               r"pipeline.repeats=2 = 4 equal chunks"):
+        gpt_train("zero.stage=1", "mesh.stage=2", "pipeline.schedule=interleaved", "pipeline.repeats=2",
+                  "pipeline.microbatches=2")
 
 
 def test_deepspeed_pipeline_keys_map_where_they_mean_something():
@@ -236,19 +282,26 @@ def test_deepspeed_pipeline_keys_map_where_they_mean_something():
         zjax.load_config({"train_batch_size": 16, "pipeline": {"stages": 2, "activation_checkpoint_interval": 2}})
 
 
-def test_a_checkpoint_moves_from_four_stages_to_one_bit_exactly(tmp_path):
+@pytest.mark.parametrize("source", [("mesh.stage=4", "zero.stage=1", "pipeline.microbatches=2"),
+                                    ("mesh.stage=2", "zero.stage=0", "pipeline.microbatches=2",
+                                     "pipeline.schedule=interleaved", "pipeline.repeats=2")])
+def test_a_checkpoint_moves_from_four_stages_to_one_bit_exactly(tmp_path, source):
     from zjax.checkpoint import to_portable
 
-    train, state = gpt_train(*GPT, "mesh.stage=4", "zero.stage=1", "pipeline.microbatches=2")
+    train, state = gpt_train(*GPT, *source)
     state, _ = train(state, token_batches(1, 16, 32)[0])
     ckpt = zjax.Checkpointer(tmp_path)
     ckpt.save(int(state.step), state)
     ckpt.wait()
     expected = jax.tree.map(np.asarray, to_portable(state))
-    for target in (("mesh.stage=2", "zero.stage=3"), ("zero.stage=1",)):
+    interleaved = ("mesh.stage=2", "zero.stage=2", "pipeline.schedule=interleaved", "pipeline.repeats=2",
+                   "pipeline.microbatches=2")
+    for target in (("mesh.stage=2", "zero.stage=3"), interleaved, ("zero.stage=1",)):
         train, _ = gpt_train(*GPT, *target)
         restored, _ = ckpt.restore(train)
         got = to_portable(restored)
+        for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(expected["params"])):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), b)
         for key in ("params", "opt_state"):
             for a, b in zip(jax.tree.leaves(got[key]), jax.tree.leaves(expected[key])):
                 np.testing.assert_array_equal(np.asarray(a), b)
@@ -269,6 +322,9 @@ def test_plan_prints_the_bubble_and_one_stages_memory():
     assert whole.stages[1].zjax["moments"] < p.stages[1].zjax["moments"] < 2 * whole.stages[1].zjax["moments"]
     text = format_plan(p)
     assert "bubble (P-1)/(M+P-1) = 0.333" in text and "(stage 2 x 4 data-parallel" in text
+    inter = plan("configs/tiny.yaml", [*over, "pipeline.schedule=interleaved", "pipeline.repeats=2"], compile=False)
+    assert inter.pipeline["bubble"] == pytest.approx(1 / 5)
+    assert "interleaved over 2 stages x 2 chunks each, 2 micro-batches: bubble (P-1)/(V*M+P-1) = 0.200" in format_plan(inter)
 
 
 def test_fit_searches_stage_sizes_that_divide_the_layers():
@@ -276,3 +332,42 @@ def test_fit_searches_stage_sizes_that_divide_the_layers():
 
     assert stage_sizes(zjax.load_config("configs/tiny.yaml", ["model.n_layers=4"]), 8) == [1, 2, 4]
     assert stage_sizes(zjax.load_config("configs/tiny.yaml", ["model.n_layers=6"]), 8) == [1, 2]
+
+
+def blocks_only(path, leaf):
+    return path[0] == "blocks"
+
+
+@pytest.mark.parametrize("pipe,rest", [
+    (("mesh.stage=2", "mesh.tensor=2", "pipeline.schedule=interleaved", "pipeline.repeats=2",
+      "pipeline.microbatches=2"), ("zero.stage=1", "remat.policy=full")),
+    (("mesh.stage=2", "mesh.replica=2", "pipeline.schedule=1f1b", "pipeline.microbatches=2"),
+     ("zero.stage=3", "remat.policy=dots")),
+])
+def test_pipelines_compose_with_tensor_replica_remat_and_frozen_params(pipe, rest):
+    """The embedding frozen (trainable=), remat on, with tensor or replica beside stage: the same run as data=8."""
+    def go(*overrides):
+        train, state = gpt_train(*GPT, *rest, *overrides, trainable=blocks_only)
+        losses = []
+        for batch in token_batches(3, 16, 32):
+            state, metrics = train(state, batch)
+            losses.append(float(metrics["loss"]))
+        return np.array(losses), state
+
+    ref_losses, ref = go()
+    losses, state = go(*pipe)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5
+    # the frozen embedding did not move
+    np.testing.assert_array_equal(np.asarray(state.params["embedding"]),
+                                  np.asarray(gpt_train(*GPT, *rest)[1].params["embedding"]))
+
+
+def test_a_pipeline_in_bf16_trains_like_data_parallelism_in_bf16():
+    def go(*overrides):
+        losses, _, _ = run("precision.compute_dtype=bfloat16", "zero.stage=2", *overrides)
+        return losses
+
+    np.testing.assert_allclose(go("mesh.stage=2", "pipeline.schedule=1f1b", "pipeline.microbatches=2"), go(),
+                               rtol=1e-2)

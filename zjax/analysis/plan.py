@@ -223,6 +223,8 @@ def plan(config: Any = None, overrides=None, *, params: float | None = None,
         m = cfg.pipeline.microbatches
         pipe = {"schedule": cfg.pipeline.schedule, "stages": stages, "microbatches": m,
                 "bubble": bubble_fraction(stages, m, cfg.pipeline.repeats)}
+        if cfg.pipeline.repeats > 1:
+            pipe["repeats"] = cfg.pipeline.repeats
     stage_plans = [
         compiled_stage_plan(load_config(cfg, {"zero.stage": stage})) if compile
         else StagePlan(stage, paper_bytes(local, group, stage), zjax_bytes(cfg, local, group, stage))
@@ -828,8 +830,11 @@ def format_plan(p: Plan) -> str:
     if p.pipeline:
         t = p.pipeline
         lines.append(
-            f"pipeline: {t['schedule']} over {t['stages']} stages, {t['microbatches']} micro-batches: bubble "
-            f"(P-1)/(M+P-1) = {t['bubble']:.3f} of the ticks; per-device figures are one stage's (1/{t['stages']} "
+            f"pipeline: {t['schedule']} over {t['stages']} stages"
+            + (f" x {t['repeats']} chunks each" if "repeats" in t else "")
+            + f", {t['microbatches']} micro-batches: bubble "
+            + ("(P-1)/(V*M+P-1)" if "repeats" in t else "(P-1)/(M+P-1)")
+            + f" = {t['bubble']:.3f} of the ticks; per-device figures are one stage's (1/{t['stages']} "
             "of the layers, the whole embedding)")
     if p.sequence_traffic:
         t = p.sequence_traffic

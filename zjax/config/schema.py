@@ -351,23 +351,25 @@ class TilingConfig(_Section):
 
 class PipelineConfig(_Section):
     """Pipeline parallelism over ``mesh.stage`` (``zjax.parallel.pipeline``): the loss's
-    ``scan_layers`` stack is split into ``mesh.stage`` contiguous chunks, one per stage, and
-    every device's micro-batch runs through them as ``microbatches`` pipeline micro-batches.
+    ``scan_layers`` stack is split into ``mesh.stage`` x ``repeats`` contiguous chunks and every
+    device's micro-batch runs through them as ``microbatches`` pipeline micro-batches.
     ``schedule``: ``gpipe`` (all forwards, then all backwards; a stage keeps M micro-batches'
-    inputs) or ``1f1b`` (one forward, one backward; at most 2P - 3, whatever M is); both idle
-    (P - 1) / (M + P - 1) of the time. The embedding and head are replicated on every stage;
-    the first stage computes the embedding, the last the head and loss. ``interleaved`` is not
-    built yet."""
+    inputs), ``1f1b`` (one forward, one backward; at most 2P - 3, whatever M is), both idle
+    (P - 1) / (M + P - 1) of the time, or ``interleaved`` (Megatron's interleaved 1F1B: each
+    stage holds ``repeats`` = V chunks, chunk v of stage s being the model's v·P + s-th; idle
+    (P - 1) / (V·M + P - 1); M a multiple of P). The embedding and head are replicated on
+    every stage; the first stage computes the embedding, the last the head and loss."""
 
     schedule: Literal["gpipe", "1f1b", "interleaved"] = "gpipe"
     microbatches: int = Field(1, ge=1)
     repeats: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _built(self) -> PipelineConfig:
-        if self.schedule == "interleaved" or self.repeats != 1:
-            raise ValueError(f"pipeline.schedule={self.schedule!r} (repeats={self.repeats}) is not built yet; "
-                             "use pipeline.schedule gpipe or 1f1b with repeats: 1")
+    def _repeats(self) -> PipelineConfig:
+        if self.repeats != 1 and self.schedule != "interleaved":
+            raise ValueError(f"pipeline.repeats={self.repeats} needs pipeline.schedule: interleaved (the "
+                             f"{self.schedule} schedule runs one chunk per stage); use repeats: 1 or schedule: "
+                             "interleaved")
         return self
 
 

@@ -1,9 +1,12 @@
 """Pipeline parallelism over the ``stage`` mesh axis: schedules as tables, one executor.
 
-A model's ``scan_layers`` stack is split into ``P`` contiguous chunks, stage ``s`` holding
-chunk ``s`` (the rule ``layers: stage``). A *schedule* is a table (``make_schedule``): at
-tick ``t`` stage ``s`` runs the forward of micro-batch ``forward[t, s]`` and then the
-backward of micro-batch ``backward[t, s]`` (``-1``: none). Two are built:
+A model's ``scan_layers`` stack is split into ``V·P`` contiguous chunks, chunk ``v·P + s`` on
+stage ``s`` (the rule ``layers: stage``; ``V = pipeline.repeats``, 1 but for the interleaved
+schedule, where the state keeps the stack in *stage order* so that each stage's rows are its
+chunks: ``zero.to_stage_order``). A *schedule* is a table (``make_schedule``): at tick ``t``
+stage ``s`` runs the forward of micro-batch ``forward[t, s]`` (of its chunk
+``forward_chunk[t, s]``) and then the backward of micro-batch ``backward[t, s]`` (``-1``:
+none). Three are built:
 
 - ``gpipe``: all forwards, then all backwards; a stage keeps the inputs of all ``M``
   micro-batches until their backward.
@@ -12,21 +15,24 @@ backward of micro-batch ``backward[t, s]`` (``-1``: none). Two are built:
   stage recomputes its input from the batch),
   whatever ``M`` is (DeepSpeed's asynchronous engine keeps ``P - s``; in lock-step ticks a
   micro-batch's round trip to the last stage and back takes ``2(P - 1 - s)`` ticks).
+- ``interleaved`` (Megatron's interleaved 1F1B): 1F1B over ``V·P`` chunks of ``1/V`` of a
+  stage's layers each, micro-batches in groups of ``P``; activations go round a ring of
+  stages ``V`` times.
 
-Both take ``M + P - 1`` forward and backward slot-times per step, so their idle fraction is
-``(P - 1) / (M + P - 1)`` (``Schedule.idle_fraction`` counts it from the table).
+GPipe and 1F1B idle ``(P - 1) / (M + P - 1)`` of the time, interleaved ``(P - 1) / (V·M + P - 1)``
+(``Schedule.idle_fraction`` counts it from the table).
 
 ``pipeline_grads`` runs a table inside a ``shard_map`` manual over ``stage`` (each device
 runs its own stage's program, with real conditionals: a stage with nothing to do at a tick
 does nothing). The model is not split by hand: the user's loss is traced per slot with a
-hook in ``scan_layers`` that (a) on the first stage keeps the layers' input (the
-embedding), elsewhere replaces it by the activation received from the previous stage,
-(b) runs only this stage's chunk of the stack, and (c) on all but the last stage stops the
-loss there, returning the chunk's output; on the last stage the loss runs to the end and
+hook in ``scan_layers`` that (a) on the model's first chunk keeps the layers' input (the
+embedding), elsewhere replaces it by the activation received from the previous chunk,
+(b) runs only the slot's chunk of the stack, and (c) on all but the model's last chunk stops
+the loss there, returning the chunk's output; on the last chunk the loss runs to the end and
 is differentiated at once. Each forward slot keeps only its input; the backward slot
-recomputes the stage from it (a checkpoint per stage, as DeepSpeed's pipeline with
+recomputes the chunk from it (a checkpoint per chunk, as DeepSpeed's pipeline with
 activation checkpointing). One collective-permute sends a micro-batch's activation to the
-next stage per tick that has a forward, one sends its gradient back per tick that has a
+next chunk per tick that has a forward, one sends its gradient back per tick that has a
 backward; no parameter crosses a stage boundary. Gradients of the parameters outside the
 stack (embedding on the first stage, head on the last, both for a tied embedding) are
 summed over the stages once per call. ZeRO's collectives over ``data`` run inside the
@@ -49,7 +55,7 @@ from jax.sharding import PartitionSpec as P
 from zjax.errors import ConfigError
 
 STAGE = "stage"
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 def stage_axis() -> tuple[str, int] | None:
@@ -80,12 +86,15 @@ class Schedule:
     """A pipeline schedule as tables over ``[ticks, stages]``.
 
     Attributes:
-      name: ``gpipe`` or ``1f1b``.
-      stages, microbatches: ``P`` and ``M``.
+      name: ``gpipe``, ``1f1b`` or ``interleaved``.
+      stages, microbatches, repeats: ``P``, ``M`` and ``V`` (virtual stages per device; 1 but for
+        ``interleaved``).
       forward, backward: the micro-batch whose forward (backward) a stage runs at a tick, -1 none.
+      forward_chunk, backward_chunk: which of the stage's ``V`` chunks that forward (backward)
+        runs (chunk ``v`` of stage ``s`` is the model's ``v·P + s``-th of ``V·P``), 0 when none.
       write, read: the stash slot a forward stores its input in, and a backward reads it from
-        (-1: none; the first stage recomputes its input from the batch).
-      slots: stash slots a stage needs (the most micro-batches it keeps at once).
+        (-1: none; the model's first chunk recomputes its input from the batch).
+      slots: stash slots a stage needs (the most chunk inputs it keeps at once).
     """
 
     name: str
@@ -96,14 +105,17 @@ class Schedule:
     write: np.ndarray
     read: np.ndarray
     slots: int
+    repeats: int = 1
+    forward_chunk: np.ndarray | None = None
+    backward_chunk: np.ndarray | None = None
 
     @property
     def ticks(self) -> int:
         return self.forward.shape[0]
 
     def in_flight(self) -> list[int]:
-        """Per stage, the most micro-batches whose input it keeps at once (between a micro-batch's
-        forward and its backward; the first stage keeps none: it recomputes its input)."""
+        """Per stage, the most chunk inputs it keeps at once (between a micro-batch's forward and
+        its backward; the model's first chunk keeps none: it recomputes its input)."""
         out = []
         for s in range(self.stages):
             held, most = 0, 0
@@ -116,58 +128,86 @@ class Schedule:
 
     def idle_fraction(self, forward_cost: float = 1.0, backward_cost: float = 2.0) -> float:
         """The idle fraction counted from the table: each tick lasts as long as its slowest stage
-        (a forward costs ``forward_cost``, a backward ``backward_cost``), and the work done is
-        every stage's M forwards and M backwards."""
-        cost = (self.forward >= 0) * forward_cost + (self.backward >= 0) * backward_cost
+        (a chunk's forward costs ``forward_cost / V``, its backward ``backward_cost / V``), and the
+        work done is every stage's M forwards and M backwards of its whole share of layers."""
+        cost = ((self.forward >= 0) * forward_cost + (self.backward >= 0) * backward_cost) / self.repeats
         elapsed = float(cost.max(axis=1).sum())
         return 1.0 - self.microbatches * (forward_cost + backward_cost) / elapsed
 
+    def sends(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per tick, whether some stage sends an activation to the next chunk (any forward but of
+        the model's last chunk) and whether some stage sends a gradient to the previous chunk."""
+        chunks = self.repeats * self.stages
+        fc = self.forward_chunk * self.stages + np.arange(self.stages)[None, :]
+        bc = self.backward_chunk * self.stages + np.arange(self.stages)[None, :]
+        return (((self.forward >= 0) & (fc < chunks - 1)).any(axis=1),
+                ((self.backward >= 0) & (bc > 0)).any(axis=1))
 
-def make_schedule(name: str, stages: int, microbatches: int) -> Schedule:
-    """The table of ``name`` (``gpipe`` | ``1f1b``) for ``stages`` stages and ``microbatches``.
 
-    A micro-batch's activation reaches the next stage by the next tick and its gradient the
-    previous stage by the next tick (no queues): forward ``F(m, s) = m + s``; backward
-    ``B(m, s) = (M + P - 1) + m + (P - 1 - s)`` (GPipe) or ``m + 2(P - 1) - s`` (1F1B; on the last
-    stage in the same tick as its forward).
+def make_schedule(name: str, stages: int, microbatches: int, repeats: int = 1) -> Schedule:
+    """The table of ``name`` (``gpipe`` | ``1f1b`` | ``interleaved``) for ``stages`` stages,
+    ``microbatches`` and ``repeats`` virtual stages per device (interleaved only).
+
+    The model's stack is cut into ``C = V·P`` chunks, chunk ``c`` on stage ``c mod P``. A
+    micro-batch's activation reaches the next chunk by the next tick and its gradient the
+    previous chunk by the next tick (no queues): forward ``F(m, c) = F0(m) + c``; backward
+    ``B(m, c) = (M + P - 1) + m + (P - 1 - c)`` (GPipe) or ``F0(m) + 2(C - 1) - c`` (1F1B and
+    interleaved; the last chunk's in the same tick as its forward). ``F0(m) = m``, but for
+    interleaved, which runs micro-batches in groups of P: ``F0(m) = (m mod P) + ⌊m / P⌋·V·P``
+    (Megatron's interleaved 1F1B; M must be a multiple of P). Idle fraction: (P-1)/(V·M+P-1).
 
     Example:
       >>> s = make_schedule("1f1b", 4, 16)
       >>> s.in_flight(), round(s.idle_fraction(), 4)
       ([0, 5, 3, 1], 0.1579)
+      >>> round(make_schedule("interleaved", 4, 16, repeats=2).idle_fraction(), 4)
+      0.0857
     """
     if name not in SCHEDULES:
         raise ConfigError(f"pipeline.schedule={name!r} is not a schedule; use one of {', '.join(SCHEDULES)}")
-    p, m = int(stages), int(microbatches)
-    if p < 1 or m < 1:
-        raise ConfigError(f"a pipeline needs stages >= 1 and microbatches >= 1; got {p} and {m}")
-    f_at = np.arange(m)[:, None] + np.arange(p)[None, :]  # [M, P]
+    p, m, v = int(stages), int(microbatches), int(repeats)
+    if p < 1 or m < 1 or v < 1:
+        raise ConfigError(f"a pipeline needs stages, microbatches and repeats >= 1; got {p}, {m} and {v}")
+    if name != "interleaved" and v != 1:
+        raise ConfigError(f"pipeline.repeats={v} needs pipeline.schedule: interleaved (the {name} schedule runs one "
+                          "chunk per stage); use repeats: 1 or schedule: interleaved")
+    if name == "interleaved" and m % p:
+        raise ConfigError(f"the interleaved schedule runs micro-batches in groups of mesh.stage={p}; "
+                          f"pipeline.microbatches={m} is not a multiple of {p}")
+    chunks = v * p
+    mb = np.arange(m)[:, None]
+    c = np.arange(chunks)[None, :]
+    f0 = (mb % p) + (mb // p) * v * p if name == "interleaved" else mb
+    f_at = f0 + c  # [M, C]
     if name == "gpipe":
-        b_at = (m + p - 1) + np.arange(m)[:, None] + (p - 1 - np.arange(p))[None, :]
+        b_at = (m + p - 1) + mb + (p - 1 - c)
     else:
-        b_at = np.arange(m)[:, None] + 2 * (p - 1) - np.arange(p)[None, :]
+        b_at = f0 + 2 * (chunks - 1) - c
     ticks = int(b_at.max()) + 1
     forward = np.full((ticks, p), -1, np.int32)
     backward = np.full((ticks, p), -1, np.int32)
-    for mb in range(m):
-        for s in range(p):
-            assert forward[f_at[mb, s], s] < 0 and backward[b_at[mb, s], s] < 0, (name, mb, s)
-            forward[f_at[mb, s], s] = mb
-            backward[b_at[mb, s], s] = mb
+    f_chunk = np.zeros((ticks, p), np.int32)
+    b_chunk = np.zeros((ticks, p), np.int32)
+    for i in range(m):
+        for cc in range(chunks):
+            s, t_f, t_b = cc % p, f_at[i, cc], b_at[i, cc]
+            assert forward[t_f, s] < 0 and backward[t_b, s] < 0, (name, i, cc)
+            forward[t_f, s], f_chunk[t_f, s] = i, cc // p
+            backward[t_b, s], b_chunk[t_b, s] = i, cc // p
     # stash slots, lowest free first; a backward frees its slot after the same tick's forward wrote
     write = np.full((ticks, p), -1, np.int32)
     read = np.full((ticks, p), -1, np.int32)
     slots = 0
-    for s in range(1, p):
-        free, where = list(range(m)), {}
+    for s in range(p):
+        free, where = list(range(m * v)), {}
         for t in range(ticks):
-            if forward[t, s] >= 0:
-                where[forward[t, s]] = write[t, s] = free.pop(0)
+            if forward[t, s] >= 0 and (s, f_chunk[t, s]) != (0, 0):
+                where[forward[t, s], f_chunk[t, s]] = write[t, s] = free.pop(0)
                 slots = max(slots, write[t, s] + 1)
-            if backward[t, s] >= 0:
-                read[t, s] = where.pop(backward[t, s])
+            if backward[t, s] >= 0 and (s, b_chunk[t, s]) != (0, 0):
+                read[t, s] = where.pop((backward[t, s], b_chunk[t, s]))
                 free = sorted(free + [read[t, s]])
-    return Schedule(name, p, m, forward, backward, write, read, slots)
+    return Schedule(name, p, m, forward, backward, write, read, slots, v, f_chunk, b_chunk)
 
 
 # --- the hook in scan_layers ---------------------------------------------------------------
@@ -194,6 +234,8 @@ class _Hook:
     mode: str
     h: Any = None
     is_first: Any = None
+    chunk: Any = None
+    repeats: int = 1
     used: bool = False
 
     def run(self, body: Callable, carry: Any, stacked: Any) -> Any:
@@ -207,6 +249,9 @@ class _Hook:
         if self.mode == "probe":
             raise _Carry(carry)
         h = self.h if self.is_first is None else jnp.where(self.is_first, carry, self.h.astype(carry.dtype))
+        if self.repeats > 1:  # this stage holds V chunks (interleaved): run the slot's one
+            rows = jax.tree.leaves(stacked)[0].shape[0] // self.repeats
+            stacked = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, self.chunk * rows, rows, 0), stacked)
         out = lax.scan(body, h, stacked)[0]
         if self.mode == "stage":
             raise _Output(out)
@@ -245,8 +290,8 @@ def _probe(loss_of, *args):
     raise _never_called()
 
 
-def _stage_output(loss_of, h, is_first, *args):
-    with _hooked(_Hook("stage", h, is_first)):
+def _stage_output(loss_of, h, is_first, chunk, repeats, *args):
+    with _hooked(_Hook("stage", h, is_first, chunk, repeats)):
         try:
             loss_of(*args)
         except _Output as found:
@@ -254,8 +299,8 @@ def _stage_output(loss_of, h, is_first, *args):
     raise _never_called()
 
 
-def _last_loss(loss_of, h, *args):
-    with _hooked(_Hook("last", h)) as hook:
+def _last_loss(loss_of, h, repeats, *args):
+    with _hooked(_Hook("last", h, None, repeats - 1, repeats)) as hook:
         out = loss_of(*args)
     if not hook.used:
         raise _never_called()
@@ -278,6 +323,24 @@ def _select(batch: Any, microbatches: int, m: jax.Array) -> Any:
     return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, m, keepdims=False), batch)
 
 
+def _micro(batch: Any, m: int, what: str) -> Any:
+    rows = {x.shape[0] for x in jax.tree.leaves(batch)}
+    if len(rows) != 1 or next(iter(rows)) % m:
+        raise ConfigError(f"pipeline.microbatches={m} does not divide the {sorted(rows)} rows a device holds{what}; "
+                          "use a divisor of it")
+    return jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+
+
+def _neighbours(schedule: Schedule) -> tuple[list, list]:
+    """The ``ppermute`` pairs to the next and the previous chunk: a line over the stages, a ring
+    when a stage holds several chunks (the last stage's chunk ``v`` feeds the first's ``v + 1``)."""
+    p = schedule.stages
+    ring = schedule.repeats > 1
+    to_next = [(s, (s + 1) % p) for s in range(p if ring else p - 1)]
+    to_prev = [((s + 1) % p, s) for s in range(p if ring else p - 1)]
+    return to_next, to_prev
+
+
 def pipeline_grads(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: jax.Array, *, schedule: Schedule,
                    diff_specs: Any, extra_specs: Any, seed: jax.Array, accum_dtype=jnp.float32):
     """Runs ``schedule`` over the ``stage`` axis: the gradient of ``seed * sum_m lw_m`` with respect
@@ -287,21 +350,17 @@ def pipeline_grads(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: ja
 
     ``loss_of`` must pass its layer stack through ``zjax.scan_layers`` once, with one array as the
     carry. ``diff_specs``/``extra_specs``: ``stage_specs`` of ``diff``/``extra`` (a stack split over
-    ``stage`` arrives as this stage's chunk). Call inside a trace where ``stage`` is an automatic
+    ``stage`` arrives as this stage's rows; with ``V`` repeats they are its ``V`` chunks in order,
+    see ``zjax.parallel.zero.to_stage_order``). Call inside a trace where ``stage`` is an automatic
     mesh axis (the step calls it inside its ``shard_map`` over ``data``).
     """
-    p, m = schedule.stages, schedule.microbatches
-    rows = {x.shape[0] for x in jax.tree.leaves(batch)}
-    if len(rows) != 1 or next(iter(rows)) % m:
-        raise ConfigError(f"pipeline.microbatches={m} does not divide the {sorted(rows)} rows a device holds per "
-                          "micro-step; use a divisor of it")
-    micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
-    tables = jnp.asarray(np.stack([schedule.forward, schedule.backward, schedule.write, schedule.read], -1))
-    # a tick sends when any stage but the last ran a forward / any but the first a backward
-    sends_f = jnp.asarray((schedule.forward[:, :-1] >= 0).any(axis=1))
-    sends_b = jnp.asarray((schedule.backward[:, 1:] >= 0).any(axis=1))
-    to_next = [(s, s + 1) for s in range(p - 1)]
-    to_prev = [(s + 1, s) for s in range(p - 1)]
+    p, m, v = schedule.stages, schedule.microbatches, schedule.repeats
+    micro = _micro(batch, m, " per micro-step")
+    fields = (schedule.forward, schedule.backward, schedule.forward_chunk, schedule.backward_chunk,
+              schedule.write, schedule.read)
+    tables = jnp.asarray(np.stack(fields, -1))
+    sends_f, sends_b = (jnp.asarray(x) for x in schedule.sends())
+    to_next, to_prev = _neighbours(schedule)
 
     def program(diff, extra, micro, key, seed):
         s = lax.axis_index(STAGE)
@@ -314,45 +373,47 @@ def pipeline_grads(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: ja
         carry = _probe(loss_of, diff, extra, mb0, k0)
         zeros_h = jnp.zeros(carry.shape, carry.dtype)
 
-        def stage_out(d, h, mb, k):
-            return _stage_output(loss_of, h, first, d, extra, mb, k)
+        def stage_out(d, h, chunk, mb, k):
+            return _stage_output(loss_of, h, first & (chunk == 0), chunk, v, d, extra, mb, k)
 
         # the loss's extra scalars, computed on the last stage
         zeros_x = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                               jax.eval_shape(lambda: _last_loss(loss_of, zeros_h, diff, extra, mb0, k0)[2]))
+                               jax.eval_shape(lambda: _last_loss(loss_of, zeros_h, v, diff, extra, mb0, k0)[2]))
 
-        def forward(mb_index, h_recv):
+        def forward(mb_index, chunk, h_recv):
             mb, k = args(mb_index)
-            return stage_out(diff, h_recv, mb, k)
+            return stage_out(diff, h_recv, chunk, mb, k)
 
-        def back_stage(mb_index, h_in, ct):
+        def back_stage(mb_index, chunk, h_in, ct):
             mb, k = args(mb_index)
-            _, vjp = jax.vjp(lambda d, h: stage_out(d, h, mb, k), diff, h_in)
+            _, vjp = jax.vjp(lambda d, h: stage_out(d, h, chunk, mb, k), diff, h_in)
             gd, gh = vjp(ct.astype(carry.dtype))
             return gd, gh, jnp.float32(0), jnp.float32(0), zeros_x
 
-        def back_last(mb_index, h_in, ct):
+        def back_last(mb_index, chunk, h_in, ct):
             mb, k = args(mb_index)
 
             def scaled(d, h):
-                lw, w, extras = _last_loss(loss_of, h, d, extra, mb, k)
+                lw, w, extras = _last_loss(loss_of, h, v, d, extra, mb, k)
                 return lw * seed, (lw, w, extras)
 
             (_, (lw, w, extras)), (gd, gh) = jax.value_and_grad(scaled, argnums=(0, 1), has_aux=True)(diff, h_in)
             return gd, gh, lw.astype(jnp.float32), jnp.asarray(w, jnp.float32), extras
 
-        def idle(mb_index, h_in, ct):
+        def idle(mb_index, chunk, h_in, ct):
             return jax.tree.map(jnp.zeros_like, diff), zeros_h, jnp.float32(0), jnp.float32(0), zeros_x
 
         def tick(state, t):
             h_recv, ct_recv, stash, acc, lw_sum, w_sum, x_sum = state
-            f_mb, b_mb, write, read = (tables[t, s, i] for i in range(4))
-            h_out = lax.cond((f_mb >= 0) & ~last, forward, lambda i, h: zeros_h, f_mb, h_recv)
+            f_mb, b_mb, f_v, b_v, write, read = (tables[t, s, i] for i in range(6))
+            # the model's last chunk runs its forward inside its backward, in the same tick
+            h_out = lax.cond((f_mb >= 0) & ~(last & (f_v == v - 1)), forward, lambda i, c, h: zeros_h,
+                             f_mb, f_v, h_recv)
             # the input is kept until the backward (slot `slots` is scratch for ticks that keep none)
             stash = lax.dynamic_update_index_in_dim(stash, h_recv, jnp.where(write >= 0, write, schedule.slots), 0)
             h_in = lax.dynamic_index_in_dim(stash, jnp.maximum(read, 0), keepdims=False)
-            kind = jnp.where(b_mb < 0, 0, jnp.where(last, 2, 1))
-            gd, gh, lw, w, extras = lax.switch(kind, (idle, back_stage, back_last), b_mb, h_in, ct_recv)
+            kind = jnp.where(b_mb < 0, 0, jnp.where(last & (b_v == v - 1), 2, 1))
+            gd, gh, lw, w, extras = lax.switch(kind, (idle, back_stage, back_last), b_mb, b_v, h_in, ct_recv)
             acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, gd)
             h_next = lax.cond(sends_f[t], lambda x: lax.ppermute(x, STAGE, to_next), jnp.zeros_like, h_out)
             ct_next = lax.cond(sends_b[t], lambda x: lax.ppermute(x, STAGE, to_prev), jnp.zeros_like, gh)
@@ -372,17 +433,16 @@ def pipeline_grads(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: ja
     return run(diff, extra, micro, key, jnp.asarray(seed, jnp.float32))
 
 
-def pipeline_loss(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: jax.Array, *, stages: int,
-                  microbatches: int, diff_specs: Any, extra_specs: Any):
+def pipeline_loss(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: jax.Array, *, schedule: Schedule,
+                  diff_specs: Any, extra_specs: Any):
     """``(sum_m lw_m, sum_m w_m, sum_m extras_m)`` as ``pipeline_grads`` defines them, forwards only (evaluation):
-    each micro-batch passes the stages in order; the last stage computes its loss."""
-    p, m = stages, microbatches
-    rows = {x.shape[0] for x in jax.tree.leaves(batch)}
-    if len(rows) != 1 or next(iter(rows)) % m:
-        raise ConfigError(f"pipeline.microbatches={m} does not divide the {sorted(rows)} rows a device holds; "
-                          "use a divisor of it")
-    micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
-    to_next = [(s, s + 1) for s in range(p - 1)]
+    each micro-batch passes the chunks in ``schedule``'s forward order; the last chunk computes its loss."""
+    p, m, v = schedule.stages, schedule.microbatches, schedule.repeats
+    micro = _micro(batch, m, "")
+    fwd = schedule.forward.copy()
+    ticks = int(np.nonzero((fwd >= 0).any(axis=1))[0].max()) + 1  # the last forward's tick
+    tables = jnp.asarray(np.stack([fwd[:ticks], schedule.forward_chunk[:ticks]], -1))
+    to_next, _ = _neighbours(schedule)
 
     def program(diff, extra, micro, key):
         s = lax.axis_index(STAGE)
@@ -394,25 +454,25 @@ def pipeline_loss(loss_of: Callable, diff: Any, extra: Any, batch: Any, key: jax
         carry = _probe(loss_of, diff, extra, *args(jnp.int32(0)))
         zeros_h = jnp.zeros(carry.shape, carry.dtype)
         zeros_x = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(
-            lambda: _last_loss(loss_of, zeros_h, diff, extra, *args(jnp.int32(0)))[2]))
+            lambda: _last_loss(loss_of, zeros_h, v, diff, extra, *args(jnp.int32(0)))[2]))
         nothing = (jnp.float32(0), jnp.float32(0), zeros_x)
 
-        def forward(mb_index, h):
-            return _stage_output(loss_of, h, first, diff, extra, *args(mb_index)), *nothing
+        def forward(mb_index, chunk, h):
+            return _stage_output(loss_of, h, first & (chunk == 0), chunk, v, diff, extra, *args(mb_index)), *nothing
 
-        def finish(mb_index, h):
-            lw, w, extras = _last_loss(loss_of, h, diff, extra, *args(mb_index))
+        def finish(mb_index, chunk, h):
+            lw, w, extras = _last_loss(loss_of, h, v, diff, extra, *args(mb_index))
             return zeros_h, lw.astype(jnp.float32), jnp.asarray(w, jnp.float32), extras
 
         def tick(state, t):
             h_recv, sums = state
-            mb_index = t - s
-            kind = jnp.where((mb_index < 0) | (mb_index >= m), 0, jnp.where(last, 2, 1))
-            h_out, *got = lax.switch(kind, (lambda i, h: (zeros_h, *nothing), forward, finish),
-                                     jnp.clip(mb_index, 0, m - 1), h_recv)
+            mb_index, chunk = tables[t, s, 0], tables[t, s, 1]
+            kind = jnp.where(mb_index < 0, 0, jnp.where(last & (chunk == v - 1), 2, 1))
+            h_out, *got = lax.switch(kind, (lambda i, c, h: (zeros_h, *nothing), forward, finish),
+                                     jnp.maximum(mb_index, 0), chunk, h_recv)
             return (lax.ppermute(h_out, STAGE, to_next), jax.tree.map(jnp.add, sums, tuple(got))), None
 
-        (_, sums), _ = lax.scan(tick, (zeros_h, nothing), jnp.arange(m + p - 1))
+        (_, sums), _ = lax.scan(tick, (zeros_h, nothing), jnp.arange(ticks))
         return lax.psum(sums, STAGE)
 
     run = jax.shard_map(program, mesh=jax.sharding.get_abstract_mesh(), in_specs=(diff_specs, extra_specs, P(), P()),

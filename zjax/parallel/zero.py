@@ -138,6 +138,10 @@ class LeafLayout:
         over ``data`` only; the collectives run manual over these too (``on_model_shards``).
       lead_axis: the mesh axis a stack's ``layers`` dimension is split over (``stage``:
         pipeline parallelism, each stage holding its contiguous chunk of layers), or None.
+      interleave: ``(V, P)`` when the interleaved pipeline schedule gives each of the ``P``
+        stages ``V`` chunks of the stack (chunk ``v`` of stage ``s`` is the model's
+        ``v·P + s``-th of ``V·P``): the state keeps the stack in *stage order*
+        (``to_stage_order``) so that each stage's rows are its chunks; else None.
     """
 
     shape: tuple[int, ...]
@@ -148,6 +152,7 @@ class LeafLayout:
     model_axes: tuple[str | None, ...] = ()
     group: tuple[tuple[str, int], ...] = ()
     lead_axis: str | None = None
+    interleave: tuple[int, int] | None = None
 
     @property
     def layer_shape(self) -> tuple[int, ...]:
@@ -246,7 +251,8 @@ def _trim(axes: list) -> P:
 
 def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
                  zero_names: tuple[str, ...] = (ZERO_AXIS,), model_rules: Mapping[str, str | None] | None = None,
-                 mesh_shape: Mapping[str, int] | None = None, group: tuple[tuple[str, int], ...] = ()) -> Any:
+                 mesh_shape: Mapping[str, int] | None = None, group: tuple[tuple[str, int], ...] = (),
+                 repeats: int = 1) -> Any:
     """One LeafLayout per leaf of ``params`` (shapes only are read).
 
     Args:
@@ -262,6 +268,8 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
         split their dimension over it when the size divides (else it stays whole).
       mesh_shape: mesh axis name -> size.
       group: ``LeafLayout.group`` (``shards`` includes its sizes).
+      repeats: the chunks of a stack each device of its lead axis holds (the interleaved
+        pipeline's ``V``; ``LeafLayout.interleave``).
     """
     leaves, treedef = jax.tree.flatten(params)
     if logical_axes is None:
@@ -285,9 +293,14 @@ def make_layouts(params: Any, logical_axes: Any, shards: int, partitioned: bool,
             raise ConfigError(f"a 'layers' stack of {shape[0]} layers does not split into mesh.{lead}={size} "
                               f"equal chunks; use a {lead} size that divides {shape[0]} (or model.n_layers that "
                               f"{size} divides)")
+        if size > 1 and repeats > 1 and shape[0] % (size * repeats):
+            raise ConfigError(f"a 'layers' stack of {shape[0]} layers does not split into mesh.{lead}={size} x "
+                              f"pipeline.repeats={repeats} = {size * repeats} equal chunks; use sizes whose product "
+                              f"divides {shape[0]}")
         layouts.append(LeafLayout(shape, stacked, shards, partitioned, dim,
                                   model if any(a is not None for a in model) else (), group if dim is not None else (),
-                                  lead if size > 1 else None))
+                                  lead if size > 1 else None,
+                                  (repeats, size) if size > 1 and repeats > 1 else None))
     return jax.tree.unflatten(treedef, layouts)
 
 
@@ -388,6 +401,43 @@ def to_stored(x: jax.Array, lay: LeafLayout) -> jax.Array:
         widths[lay.axis] = (0, pad)
         x = jnp.pad(x, widths)
     return x
+
+
+def to_stage_order(x: jax.Array, lay: LeafLayout | None) -> jax.Array:
+    """A stack in the model's layer order -> the state's order (``LeafLayout.interleave``): the
+    ``V·P`` chunks ``c = v·P + s`` reordered to ``(s, v)``, so that the contiguous rows of stage
+    ``s`` are its chunks ``s, P + s, ..., (V-1)·P + s``. Identity without interleaving.
+
+    Example:
+      >>> lay = LeafLayout((8,), True, 1, False, lead_axis="stage", interleave=(2, 2))
+      >>> to_stage_order(jnp.arange(8), lay).tolist(), from_stage_order(to_stage_order(jnp.arange(8), lay), lay).tolist()
+      ([0, 1, 4, 5, 2, 3, 6, 7], [0, 1, 2, 3, 4, 5, 6, 7])
+    """
+    if lay is None or lay.interleave is None:
+        return x
+    v, p = lay.interleave
+    return x.reshape((v, p, -1) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+
+def from_stage_order(x: jax.Array, lay: LeafLayout | None) -> jax.Array:
+    """The inverse of ``to_stage_order``."""
+    if lay is None or lay.interleave is None:
+        return x
+    v, p = lay.interleave
+    return x.reshape((p, v, -1) + x.shape[1:]).swapaxes(0, 1).reshape(x.shape)
+
+
+def interleaved(layouts: Any) -> bool:
+    """Whether any stack of ``layouts`` is kept in stage order (``to_stage_order``)."""
+    return any(lay.interleave is not None for lay in jax.tree.leaves(layouts, is_leaf=is_layout) if lay is not None)
+
+
+def stage_order(layouts: Any, tree: Any, inverse: bool = False) -> Any:
+    """``to_stage_order`` (``from_stage_order`` when ``inverse``) on every leaf of ``tree`` (the
+    structure of ``layouts``; None holes kept)."""
+    fn = from_stage_order if inverse else to_stage_order
+    return jax.tree.map(lambda lay, x: None if x is None else fn(x, lay), layouts, tree,
+                        is_leaf=lambda x: x is None or is_layout(x))
 
 
 def from_stored(x: jax.Array, lay: LeafLayout) -> jax.Array:

@@ -100,9 +100,16 @@ class TrainState(struct.PyTreeNode):
         """The params in the user's tree and shapes: trainable ones from the master (fp32),
         frozen ones in the compute dtype."""
         trainable = self.replicated if self.master is None else _unflatten_master(self.layout_def, self.master)
-        if self.frozen is None:
-            return trainable
-        return zero.merge_frozen(trainable, _unflatten_frozen(self.layout_def, self.frozen))
+        params = trainable if self.frozen is None else zero.merge_frozen(
+            trainable, _unflatten_frozen(self.layout_def, self.frozen))
+        return _user_order(self.layout_def, params) if zero.interleaved(self.all_layouts) else params
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _user_order(layout_def, params):
+    """An interleaved pipeline's stacks back in the model's layer order (``zero.from_stage_order``)."""
+    treedef, leaves, _ = layout_def
+    return zero.stage_order(jax.tree.unflatten(treedef, leaves), params, inverse=True)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -211,8 +218,8 @@ class TrainStep:
         self._whole_stacks: bool | None = None
         # the pipeline schedule over mesh.stage (None without one)
         stages = self.mesh.shape.get(pipeline.STAGE, 1)
-        self.schedule_table = (pipeline.make_schedule(cfg.pipeline.schedule, stages, cfg.pipeline.microbatches)
-                               if stages > 1 else None)
+        self.schedule_table = (pipeline.make_schedule(cfg.pipeline.schedule, stages, cfg.pipeline.microbatches,
+                                                      cfg.pipeline.repeats) if stages > 1 else None)
 
     # -- placement ------------------------------------------------------------------
 
@@ -240,7 +247,7 @@ class TrainStep:
         names = tuple(n for n, a in self.config.logical_axis_rules.items() if a == DATA and n != "batch")
         group = ((zero.SEQUENCE, self.sequence_size),) if self.sequence_size > 1 else ()
         place = dict(zero_names=names, model_rules=self.config.logical_axis_rules, mesh_shape=dict(self.mesh.shape),
-                     group=group)
+                     group=group, repeats=self.schedule_table.repeats if self.schedule_table is not None else 1)
         trained = zero.make_layouts(abstract_params, axes, self.zero.shards, self.zero.partitioned, **place)
         # frozen leaves: replicated below ZeRO-3, split like a master at ZeRO-3
         frozen = zero.make_layouts(abstract_params, axes, self.zero.frozen_shards, self.zero.gathers_for_loss, **place)
@@ -375,7 +382,8 @@ class TrainStep:
 
     def _init_state(self, make_params, rng, tree) -> TrainState:
         layouts = self.layouts
-        given = make_params(rng, tree)
+        # an interleaved pipeline keeps its stacks in stage order (zero.to_stage_order)
+        given = zero.stage_order(self.all_layouts, make_params(rng, tree))
         params = jax.tree.map(lambda x: jnp.asarray(x, self.dtypes.param), zero.select(layouts, given))
         frozen = None
         if self.frozen_layouts is not None:
@@ -643,8 +651,7 @@ class TrainStep:
                     else:
                         lw, w, _ = pipeline.pipeline_loss(
                             lambda d, e, mb, k: self._weighted_loss(to_params(d, e), mb, k), diff, extra, batch,
-                            key, stages=self.schedule_table.stages, microbatches=self.schedule_table.microbatches,
-                            **self._stage_specs())
+                            key, schedule=self.schedule_table, **self._stage_specs())
                 return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
 
             local_eval = self._manual(local, in_specs=(self.state_specs, P(BATCH_AXES)), out_specs=P())
