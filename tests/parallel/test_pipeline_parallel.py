@@ -218,7 +218,7 @@ def test_a_loss_without_scan_layers_or_rows_that_do_not_split_are_clear_errors()
 GPT = ("precision.compute_dtype=float32", "model.n_layers=4")
 
 
-def run(*overrides, steps=3):
+def run(*overrides, steps=5):
     train, state = gpt_train(*GPT, *overrides)
     losses = []
     for batch in token_batches(steps, 16, 32):
