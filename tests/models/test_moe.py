@@ -265,11 +265,36 @@ def test_the_moe_gpts_loss_adds_the_auxiliary_losses():
     assert losses[0.5][0] == pytest.approx(losses[0.5][2] + losses[0.5][1], rel=1e-6)
 
 
+def test_moe_on_every_kth_layer():
+    """model.moe.every=2 over 4 layers: groups of a dense block then an MoE block; two MoE layers
+    route every token (top-2: 2 assignments each), the parameter count is count_params'."""
+    from zjax.models.gpt import count_params, make_gpt
+
+    cfg = zjax.load_config("configs/tiny.yaml", [*MOE_GPT, "model.n_layers=4", "model.moe.every=2",
+                                                 "model.moe.drop_tokens=false"])
+    model = make_gpt(cfg.model, seed=0)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert sum(x.size for x in jax.tree.leaves(params)) == count_params(cfg.model)
+    blocks = params["blocks"]
+    assert set(blocks) == {"dense", "moe"} and len(blocks["dense"]) == 1
+    assert blocks["dense"][0]["mlp"]["w_up"].shape == (2, 64, cfg.model.d_ff)  # 2 groups, a dense MLP each
+    assert blocks["moe"]["mlp"]["w_up"].shape == (2, 4, 64, cfg.model.d_ff)  # and an MoE of 4 experts
+    tokens = jnp.asarray(token_batches(1, 4, 16)[0]["tokens"])
+    _, aux = nnx.jit(lambda m, t: m.token_nll_and_aux(t[:, :-1], t[:, 1:]))(model, tokens)
+    assert float(aux["assignments"]) == 2 * 2 * tokens[:, :-1].size and float(aux["dropped"]) == 0
+    dense = zjax.load_config("configs/tiny.yaml", ["model.n_layers=4"]).model
+    # two of the four MLPs became MoEs (router, 4 experts, PR-MoE residual and coefficient, a shared expert)
+    mlp = 3 * 64 * cfg.model.d_ff
+    assert count_params(cfg.model) - count_params(dense) == 2 * (64 * 4 + 4 * mlp + (mlp + 2 * 64) + mlp - mlp)
+
+
 def test_moe_settings_not_built_are_clear_errors():
     with pytest.raises(zjax.ConfigError, match="model.moe.top_k=3 is more than model.moe.num_experts=2"):
         zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=2", "model.moe.top_k=3"])
-    with pytest.raises(zjax.ConfigError, match="model.moe.every=2: MoE on every k-th layer is not built yet"):
-        zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=2", "model.moe.every=2"])
+    with pytest.raises(zjax.ConfigError, match="model.moe.every=3 does not divide model.n_layers=2"):
+        from zjax.models.gpt import make_gpt
+
+        make_gpt(zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=2", "model.moe.every=3"]).model)
     with pytest.raises(zjax.ConfigError, match="mesh.stage=2 with model.moe.num_experts=2 is not built yet"):
         zjax.load_config("configs/tiny.yaml", ["model.moe.num_experts=2", "mesh.stage=2"])
 

@@ -424,9 +424,6 @@ class MoEConfig(_Section):
         if self.num_experts and self.dispatch == "ragged" and self.drop_tokens:
             raise ValueError("model.moe.dispatch=ragged runs every token's experts (dropless): set "
                              "model.moe.drop_tokens: false, or use dispatch: dense for capacity and dropping")
-        if self.every != 1:
-            raise ValueError(f"model.moe.every={self.every}: MoE on every k-th layer is not built yet; use every: 1 "
-                             "(every layer) or num_experts: 0")
         return self
 
 

@@ -90,10 +90,19 @@ class GPT(nnx.Module):
         self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                 INIT_STD, param_dtype)
 
-        @nnx.split_rngs(splits=cfg.n_layers)
+        # MoE on every k-th layer (model.moe.every): the stack is of groups of k layers, k - 1
+        # dense blocks then one MoE block (Megatron-DeepSpeed's expert_interval)
+        every = _moe_config(cfg).every if _moe_config(cfg) is not None else 1
+        if cfg.n_layers % every:
+            raise ConfigError(f"model.moe.every={every} does not divide model.n_layers={cfg.n_layers}; use an "
+                              "interval that divides the layers (every k-th layer is an MoE layer)")
+
+        @nnx.split_rngs(splits=cfg.n_layers // every)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_blocks(rngs):
-            return Block(cfg, rngs=rngs, param_dtype=param_dtype)
+            if every == 1:
+                return Block(cfg, rngs=rngs, param_dtype=param_dtype)
+            return BlockGroup(cfg, every, rngs=rngs, param_dtype=param_dtype)
 
         self.blocks = make_blocks(rngs)
         # the MoE routers' randomness (noise, random token selection): one stream the train
@@ -292,24 +301,43 @@ def count_params(cfg: Any) -> int:
     attention = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
     mlp = 3 * cfg.d_model * cfg.d_ff
     moe = _moe_config(cfg)
+    moe_layers = 0
+    moe_mlp = mlp
     if moe is not None:
         width = moe.d_ff or cfg.d_ff
-        mlp = cfg.d_model * moe.num_experts + 3 * cfg.d_model * width * moe.num_experts
-        mlp += (3 * cfg.d_model * width + 2 * cfg.d_model) if moe.use_residual else 0
-        mlp += 3 * cfg.d_model * width * moe.shared_experts
-    block = attention + mlp + 2 * cfg.d_model
+        moe_mlp = cfg.d_model * moe.num_experts + 3 * cfg.d_model * width * moe.num_experts
+        moe_mlp += (3 * cfg.d_model * width + 2 * cfg.d_model) if moe.use_residual else 0
+        moe_mlp += 3 * cfg.d_model * width * moe.shared_experts
+        moe_layers = cfg.n_layers // moe.every
+    block = attention + 2 * cfg.d_model
     embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    return embeddings + cfg.n_layers * block + cfg.d_model
+    layers = cfg.n_layers * block + (cfg.n_layers - moe_layers) * mlp + moe_layers * moe_mlp
+    return embeddings + layers + cfg.d_model
+
+
+class BlockGroup(nnx.Module):
+    """``every`` consecutive layers when only every k-th is MoE (``model.moe.every``): ``every - 1``
+    dense blocks, then one MoE block (layers k, 2k, ... counted from 1, as Megatron-DeepSpeed's
+    ``expert_interval``). Called like an MoE ``Block``."""
+
+    def __init__(self, cfg: Any, every: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        self.dense = nnx.List([Block(cfg, rngs=rngs, param_dtype=param_dtype, moe=False) for _ in range(every - 1)])
+        self.moe = Block(cfg, rngs=rngs, param_dtype=param_dtype)
+
+    def __call__(self, x, rope, segment_ids, kernels="xla", key=None):
+        for block in self.dense:
+            x = block(x, rope, segment_ids, kernels)
+        return self.moe(x, rope, segment_ids, kernels, key=key)
 
 
 class Block(nnx.Module):
     """One pre-norm transformer layer: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
 
-    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32, moe: bool = True):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
         self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype)
-        moe = _moe_config(cfg)
+        moe = _moe_config(cfg) if moe else None
         self.aux_coefs = (moe.aux_loss_coef, moe.router_z_loss) if moe is not None else None
         if moe is None:
             self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
