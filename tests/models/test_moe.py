@@ -237,6 +237,85 @@ def test_the_nnx_module_trains_in_a_zero3_step():
     assert losses[-1] < 0.8 * losses[0]
 
 
+# --- auxiliary-loss-free balancing (DeepSeek-V3's per-expert selection bias) ------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_selection_bias_chooses_but_does_not_weigh(k):
+    x = jnp.asarray(logits(5))
+    cfg = GateConfig(E, top_k=k, drop_tokens=False)
+    bias = jnp.zeros(E).at[4].set(10.0)  # expert 4 wins every token's first choice
+    r = route(x, cfg, bias=bias, train=False)
+    expert, _ = r.top(k)
+    assert bool(jnp.all(jnp.any(expert == 4, axis=-1)))
+    gates = softmax(np.asarray(x))
+    if k == 1:  # the combine weight is the unbiased gate
+        np.testing.assert_allclose(r.weights[:, 4], gates[:, 4], rtol=1e-6)
+    # value 0; the bias's gradient is each expert's load minus the mean load
+    assert float(r.balance) == 0.0
+    grad = jax.grad(lambda b: route(x, cfg, bias=b, train=False).balance)(bias)
+    np.testing.assert_allclose(grad, r.counts - r.counts.mean(), rtol=1e-6)
+
+
+def test_sign_updates_of_the_bias_balance_a_skewed_router():
+    """DeepSeek-V3's rule, bias -= rate * sign(load - mean), on a router that sends most tokens to
+    two experts: the busiest expert's load falls from over twice the mean to near it."""
+    x = jnp.asarray(logits(6))
+    cfg = GateConfig(E, top_k=1, drop_tokens=False)
+    bias = jnp.zeros(E)
+    before = route(x, cfg, train=False).counts
+    for _ in range(200):
+        bias = bias - 0.01 * jnp.sign(jax.grad(lambda b: route(x, cfg, bias=b, train=False).balance)(bias))
+    after = route(x, cfg, bias=bias, train=False).counts
+    assert int(before.max()) > 2 * S / E and int(after.max()) <= 1.5 * S / E
+
+
+def test_the_train_step_moves_selection_biases_by_the_sign_of_the_load():
+    """A third-party NNX model whose MoE has a selection bias, under AdamW with weight decay at ZeRO-1:
+    after one step the bias is exactly -rate * sign(load - mean load) of the batch (not an AdamW
+    update), and the loss's value and grad norm do not include it."""
+    class Tiny(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(32, D, rngs=rngs)
+            self.moe = MoE(D, F, GateConfig(4, min_capacity=0, use_rts=False), rngs=rngs, balance_bias=True)
+
+        def __call__(self, tokens):
+            y, routing = self.moe(self.embed(tokens))
+            return y @ self.embed.embedding[...].T, routing
+
+    def loss_fn(model, batch):
+        out, routing = model(batch["tokens"][:, :-1])
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(out), batch["tokens"][:, 1:, None], -1).mean()
+        return nll + routing.balance, {}
+
+    over = ["zero.stage=1", "batch.global_batch_size=8", "data.seq_len=8", "precision.compute_dtype=float32",
+            "optimizer.weight_decay=0.1"]
+    with pytest.raises(zjax.ConfigError, match="'expert_bias'.*model.moe.bias_update_rate=0.0"):
+        zjax.make_train_step(zjax.load_config("configs/tiny.yaml", over), loss_fn, model=Tiny(nnx.Rngs(0))).init()
+    cfg = zjax.load_config("configs/tiny.yaml", [*over, "model.moe.bias_update_rate=0.125"])
+    model = Tiny(nnx.Rngs(0))
+    batch = {"tokens": np.random.default_rng(0).integers(0, 32, (8, 9)).astype(np.int32)}
+    gate_in = model.embed(jnp.asarray(batch["tokens"][:, :-1])).reshape(-1, D)
+    counts = np.zeros(4)
+    for rows in np.split(np.asarray(gate_in), 8):  # each device routes its own rows
+        counts += np.asarray(route(jnp.asarray(rows) @ model.moe.router[...], model.moe.cfg, train=False).counts)
+    train = zjax.make_train_step(cfg, loss_fn, model=model)
+    state = train.init()
+    state, metrics = train(state, batch)
+    np.testing.assert_array_equal(np.asarray(state.params["moe"]["expert_bias"]),
+                                  (-0.125 * np.sign(counts - counts.mean())).astype(np.float32))
+    # the same step with the bias frozen and out of the loss: the same loss and grad norm
+    frozen = zjax.make_train_step(cfg, lambda m, b: (loss_fn(m, b)[0] - model_balance(m, b), {}), model=Tiny(nnx.Rngs(0)),
+                                  trainable=lambda path, leaf: path[-1] != "expert_bias")
+    _, plain = frozen(frozen.init(), batch)
+    assert float(metrics["loss"]) == pytest.approx(float(plain["loss"]), rel=1e-6)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(plain["grad_norm"]), rel=1e-5)
+
+
+def model_balance(model, batch):
+    return model(batch["tokens"][:, :-1])[1].balance
+
+
 # --- the reference GPT's model.moe ------------------------------------------------------------
 
 from gpt_helpers import gpt_train, token_batches  # noqa: E402

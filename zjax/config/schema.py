@@ -395,7 +395,11 @@ class MoEConfig(_Section):
     (default ``model.d_ff``). The loss adds ``aux_loss_coef`` x DeepSpeed's load-balancing loss
     and ``router_z_loss`` x the router z-loss, summed over the layers. ``ep_size`` (DeepSpeed's
     expert-parallel group size) sets ``mesh.expert``; ``dispatch: ragged`` runs dropless grouped
-    matmuls instead of capacity slots."""
+    matmuls instead of capacity slots. ``every: k`` makes every k-th layer an MoE (the others
+    dense). ``bias_update_rate`` > 0: auxiliary-loss-free balancing (DeepSeek-V3): each MoE layer
+    gets a per-expert selection bias ``expert_bias`` that the train step moves by
+    ``-rate * sign(load - mean load)`` each step (not the optimizer); it applies to any model's
+    leaves named ``expert_bias`` or ``e_score_correction_bias``."""
 
     num_experts: int = Field(0, ge=0)
     top_k: int = Field(1, ge=1)
@@ -415,6 +419,7 @@ class MoEConfig(_Section):
     router_z_loss: float = Field(0.0, ge=0)
     every: int = Field(1, ge=1)
     ep_size: int | None = Field(None, ge=1)
+    bias_update_rate: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> MoEConfig:

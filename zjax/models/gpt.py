@@ -350,7 +350,8 @@ class Block(nnx.Module):
                 dispatch=moe.dispatch)
             self.mlp = moe_lib.MoE(cfg.d_model, moe.d_ff or cfg.d_ff, gate, rngs=rngs, use_residual=moe.use_residual,
                                    shared_experts=moe.shared_experts, param_dtype=param_dtype, init_std=INIT_STD,
-                                   out_std=INIT_STD / math.sqrt(2 * cfg.n_layers))
+                                   out_std=INIT_STD / math.sqrt(2 * cfg.n_layers),
+                                   balance_bias=moe.bias_update_rate > 0)
 
     def __call__(self, x, rope, segment_ids, kernels="xla", key=None):
         """``x + attn(norm(x))`` then ``+ mlp(norm(...))``; with an MoE MLP, ``(x, [aux loss, dropped
@@ -360,7 +361,8 @@ class Block(nnx.Module):
         if self.aux_coefs is None:
             return x + self.mlp(h, kernels)
         y, routing = self.mlp(h, key=key, x_axes=ACTIVATION_AXES)
-        aux = self.aux_coefs[0] * routing.aux_loss + self.aux_coefs[1] * routing.z_loss
+        # routing.balance is 0 (the selection bias's load gradient, with bias_update_rate > 0)
+        aux = self.aux_coefs[0] * routing.aux_loss + self.aux_coefs[1] * routing.z_loss + routing.balance
         assignments = routing.counts.sum().astype(jnp.float32)
         return x + y.astype(x.dtype), jnp.stack([aux, routing.dropped.astype(jnp.float32), assignments])
 

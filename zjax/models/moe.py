@@ -108,6 +108,10 @@ class Routing:
       z_loss: ``mean(logsumexp(logits)^2)`` (ST-MoE's router z-loss, before any coefficient).
       counts: ``[E]`` int32, tokens routed to each expert before capacity (``exp_counts``).
       dropped: int32, token-to-expert assignments capacity dropped.
+      balance: with a per-expert selection ``bias`` (auxiliary-loss-free balancing), a term whose
+        value is 0 and whose gradient with respect to ``bias`` is each expert's load minus the
+        mean load (add it to the loss: the train step moves ``bias`` by ``-rate * sign(gradient)``,
+        DeepSeek-V3's update); 0 without a bias.
     """
 
     weights: jax.Array
@@ -117,6 +121,7 @@ class Routing:
     z_loss: jax.Array
     counts: jax.Array
     dropped: jax.Array
+    balance: jax.Array | float = 0.0
 
     @property
     def capacity(self) -> int:
@@ -154,7 +159,7 @@ def _slots(locations: jax.Array, mask: jax.Array, cap: int) -> jax.Array:
 
 
 def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Array | None = None,
-          slots: bool = True) -> Routing:
+          slots: bool = True, bias: jax.Array | None = None) -> Routing:
     """The gate's decisions for ``logits [S, E]`` (any float dtype; computed in float32).
 
     ``slots=False`` skips the ``[S, E, C]`` slot tensors (the grouped-matmul path needs only
@@ -163,6 +168,11 @@ def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Ar
     ``key`` feeds the random parts (RSample noise, random token selection, the second
     expert's Gumbel sampling); they are skipped without a key, and outside training
     (``train=False``, which also switches to ``eval_capacity_factor``).
+
+    ``bias [E]`` (auxiliary-loss-free balancing, DeepSeek-V3): the experts are *chosen* by
+    ``gates + bias`` (top-2: both choices; noise and sampling are not applied), while the
+    combine weights stay the unbiased gates; ``Routing.balance`` carries the load imbalance
+    to the bias's gradient.
     """
     logits = logits.astype(jnp.float32)
     s, e = logits.shape
@@ -176,9 +186,11 @@ def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Ar
     me = jnp.mean(gates, axis=0)
     z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
 
+    chosen = None if bias is None else gates + jax.lax.stop_gradient(bias.astype(jnp.float32))
     if k == 1:
         noisy = logits + _gumbel(keys[0], logits.shape) if cfg.noisy_gate_policy == "RSample" and keys[0] is not None \
             else gates
+        noisy = noisy if chosen is None else chosen
         mask = jax.nn.one_hot(jnp.argmax(noisy, axis=-1), e, dtype=jnp.int32)
         counts = mask.sum(0)
         aux = jnp.sum(me * jnp.mean(mask.astype(jnp.float32), axis=0)) * e
@@ -192,10 +204,11 @@ def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Ar
         combine = weights[..., None] * _slots(jnp.cumsum(mask, axis=0) - 1, mask > 0, cap) if slots else None
         kept = mask.sum()
     elif k == 2:
-        first = jnp.argmax(gates, axis=-1)
+        first = jnp.argmax(gates if chosen is None else chosen, axis=-1)
         mask1 = jax.nn.one_hot(first, e, dtype=jnp.int32)
         second_logits = logits + _gumbel(keys[2], logits.shape) \
             if cfg.second_expert_sampling and keys[2] is not None else logits
+        second_logits = second_logits if chosen is None else chosen
         mask2 = jax.nn.one_hot(jnp.argmax(jnp.where(mask1 > 0, -jnp.inf, second_logits), axis=-1), e,
                                dtype=jnp.int32)
         loc1 = jnp.cumsum(mask1, axis=0) - 1
@@ -213,7 +226,7 @@ def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Ar
                    + (g2 / denom)[:, None, None] * mask2[..., None] * _slots(loc2, mask2 > 0, cap)) if slots else None
         kept = mask1.sum() + mask2.sum()
     else:
-        top_gate, top_idx = jax.lax.top_k(gates, k)
+        _, top_idx = jax.lax.top_k(gates if chosen is None else chosen, k)
         mask = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=jnp.int32), axis=1)
         counts = mask.sum(0)
         aux = jnp.mean(me * jnp.mean(mask.astype(jnp.float32), axis=0)) * e * e / k
@@ -226,8 +239,12 @@ def route(logits: jax.Array, cfg: GateConfig, *, train: bool = True, key: jax.Ar
         weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), jnp.finfo(jnp.float32).eps)
         combine = weights[..., None] * _slots(jnp.cumsum(mask, axis=0) - 1, mask > 0, cap) if slots else None
         kept = mask.sum()
+    balance = 0.0
+    if bias is not None:  # value 0; d/d bias = each expert's load minus the mean load
+        load = jax.lax.stop_gradient(counts.astype(jnp.float32))
+        balance = jnp.sum((load - jnp.mean(load)) * (bias - jax.lax.stop_gradient(bias)).astype(jnp.float32))
     return Routing(weights, combine, None if combine is None else combine > 0, aux, z_loss,
-                   counts.astype(jnp.int32), (counts.sum() - kept).astype(jnp.int32))
+                   counts.astype(jnp.int32), (counts.sum() - kept).astype(jnp.int32), balance)
 
 
 # --- the layer -------------------------------------------------------------------------------
@@ -246,8 +263,9 @@ def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, 
     ``params``: ``router [d, E]``; the experts' ``w_gate``/``w_up`` ``[E, d, f]`` and ``w_down``
     ``[E, f, d]``; optionally ``residual`` (PR-MoE, DeepSpeed's ``use_residual``: a dense MLP
     ``{w_gate, w_up [d, f], w_down [f, d]}`` mixed with the experts by ``coefficient [d, 2]``,
-    softmax weights per token) and ``shared`` (DeepSeek-style shared experts: a dense MLP of the
-    same form whose output is added).
+    softmax weights per token), ``shared`` (DeepSeek-style shared experts: a dense MLP of the
+    same form whose output is added) and ``expert_bias [E]`` (auxiliary-loss-free balancing:
+    the experts are chosen by gate + bias, see ``route``).
 
     ``expert_axis``: inside a region manual over that mesh axis (size ``E_p``), expert
     parallelism: the experts' weights are this device's ``E / E_p`` experts, ``x`` its own
@@ -269,10 +287,10 @@ def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, 
         if expert_axis is not None:
             raise ConfigError("moe.dispatch='ragged' with expert parallelism is not built yet (it needs a ragged "
                               "all-to-all); use dispatch: dense with a worst-case capacity (drop_tokens: false)")
-        routing = route(logits, cfg, train=train, key=key, slots=False)
+        routing = route(logits, cfg, train=train, key=key, slots=False, bias=params.get("expert_bias"))
         y = _sum_over(_ragged_experts(tokens, routing, params, cfg.top_k), mlp_axis)
         return _dense_parts(y, tokens, params, mlp_axis).reshape(shape), routing
-    routing = route(logits, cfg, train=train, key=key)
+    routing = route(logits, cfg, train=train, key=key, bias=params.get("expert_bias"))
     slots = jnp.einsum("sec,sd->ecd", routing.dispatch.astype(tokens.dtype), tokens)
     if expert_axis is None:
         out = _sum_over(expert_mlp(slots, params["w_gate"], params["w_up"], params["w_down"]), mlp_axis)
@@ -330,8 +348,12 @@ def _init(rngs: nnx.Rngs, shape, fan_in: int, dtype, axes, std: float | None = N
 class MoE(nnx.Module):
     """An MoE feed-forward block as an NNX module (``moe_ffn`` on its parameters).
 
-    ``MoE(d_model, d_ff, GateConfig(...), rngs=nnx.Rngs(0), use_residual=False, shared_experts=0)``;
-    calling it on ``x [..., d_model]`` returns ``(y, routing)``. Parameters carry logical axes
+    ``MoE(d_model, d_ff, GateConfig(...), rngs=nnx.Rngs(0), use_residual=False, shared_experts=0,
+    balance_bias=False)``; calling it on ``x [..., d_model]`` returns ``(y, routing)``.
+    ``balance_bias``: a per-expert selection bias ``expert_bias`` (zeros; auxiliary-loss-free
+    balancing): add ``routing.balance`` to the loss and set ``model.moe.bias_update_rate``; the
+    train step then moves it by ``-rate * sign(load - mean load)`` each step instead of the
+    optimizer. Parameters carry logical axes
     (``experts``, ``embed``, ``mlp``) for the sharding rules. ``init_std``/``out_std``: the
     normal init's deviation of the input and output projections (default 1/sqrt(fan-in)).
     ``deterministic`` (set by ``module.eval()``): gate as outside training (no noise, no
@@ -340,7 +362,7 @@ class MoE(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int, cfg: GateConfig, *, rngs: nnx.Rngs, use_residual: bool = False,
                  shared_experts: int = 0, param_dtype: Any = jnp.float32, init_std: float | None = None,
-                 out_std: float | None = None):
+                 out_std: float | None = None, balance_bias: bool = False):
         e = cfg.num_experts
         self.cfg = cfg
         self.deterministic = False
@@ -356,6 +378,9 @@ class MoE(nnx.Module):
             self.coefficient = _init(rngs, (d_model, 2), d_model, param_dtype, ("embed", None), init_std)
         if shared_experts:
             self.shared = _dense(rngs, d_model, d_ff * shared_experts, param_dtype, init_std, out_std)
+        self.expert_bias = nnx.data(None)
+        if balance_bias:
+            self.expert_bias = nnx.Param(jnp.zeros((e,), param_dtype), out_sharding=(None,), eager_sharding=False)
 
     def __call__(self, x: jax.Array, *, train: bool | None = None, key: jax.Array | None = None,
                  x_axes: tuple | None = None):
@@ -380,6 +405,8 @@ class MoE(nnx.Module):
         if self.shared is not None:
             params["shared"] = {k: v[...] for k, v in self.shared.items()}
             axes["shared"] = dense_axes
+        if self.expert_bias is not None:
+            params["expert_bias"], axes["expert_bias"] = self.expert_bias[...], (None,)
         leaves, tree = jax.tree.flatten(params)
         leaf_axes = tree.flatten_up_to(axes)
         x_axes = x_axes if x_axes is not None else ("batch", *[None] * (x.ndim - 2), "embed")
@@ -392,16 +419,18 @@ class MoE(nnx.Module):
             y, routing = moe_ffn(x, jax.tree.unflatten(tree, leaves), cfg, train=train,
                                  key=jax.random.wrap_key_data(key_data) if random else None,
                                  expert_axis=expert_axis, mlp_axis=split_axis("mlp"))
-            stats = (routing.aux_loss, routing.z_loss, routing.counts, routing.dropped)
+            stats = (routing.aux_loss, routing.z_loss, routing.counts, routing.dropped,
+                     jnp.asarray(routing.balance, jnp.float32))
             if expert_axis is not None:  # each device routed its own rows
                 n = jax.lax.axis_size(expert_axis)
                 stats = (jax.lax.psum(stats[0], expert_axis) / n, jax.lax.psum(stats[1], expert_axis) / n,
-                         jax.lax.psum(stats[2], expert_axis), jax.lax.psum(stats[3], expert_axis))
+                         jax.lax.psum(stats[2], expert_axis), jax.lax.psum(stats[3], expert_axis),
+                         jax.lax.psum(stats[4], expert_axis))
             return y, *stats
 
-        y, aux, z, counts, dropped = per_shard(local, (x_axes, None, *leaf_axes), [x_axes, None, None, None, None])(
+        y, aux, z, counts, dropped, balance = per_shard(local, (x_axes, None, *leaf_axes), [x_axes] + [None] * 5)(
             x, jax.random.key_data(key), *leaves)
-        return y, Routing(None, None, None, aux, z, counts, dropped)
+        return y, Routing(None, None, None, aux, z, counts, dropped, balance)
 
 
 def _dense(rngs, d_model, d_ff, dtype, init_std=None, out_std=None) -> nnx.Dict:

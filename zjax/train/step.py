@@ -57,6 +57,7 @@ from zjax.train.optim import default_decay_mask, make_optimizer, make_schedule
 from zjax.parallel.zero import BATCH_AXES, DATA, REPLICA, map_layouts
 
 METRICS = ("loss", "grad_norm", "lr", "loss_scale", "skipped")
+BALANCE_BIAS_NAMES = ("expert_bias", "e_score_correction_bias")  # MoE selection biases (see _balance_leaves)
 logger = logging.getLogger("zjax")
 
 
@@ -210,6 +211,7 @@ class TrainStep:
         self.schedule = None if optimizer is not None else make_schedule(cfg)
         self.batch_sharding = NamedSharding(self.mesh, logical_spec(("batch",), cfg.logical_axis_rules))
         self.layouts = None
+        self._balance = None
         self.frozen_layouts = None
         self.abstract_state = None
         self._eval = None
@@ -261,6 +263,7 @@ class TrainStep:
             return
         self.layout_def = layout_def
         self.layouts = layouts = zero.split_layouts(layout_def, True)
+        self._balance = self._balance_leaves(abstract_params, treedef, mask)
         self.frozen_layouts = zero.split_layouts(layout_def, False) if not all(mask) else None
         self.all_layouts = jax.tree.unflatten(treedef, layout_def[1])
         if self._user_optimizer is not None:
@@ -308,6 +311,26 @@ class TrainStep:
             donate_argnums=0,
             out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())),
         )
+
+    def _balance_leaves(self, abstract_params: Any, treedef: Any, mask: tuple) -> Any:
+        """Per trainable leaf, whether it is an MoE selection bias (auxiliary-loss-free balancing:
+        a leaf named ``expert_bias`` or ``e_score_correction_bias``), which the step moves by
+        ``-model.moe.bias_update_rate * sign(gradient)`` instead of the optimizer; None when there
+        is none (None holes where a leaf is frozen)."""
+        from zjax.train.adapters import _keys
+
+        names = [str(_keys(path)[-1]) if _keys(path) else ""
+                 for path, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
+        flags = [n in BALANCE_BIAS_NAMES for n in names]
+        found = [n for n, f, m in zip(names, flags, mask) if f and m]
+        rate = self.config.model.moe.bias_update_rate
+        if not found:
+            return None
+        if rate <= 0:
+            raise ConfigError(f"the params have MoE selection biases ({found[0]!r}, auxiliary-loss-free balancing) "
+                              f"but model.moe.bias_update_rate={rate}; set a positive rate (DeepSeek-V3 used 0.001) "
+                              "or freeze them with trainable=")
+        return jax.tree.unflatten(treedef, [f if m else None for f, m in zip(flags, mask)])
 
     def _manual(self, fn, in_specs, out_specs):
         """``jax.shard_map`` of ``fn``, manual over ``replica`` x ``data`` (the specs may name
@@ -465,8 +488,14 @@ class TrainStep:
             # The replicated params are the master; each device updates its own slice of them.
             master = self._constrain(map_layouts(lambda lay, x: zero.to_stored(x, lay), self.layouts, state.replicated),
                                      self._param_specs)
-        updates, opt_state = self.tx.update(grads, state.opt_state, master)
+        tx_grads = grads if self._balance is None else jax.tree.map(
+            lambda g, bias: jnp.zeros_like(g) if bias else g, grads, self._balance)
+        updates, opt_state = self.tx.update(tx_grads, state.opt_state, master)
         new_master = optax.apply_updates(master, updates)
+        if self._balance is not None:  # auxiliary-loss-free balancing: -rate * sign(load - mean load)
+            rate = self.config.model.moe.bias_update_rate
+            new_master = jax.tree.map(lambda new, old, g, bias: (old - rate * jnp.sign(g)).astype(old.dtype)
+                                      if bias else new, new_master, master, grads, self._balance)
         new_master = self._constrain(loss_scale.select_tree(finite, new_master, master), self._param_specs)
         opt_state = self._constrain(loss_scale.select_tree(finite, opt_state, state.opt_state), self._opt_specs)
         applied = state.step - state.loss_scale.skipped
@@ -520,6 +549,8 @@ class TrainStep:
         finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if self.zero.partitioned else local_finite
         # Split leaves add their shards' squares over devices; whole leaves count once.
         pairs = list(zip(jax.tree.leaves(layouts, is_leaf=zero.is_layout), jax.tree.leaves(grads)))
+        if self._balance is not None:  # MoE selection biases' gradients are load counts, not gradients
+            pairs = [(lay, g) for (lay, g), bias in zip(pairs, jax.tree.leaves(self._balance)) if not bias]
         split = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if lay.sharded), jnp.float32(0))
         whole = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if not lay.sharded), jnp.float32(0))
         grad_norm = jnp.sqrt(lax.psum(split, DATA) + whole)
