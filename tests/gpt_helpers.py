@@ -18,9 +18,9 @@ def _corpus():
     return TextCorpus.stdlib(max_bytes=400_000)
 
 
-def token_batches(n, batch, seq, seed=0):
-    """``n`` global batches of real text (the Python standard library's source)."""
-    return [_corpus().batch("train", k, batch, seq, seed=seed) for k in range(n)]
+def token_batches(n, batch, seq, seed=0, split="train"):
+    """``n`` global batches of real text (the Python standard library's source; ``split`` train or val)."""
+    return [_corpus().batch(split, k, batch, seq, seed=seed) for k in range(n)]
 
 
 def gpt_train(*overrides, **kwargs):
