@@ -223,3 +223,12 @@ def test_fit_chooses_sequence_parallelism_when_activations_do_not_fit():
     result = fit(cfg, budget=data_only - 1, stages=(3,))
     assert (result.chosen["mesh.sequence"], result.chosen["mesh.tensor"]) == (2, 1)
     assert result.chosen_memory["collective_sequence"] > 0
+
+
+def test_predicted_within_15_percent_of_compiled_under_expert_parallelism():
+    """An MoE GPT (8 experts) over mesh.expert=4 x data=2: experts' weights, batch and activations count 1/4."""
+    from zjax.analysis.plan import plan
+
+    p = plan("configs/tiny.yaml", ["model.moe.num_experts=8", "mesh.expert=4"], compile=True)
+    ratios = [s.compiled["ratio"] for s in p.stages]
+    assert all(0.95 <= r <= 1.15 for r in ratios), ratios

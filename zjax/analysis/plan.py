@@ -64,6 +64,10 @@ gather and reduce-scatter). The weights' gradient is summed over ``sequence`` by
 prediction is low here too: predicted/compiled 0.72-0.90 on ``configs/tiny.yaml`` at
 P=2-4 (modes ulysses/ring/all_gather, remat none/full; XLA's temp grows with the
 gathers and the gradient's sum over ``sequence``, which no row counts).
+Under expert parallelism (``mesh.expert`` = E_p, with ``model.moe``) the experts' weights
+count 1/E_p (the router and the dense parts stay whole) and, since the batch is split over
+``expert`` too, the batch and activation rows count 1/E_p: predicted/compiled 1.05-1.13 at
+E_p = 4 x data 2, stages 0-3 (tests/analysis/test_plan.py).
 ``fit`` searches the cheapest setting whose compiled step fits a budget, the tensor
 and sequence axes included.
 """
@@ -214,6 +218,12 @@ def plan(config: Any = None, overrides=None, *, params: float | None = None,
     # Tensor parallelism splits the weights T ways (the norm scales, a rounding error, stay whole);
     # a pipeline stage holds 1/P of the layers and the whole embedding (replicated on every stage).
     local = psi / tensor
+    moe = cfg.model.moe
+    if params is None and moe.num_experts and shape["expert"] > 1:
+        # the experts' weights are split over mesh.expert (the router and the rest are not)
+        experts = (cfg.model.n_layers // moe.every) * 3 * cfg.model.d_model * (moe.d_ff or cfg.model.d_ff) \
+            * moe.num_experts
+        local = (psi - experts * (1 - 1 / shape["expert"])) / tensor
     pipe = None
     if stages > 1:
         from zjax.models.gpt import count_params as _count
@@ -451,7 +461,7 @@ def traced_bytes(train: Any, batch: Any) -> tuple[dict[str, float], dict[str, fl
                                           * dt.compute.itemsize)
     per_device = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(batch))
     rows = {
-        "batch": per_device / train.data_size,
+        "batch": per_device / (train.data_size * train.mesh.shape.get("expert", 1)),
         "activations": float(saved),
         "workspace": sum(workspace.values()),
     }
@@ -467,9 +477,11 @@ def _layer_residuals(train: Any, batch: Any, policy: Any, dtype: Any) -> list[tu
     from zjax.analysis.activations import layer_residuals
 
     split = _activation_split(train)
+    # the batch is split over mesh.expert too (the MoE layers' tokens and everything else)
+    expert = train.mesh.shape.get("expert", 1)
     out = []
     for n_layers, named in layer_residuals(train, batch, policy, dtype):
-        named = [(name, nbytes / split.get(name, 1)) for name, nbytes in named]
+        named = [(name, nbytes / split.get(name, 1) / expert) for name, nbytes in named]
         host = sum(nbytes for name, nbytes in named if name in policy.offload)
         out.append((n_layers, sum(nbytes for _, nbytes in named) - host, host))
     return out
