@@ -339,10 +339,21 @@ def test_switched_on_features_are_refused_in_one_error_naming_each():
     with pytest.raises(ConfigError) as err:
         load_config({**BATCH,
             "curriculum_learning": {"enabled": True}, "hybrid_engine": {"enabled": True},
-            "compression_training": {"layer_reduction": {"enabled": True}},
-            "sparse_attention": {"mode": "fixed"}})
-    for feature in ("curriculum learning", "the hybrid engine", "compression training", "sparse attention"):
+            "compression_training": {"layer_reduction": {"enabled": True}}})
+    for feature in ("curriculum learning", "the hybrid engine", "compression training"):
         assert feature in str(err.value)
+
+
+def test_sparse_attention_maps_to_the_models_block_and_bad_keys_are_named():
+    block = {"mode": "fixed", "block": 16, "different_layout_per_head": True, "num_local_blocks": 4,
+             "num_global_blocks": 1, "attention": "bidirectional", "horizontal_global_attention": False,
+             "num_different_global_patterns": 4}
+    cfg = load_config({**BATCH, "sparse_attention": block})
+    assert cfg.model.sparse_attention == block
+    with pytest.raises(ConfigError, match="num_local_block"):
+        load_config({**BATCH, "sparse_attention": {"mode": "fixed", "num_local_block": 4}})
+    with pytest.raises(ConfigError, match="model.sparse_attention.block=48 does not divide model.max_seq_len"):
+        load_config({**BATCH, "sparse_attention": {"mode": "fixed", "block": 48}})
 
 
 def test_monitors_and_profilers_point_to_zjaxs_own():

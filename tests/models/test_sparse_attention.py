@@ -441,3 +441,47 @@ def test_attention_errors():
     traced = jax.jit(lambda lay: block_sparse_attention(q, k, v, lay, block=16, impl="interpret"))
     with pytest.raises(ConfigError, match="needs the layout as a concrete array"):
         traced(layout)
+
+
+# --- the reference GPT's model.sparse_attention ------------------------------------------------
+
+
+def _gpt_logits(*overrides):
+    from flax import nnx
+
+    from gpt_helpers import tiny_config, token_batches
+    from zjax.models.gpt import make_gpt
+
+    cfg = tiny_config("precision.compute_dtype=float32", *overrides)
+    tokens = jnp.asarray(token_batches(1, 2, 32)[0]["tokens"][:, :-1])
+    return nnx.jit(lambda m, t: m(t))(make_gpt(cfg.model, seed=0), tokens)
+
+
+def test_the_gpt_attends_over_the_layout_a_dense_layout_changes_nothing():
+    dense = _gpt_logits()
+    np.testing.assert_allclose(_gpt_logits("model.sparse_attention={mode: dense, block: 8}"), dense,
+                               rtol=1e-5, atol=1e-5)
+    # a local window of 1 block of 8 tokens: every token sees at most its own block
+    local = _gpt_logits("model.sparse_attention={mode: local, block: 8, num_sliding_window_blocks: 1}")
+    assert float(jnp.max(jnp.abs(local - dense))) > 1e-3
+    # the first block sees only itself under any causal layout that keeps the diagonal
+    np.testing.assert_allclose(local[:, :8], dense[:, :8], rtol=1e-5, atol=1e-5)
+
+
+def test_the_sparse_gpt_trains_split_over_tensor_like_on_data_alone():
+    """One layout per head (variable with a random block: every head's differs) with the heads split
+    over tensor=2: each shard takes its heads' layouts; the run equals data=8's."""
+    from gpt_helpers import gpt_train, token_batches
+
+    block = ("model.sparse_attention={mode: variable, block: 8, different_layout_per_head: true, "
+             "num_random_blocks: 1, local_window_blocks: [1], global_block_indices: [0]}")
+
+    def losses(*overrides):
+        train, state = gpt_train("precision.compute_dtype=float32", "zero.stage=3", block, *overrides)
+        out = []
+        for batch in token_batches(3, 16, 32):
+            state, metrics = train(state, batch)
+            out.append(float(metrics["loss"]))
+        return np.array(out)
+
+    np.testing.assert_allclose(losses("mesh.tensor=2"), losses(), rtol=1e-5)

@@ -157,7 +157,6 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "eigenvalue": ("eigenvalue computation", _block_off),
     "elasticity": ("elastic training (batch size chosen per world size)", _block_off),
     "amp": ("Apex AMP (use bf16 or fp16 instead)", _block_off),
-    "sparse_attention": ("sparse attention", _never_off),
     "zero_optimization.zero_quantized_weights": ("ZeRO++ quantized weights", _false),
     "zero_optimization.zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", _false),
     "zero_optimization.zero_quantized_gradients": ("ZeRO++ quantized gradients", _false),
@@ -712,6 +711,15 @@ def _map_pipeline(key: str, block: Any, out: _Translation) -> None:
                        "seeds every layer from the model's own initializers")
 
 
+def _map_sparse_attention(key: str, block: Any, out: _Translation) -> None:
+    """DeepSpeed's ``sparse_attention`` block -> ``model.sparse_attention`` (the reference GPT's
+    attention over that block-sparse layout; ``zjax.models.sparse_attention`` checks its keys)."""
+    from zjax.models.sparse_attention import map_deepspeed_sparse_attention
+
+    map_deepspeed_sparse_attention(dict(block) if isinstance(block, Mapping) else block)  # a clear error here
+    out.set("model.sparse_attention", dict(block), key)
+
+
 def _ignore_top_level(key: str, value: Any, out: _Translation) -> None:
     if key in IGNORED:
         out.ignore(key, value)
@@ -735,6 +743,7 @@ _HANDLERS: dict[str, Callable[[str, Any, _Translation], None]] = {
     "tensor_parallel": _map_tensor_parallel,
     "sequence_parallel_size": _map_sequence_parallel_size,
     "pipeline": _map_pipeline,
+    "sparse_attention": _map_sparse_attention,
 }
 # Keys that are zjax keys too: mapped in a DeepSpeed layer, but alone they do not make one.
 _SHARED = ("gradient_clipping",)

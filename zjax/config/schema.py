@@ -446,6 +446,21 @@ class ModelConfig(_Section):
     tie_embeddings: bool = True
     norm_eps: float = Field(1e-6, gt=0)
     moe: MoEConfig = Field(default_factory=MoEConfig)
+    # DeepSpeed's sparse_attention block (mode, block, ...; zjax.models.sparse_attention): the
+    # attention of every layer runs over that block-sparse layout (causal); None = dense
+    sparse_attention: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_sparse_attention(self) -> ModelConfig:
+        if self.sparse_attention is not None:
+            from zjax.models.sparse_attention import map_deepspeed_sparse_attention, make_layout
+
+            sparsity = map_deepspeed_sparse_attention(dict(self.sparse_attention), num_heads=self.n_heads)
+            if self.max_seq_len % sparsity.block:
+                raise ValueError(f"model.sparse_attention.block={sparsity.block} does not divide model.max_seq_len="
+                                 f"{self.max_seq_len}; the sequence is cut into whole blocks")
+            make_layout(sparsity, self.max_seq_len, num_heads=self.n_heads)  # fails here, naming the key
+        return self
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:

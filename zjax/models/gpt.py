@@ -29,6 +29,7 @@ from zjax.errors import ConfigError
 from zjax.config import remat
 from zjax.layers import scan_layers, tiled, tiles
 from zjax.models import moe as moe_lib
+from zjax.models import sparse_attention as sparse_lib
 from zjax.parallel.sequence import attention, zigzag_order
 from zjax.parallel.sharding import per_shard, region_spec, shard, split_axis
 
@@ -383,6 +384,9 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (cfg.d_model, kv_width), ("embed", "kv_heads"), INIT_STD,
                          param_dtype)
         self.wo = _param(rngs, (q_width, cfg.d_model), ("heads", "embed"), out_std, param_dtype)
+        block = getattr(cfg, "sparse_attention", None)
+        self.sparsity = nnx.static(None if block is None else sparse_lib.map_deepspeed_sparse_attention(
+            dict(block), num_heads=cfg.n_heads))
 
     def __call__(self, x, rope, segment_ids, kernels="xla"):
         """``segment_ids`` ``[B, T]`` (or None) keeps packed documents apart.
@@ -427,9 +431,26 @@ class Attention(nnx.Module):
         q = apply_rotary(q.reshape(batch, seq_len, n_q, hd), (cos, sin))
         k = apply_rotary(k.reshape(batch, seq_len, n_kv, hd), (cos, sin))
         v = v.reshape(batch, seq_len, n_kv, hd)
-        out = attention(q, k, v, causal=True, segment_ids=segment_ids, impl=kernels, positions=positions)
+        if self.sparsity is None:
+            out = attention(q, k, v, causal=True, segment_ids=segment_ids, impl=kernels, positions=positions)
+        else:
+            out = self._sparse(q, k, v, segment_ids, tp, kernels)
         out = checkpoint_name(out.reshape(batch, seq_len, -1), "attn_out")
         return _sum_shards(checkpoint_name(out @ wo, "attn_proj"), _split_over("heads", wo.shape[0], self.n_heads * hd))
+
+
+    def _sparse(self, q, k, v, segment_ids, tp, kernels):
+        """Causal attention over the ``model.sparse_attention`` layout (DeepSpeed's SparsityConfig)."""
+        seq_len, n_q = q.shape[1], q.shape[2]
+        if segment_ids is not None or split_axis("length") is not None:
+            raise ConfigError("model.sparse_attention runs on whole, unpacked sequences: it takes neither packed "
+                              "documents (segment_ids) nor mesh.sequence > 1; unset one of them")
+        layout = sparse_lib.make_layout(self.sparsity, seq_len, num_heads=self.n_heads)
+        impl = kernels if kernels in ("xla", "interpret") else "auto"
+        if layout.shape[0] > 1 and n_q != self.n_heads:  # tensor parallelism: this shard's heads' layouts
+            layout = jax.lax.dynamic_slice_in_dim(jnp.asarray(layout), jax.lax.axis_index(tp) * n_q, n_q, 0)
+            impl = "xla"  # the kernel paths need a concrete layout
+        return sparse_lib.block_sparse_attention(q, k, v, layout, block=self.sparsity.block, causal=True, impl=impl)
 
 
 class MLP(nnx.Module):
