@@ -518,6 +518,8 @@ def test_the_moe_gpt_over_mesh_expert_trains_like_data_parallelism(tmp_path):
     # each device's 64 tokens: capacity ceil(64 / 8 x 2) = 16 slots per expert, [E, C, d] float32
     a2a = [c for c in found if c.kind == "all-to-all"]
     assert a2a and {c.full_bytes for c in a2a} == {8 * 16 * 64 * 4}
+    # two per layer forward and two in its backward, over the 2 layers of the scan
+    assert sum(c.runs for c in a2a) == 4 * 2, [(c.kind, c.runs) for c in a2a]
     assert not any(c.kind == "all-gather" for c in found)
     # a checkpoint saved at expert=4 (ZeRO-3) restores at expert=2 (ZeRO-1) bit for bit
     from zjax.checkpoint import to_portable
@@ -533,6 +535,29 @@ def test_the_moe_gpt_over_mesh_expert_trains_like_data_parallelism(tmp_path):
         for a, b in zip(jax.tree.leaves(got[part]), jax.tree.leaves(expected[part])):
             np.testing.assert_array_equal(np.asarray(a), b)
     ckpt.close()
+
+
+def test_expert_parallelism_composes_with_tensor_parallelism_inside_the_experts():
+    """data=2 x expert=2 x tensor=2 (each expert's hidden width split over tensor) at ZeRO-1: the
+    losses of data=8 at ZeRO-0. A data device routes its own rows, and with tensor=2 it holds
+    twice data=8's: dropless and without the load-balancing loss (the two things that depend on
+    the routing group) the runs are the same function."""
+    over = (*MOE_GPT, "model.moe.num_experts=4", "model.moe.second_expert_sampling=false",
+            "model.moe.drop_tokens=false", "model.moe.aux_loss_coef=0")
+
+    def losses(*overrides):
+        train, state = gpt_train(*over, *overrides)
+        out = []
+        for batch in token_batches(2, 16, 32):
+            state, metrics = train(state, batch)
+            out.append(float(metrics["loss"]))
+        return np.array(out), state
+
+    got, state = losses("mesh.expert=2", "mesh.tensor=2", "zero.stage=1")
+    want, _ = losses()
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    w = state.replicated["blocks"]["mlp"]["w_up"]  # [layers, experts, embed, mlp]
+    assert tuple(w.sharding.spec)[1:] == ("expert", None, "tensor")
 
 
 def test_deepspeeds_ep_size_sets_the_expert_axis():

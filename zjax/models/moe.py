@@ -33,11 +33,14 @@ and ``combine [S, E, C]`` weights bring their outputs back (``einsum('sec,ecd->s
 multiplied by grouped matmuls (``lax.ragged_dot``), no capacity slots.
 
 Expert parallelism: ``moe_ffn(..., expert_axis=...)`` inside a region manual over the axis
-(two all-to-alls per layer forward). Not built yet (issue 16): the train step and the
-reference GPT over ``mesh.expert`` (the batch split over it too), ragged dispatch across
-devices (a ragged all-to-all), auxiliary-loss-free balancing with a per-expert bias (it
-needs state the optimizer does not update). The reference GPT's ``model.moe`` block uses
-this layer.
+(two all-to-alls per layer forward); the NNX ``MoE`` enters that region itself under a mesh
+with an ``expert`` axis (the train step splits the batch over it too), and splits each
+expert's hidden width over ``tensor`` (partial sums, summed once). Auxiliary-loss-free
+balancing (DeepSeek-V3): a per-expert selection bias (``route(bias=)``, ``MoE(balance_bias=True)``)
+that the train step moves by ``-model.moe.bias_update_rate * sign(load - mean load)``.
+Not built: ragged dispatch across devices (a ragged all-to-all; dropless expert parallelism
+uses dense dispatch with the worst-case capacity). The reference GPT's ``model.moe`` block
+uses this layer.
 """
 from __future__ import annotations
 
@@ -288,12 +291,14 @@ def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, 
             raise ConfigError("moe.dispatch='ragged' with expert parallelism is not built yet (it needs a ragged "
                               "all-to-all); use dispatch: dense with a worst-case capacity (drop_tokens: false)")
         routing = route(logits, cfg, train=train, key=key, slots=False, bias=params.get("expert_bias"))
-        y = _sum_over(_ragged_experts(tokens, routing, params, cfg.top_k), mlp_axis)
-        return _dense_parts(y, tokens, params, mlp_axis).reshape(shape), routing
+        y = _ragged_experts(tokens, routing, params, cfg.top_k)
+        return _sum_over(_dense_parts(y, tokens, params), mlp_axis).reshape(shape), routing
     routing = route(logits, cfg, train=train, key=key, bias=params.get("expert_bias"))
     slots = jnp.einsum("sec,sd->ecd", routing.dispatch.astype(tokens.dtype), tokens)
+    # Under mlp_axis every MLP output here is this shard's partial sum (row-parallel w_down); they
+    # are combined, mixed and added as partial sums and summed over the shards once, at the end.
     if expert_axis is None:
-        out = _sum_over(expert_mlp(slots, params["w_gate"], params["w_up"], params["w_down"]), mlp_axis)
+        out = expert_mlp(slots, params["w_gate"], params["w_up"], params["w_down"])
     else:
         local = params["w_gate"].shape[0]
         if local * jax.lax.axis_size(expert_axis) != cfg.num_experts:
@@ -301,10 +306,10 @@ def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, 
                               f"over the {jax.lax.axis_size(expert_axis)} devices of {expert_axis!r}; use a "
                               f"num_experts divisible by mesh.{expert_axis}")
         mine = jax.lax.all_to_all(slots, expert_axis, split_axis=0, concat_axis=1, tiled=True)
-        out = _sum_over(expert_mlp(mine, params["w_gate"], params["w_up"], params["w_down"]), mlp_axis)
+        out = expert_mlp(mine, params["w_gate"], params["w_up"], params["w_down"])
         out = jax.lax.all_to_all(out, expert_axis, split_axis=1, concat_axis=0, tiled=True)
     y = jnp.einsum("sec,ecd->sd", routing.combine.astype(out.dtype), out)
-    return _dense_parts(y, tokens, params, mlp_axis).reshape(shape), routing
+    return _sum_over(_dense_parts(y, tokens, params), mlp_axis).reshape(shape), routing
 
 
 def _sum_over(x: jax.Array, axis: str | None) -> jax.Array:
@@ -325,17 +330,17 @@ def _ragged_experts(tokens: jax.Array, routing: Routing, params: dict, k: int) -
     return jnp.einsum("skd,sk->sd", out, weight.astype(out.dtype))
 
 
-def _dense_parts(y: jax.Array, tokens: jax.Array, params: dict, mlp_axis: str | None = None) -> jax.Array:
-    """PR-MoE's residual MLP mixed in and the shared experts added, where ``params`` has them."""
+def _dense_parts(y: jax.Array, tokens: jax.Array, params: dict) -> jax.Array:
+    """PR-MoE's residual MLP mixed in and the shared experts added, where ``params`` has them
+    (linear in the MLPs' outputs, so it takes and gives partial sums over a split hidden width)."""
     if "residual" in params:
         r = params["residual"]
-        dense = _sum_over(expert_mlp(tokens[None], r["w_gate"][None], r["w_up"][None], r["w_down"][None])[0], mlp_axis)
+        dense = expert_mlp(tokens[None], r["w_gate"][None], r["w_up"][None], r["w_down"][None])[0]
         coef = jax.nn.softmax(tokens.astype(jnp.float32) @ params["coefficient"].astype(jnp.float32), axis=-1)
         y = y * coef[:, :1].astype(y.dtype) + dense * coef[:, 1:].astype(y.dtype)
     if "shared" in params:
         sh = params["shared"]
-        y = y + _sum_over(expert_mlp(tokens[None], sh["w_gate"][None], sh["w_up"][None], sh["w_down"][None])[0],
-                          mlp_axis)
+        y = y + expert_mlp(tokens[None], sh["w_gate"][None], sh["w_up"][None], sh["w_down"][None])[0]
     return y
 
 
@@ -426,6 +431,11 @@ class MoE(nnx.Module):
                 stats = (jax.lax.psum(stats[0], expert_axis) / n, jax.lax.psum(stats[1], expert_axis) / n,
                          jax.lax.psum(stats[2], expert_axis), jax.lax.psum(stats[3], expert_axis),
                          jax.lax.psum(stats[4], expert_axis))
+            mlp_axis = split_axis("mlp")
+            if mlp_axis is not None:  # the tensor shards routed the same rows: one copy of each figure
+                t = jax.lax.axis_size(mlp_axis)
+                stats = tuple(jax.lax.psum(x, mlp_axis) // t if jnp.issubdtype(x.dtype, jnp.integer)
+                              else jax.lax.pmean(x, mlp_axis) for x in stats)
             return y, *stats
 
         y, aux, z, counts, dropped, balance = per_shard(local, (x_axes, None, *leaf_axes), [x_axes] + [None] * 5)(
