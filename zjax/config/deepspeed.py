@@ -714,7 +714,7 @@ def _map_pipeline(key: str, block: Any, out: _Translation) -> None:
 def _map_sparse_attention(key: str, block: Any, out: _Translation) -> None:
     """DeepSpeed's ``sparse_attention`` block -> ``model.sparse_attention`` (the reference GPT's
     attention over that block-sparse layout; ``zjax.models.sparse_attention`` checks its keys)."""
-    from zjax.models.sparse_attention import map_deepspeed_sparse_attention
+    from zjax.config.sparsity import map_deepspeed_sparse_attention
 
     map_deepspeed_sparse_attention(dict(block) if isinstance(block, Mapping) else block)  # a clear error here
     out.set("model.sparse_attention", dict(block), key)

@@ -453,7 +453,7 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _check_sparse_attention(self) -> ModelConfig:
         if self.sparse_attention is not None:
-            from zjax.models.sparse_attention import map_deepspeed_sparse_attention, make_layout
+            from zjax.config.sparsity import map_deepspeed_sparse_attention, make_layout
 
             sparsity = map_deepspeed_sparse_attention(dict(self.sparse_attention), num_heads=self.n_heads)
             if self.max_seq_len % sparsity.block:
