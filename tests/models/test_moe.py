@@ -472,6 +472,12 @@ def test_ragged_grouped_matmuls_equal_dropless_slots(k):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
     with pytest.raises(zjax.ConfigError, match="dispatch='ragged' runs every token's experts"):
         GateConfig(E, dispatch="ragged")
+    # auto: on this CPU the dense slots (the grouped matmuls are a kernel on GPU and TPU only)
+    from zjax.models.moe import resolve_dispatch
+
+    auto = GateConfig(E, top_k=k, drop_tokens=False, dispatch="auto")
+    assert resolve_dispatch(auto) == "dense" and resolve_dispatch(auto, backend="gpu") == "ragged"
+    np.testing.assert_array_equal(moe_ffn(x, p, auto)[0], moe_ffn(x, p, dense)[0])
 
 
 def test_the_gpts_ragged_dispatch_equals_its_dropless_slots():

@@ -411,7 +411,7 @@ class MoEConfig(_Section):
     use_rts: bool = True
     second_expert_sampling: bool = True
     drop_policy: Literal["probs", "position"] = "probs"
-    dispatch: Literal["dense", "ragged"] = "dense"
+    dispatch: Literal["dense", "ragged", "auto"] = "dense"
     use_residual: bool = False
     shared_experts: int = Field(0, ge=0)
     d_ff: int | None = Field(None, gt=0)

@@ -30,7 +30,8 @@ expert's ``[C, d]`` slots (``einsum('sec,sd->ecd')``), the experts run batched o
 and ``combine [S, E, C]`` weights bring their outputs back (``einsum('sec,ecd->sd')``).
 
 ``dispatch='ragged'`` is the dropless alternative: each token's choices sorted by expert and
-multiplied by grouped matmuls (``lax.ragged_dot``), no capacity slots.
+multiplied by grouped matmuls (``lax.ragged_dot``), no capacity slots. ``dispatch='auto'``
+picks it where it can run and pays (``resolve_dispatch``), dense slots elsewhere.
 
 Expert parallelism: ``moe_ffn(..., expert_axis=...)`` inside a region manual over the axis
 (two all-to-alls per layer forward); the NNX ``MoE`` enters that region itself under a mesh
@@ -56,7 +57,7 @@ from zjax.errors import ConfigError
 
 NOISY_GATE_POLICIES = (None, "Jitter", "RSample")
 DROP_POLICIES = ("probs", "position")
-DISPATCHES = ("dense", "ragged")
+DISPATCHES = ("dense", "ragged", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,8 @@ class GateConfig:
         if self.drop_policy not in DROP_POLICIES:
             raise ConfigError(f"moe.drop_policy={self.drop_policy!r}: use probs or position")
         if self.dispatch not in DISPATCHES:
-            raise ConfigError(f"moe.dispatch={self.dispatch!r}: use dense (capacity slots) or ragged (grouped matmuls)")
+            raise ConfigError(f"moe.dispatch={self.dispatch!r}: use dense (capacity slots), ragged (grouped matmuls) "
+                              "or auto")
         if self.dispatch == "ragged" and self.drop_tokens:
             raise ConfigError("moe.dispatch='ragged' runs every token's experts (dropless): set moe.drop_tokens: false, "
                               "or use dispatch: dense for capacity and token dropping")
@@ -286,7 +288,7 @@ def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, 
         key, jitter = jax.random.split(key)
         gate_in = gate_in * jax.random.uniform(jitter, gate_in.shape, minval=1.0 - 1e-2, maxval=1.0 + 1e-2)
     logits = gate_in @ params["router"].astype(jnp.float32)
-    if cfg.dispatch == "ragged":
+    if resolve_dispatch(cfg, expert_axis) == "ragged":
         if expert_axis is not None:
             raise ConfigError("moe.dispatch='ragged' with expert parallelism is not built yet (it needs a ragged "
                               "all-to-all); use dispatch: dense with a worst-case capacity (drop_tokens: false)")
@@ -310,6 +312,24 @@ def moe_ffn(x: jax.Array, params: dict, cfg: GateConfig, *, train: bool = True, 
         out = jax.lax.all_to_all(out, expert_axis, split_axis=1, concat_axis=0, tiled=True)
     y = jnp.einsum("sec,ecd->sd", routing.combine.astype(out.dtype), out)
     return _sum_over(_dense_parts(y, tokens, params), mlp_axis).reshape(shape), routing
+
+
+def resolve_dispatch(cfg: GateConfig, expert_axis: str | None = None, backend: str | None = None) -> str:
+    """The dispatch ``moe_ffn`` runs: ``cfg.dispatch``, or for ``auto`` grouped matmuls (``ragged``)
+    where they pay and can run (dropless, no expert axis, on a GPU or TPU, where ``ragged_dot``
+    is a grouped-matmul kernel) and capacity slots (``dense``) elsewhere.
+
+    Example:
+      >>> cfg = GateConfig(8, drop_tokens=False, dispatch="auto")
+      >>> resolve_dispatch(cfg, backend="gpu"), resolve_dispatch(cfg, backend="cpu"), resolve_dispatch(cfg, "expert", "tpu")
+      ('ragged', 'dense', 'dense')
+    """
+    if cfg.dispatch != "auto":
+        return cfg.dispatch
+    from pallas_kernels import dispatch
+
+    here = dispatch.backend() if backend is None else backend
+    return "ragged" if not cfg.drop_tokens and expert_axis is None and here in ("gpu", "tpu") else "dense"
 
 
 def _sum_over(x: jax.Array, axis: str | None) -> jax.Array:
