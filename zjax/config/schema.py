@@ -246,11 +246,23 @@ class ZeroConfig(_Section):
     ``offload_optimizer: cpu`` keeps optimizer moments and master params in host
     memory between steps (ZeRO-Offload); ``offload_param: cpu`` keeps ZeRO-3's
     parameter shards there (ZeRO-Infinity's parameter offload, stage 3 only).
+    ``quantized_weights`` (ZeRO++'s qwZ, stage 3): every parameter gather moves int8 values
+    with one float32 scale per ``quantization_block`` elements (``zjax.parallel.quantize``);
+    gradients stay exact.
     """
 
     stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"
+    quantized_weights: bool = False
+    quantization_block: int = Field(256, ge=2)
+
+    @model_validator(mode="after")
+    def _quantized_weights_need_stage3(self) -> ZeroConfig:
+        if self.quantized_weights and self.stage != 3:
+            raise ValueError(f"quantized_weights=true quantizes ZeRO-3's parameter gathers; got stage={self.stage}: "
+                             "use zero.stage: 3 or quantized_weights: false")
+        return self
 
     @model_validator(mode="after")
     def _params_offload_needs_stage3(self) -> ZeroConfig:

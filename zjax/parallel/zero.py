@@ -22,6 +22,8 @@ of each layer's gradient inside the backward pass.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -34,6 +36,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from zjax.errors import ConfigError
+from zjax.parallel.quantize import quantized_all_gather
 
 DATA = "data"
 # Replicas outside ZeRO (slices over DCN); the batch is split over both axes.
@@ -596,14 +599,31 @@ def all_gather_params(shard: jax.Array, lay: LeafLayout) -> jax.Array:
 # --- ZeRO-3: gather for compute, reduce-scatter in the backward pass ----------------
 
 
+_QUANTIZED_GATHERS: contextvars.ContextVar[int | None] = contextvars.ContextVar("zjax_qwz", default=None)
+
+
+@contextlib.contextmanager
+def quantized_gathers(block: int | None):
+    """While tracing: ZeRO-3's parameter gathers move int8 values in blocks of ``block`` elements
+    with one float32 scale each (ZeRO++'s qwZ); None: exact gathers."""
+    token = _QUANTIZED_GATHERS.set(block)
+    try:
+        yield
+    finally:
+        _QUANTIZED_GATHERS.reset(token)
+
+
 def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_dtype) -> jax.Array:
     """ZeRO-3's parameter fetch: cast the local master shard, all-gather, unpad.
 
-    The cast happens before the gather, so a bf16 run moves half the bytes. The
-    backward pass casts the cotangent to ``reduce_dtype`` and reduce-scatters it
-    straight back into the shard's layout: gradients never exist unsharded.
+    The cast happens before the gather, so a bf16 run moves half the bytes; under
+    ``quantized_gathers`` each device quantizes its shard to int8 blocks instead and the
+    gather moves those (about 1 + 4/block bytes per element). The backward pass casts the
+    cotangent to ``reduce_dtype`` and reduce-scatters it straight back into the shard's
+    layout: gradients never exist unsharded (and are never quantized here).
     """
-    return _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard)
+    return _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype),
+                      _QUANTIZED_GATHERS.get())(shard)
 
 
 def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_dtype) -> jax.Array:
@@ -619,9 +639,13 @@ def _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _gather_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype):
+def _gather_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype, quantization_block=None):
     def all_gather(shard):
-        full = lax.all_gather(shard.astype(compute_dtype), lay.zero_axes, axis=lay.axis, tiled=True)
+        if quantization_block is not None:
+            full = quantized_all_gather(shard, lay.zero_axes, bits=8, block=quantization_block, axis=lay.axis,
+                                        tiled=True).astype(compute_dtype)
+        else:
+            full = lax.all_gather(shard.astype(compute_dtype), lay.zero_axes, axis=lay.axis, tiled=True)
         return from_stored(full, lay)
 
     @jax.custom_vjp

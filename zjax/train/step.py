@@ -443,6 +443,11 @@ class TrainStep:
         return state, metrics
 
     @property
+    def _quantization_block(self) -> int | None:
+        """ZeRO++ qwZ: the block of ZeRO-3's int8 parameter gathers, or None (exact gathers)."""
+        return self.config.zero.quantization_block if self.config.zero.quantized_weights else None
+
+    @property
     def scaler_enabled(self) -> bool:
         ls = self.config.loss_scale
         enabled = ls.enabled if ls.enabled is not None else self.dtypes.compute == jnp.float16
@@ -523,7 +528,8 @@ class TrainStep:
         calls: list = []
         with layer_context(self.config.remat, sharded_params=self.zero.reduces_in_backward, calls=calls, gathered={}), \
                 axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
-                tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles):
+                tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
+                zero.quantized_gathers(self._quantization_block):
             grads, loss, weight, extras = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
@@ -675,7 +681,8 @@ class TrainStep:
                 key = jax.random.fold_in(state.rng, 2**31 - 1)
                 with layer_context("none", sharded_params=self.zero.reduces_in_backward, gathered={}), \
                         axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
-                        tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles):
+                        tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
+                        zero.quantized_gathers(self._quantization_block):
                     diff, extra, to_params = self._params_for_loss(state, batch, key)
                     if self.schedule_table is None:
                         lw, w, _ = self._weighted_loss(to_params(diff, extra), batch, key)
