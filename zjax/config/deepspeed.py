@@ -158,7 +158,6 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "elasticity": ("elastic training (batch size chosen per world size)", _block_off),
     "amp": ("Apex AMP (use bf16 or fp16 instead)", _block_off),
     "zero_optimization.zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", _false),
-    "zero_optimization.zero_quantized_gradients": ("ZeRO++ quantized gradients", _false),
     "zero_optimization.zero_hpz_partition_size": (
         "ZeRO++ hierarchical partitioning (hpZ)", lambda value: value in (0, 1, None)),
     "zero_optimization.zeropp_loco_param": ("ZeRO++ LoCo error feedback", _false),
@@ -374,13 +373,15 @@ def _map_gradient_clipping(key: str, value: Any, out: _Translation) -> None:
 
 def _map_zero(key: str, block: Any, out: _Translation) -> None:
     mapped = ("stage", "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param",
-              "zero_quantized_weights")
+              "zero_quantized_weights", "zero_quantized_gradients")
     _check_keys(key, block, mapped)
     stage = _int(f"{key}.stage", block.get("stage", 0))
     if "stage" in block:
         out.set("zero.stage", stage, f"{key}.stage")
     if _bool(f"{key}.zero_quantized_weights", block.get("zero_quantized_weights", False)):
         out.set("zero.quantized_weights", True, f"{key}.zero_quantized_weights")  # ZeRO++ qwZ
+    if _bool(f"{key}.zero_quantized_gradients", block.get("zero_quantized_gradients", False)):
+        out.set("zero.quantized_gradients", True, f"{key}.zero_quantized_gradients")  # ZeRO++ qgZ
     # zero/config.py: the deprecated cpu_offload / cpu_offload_param become offload_optimizer /
     # offload_param with device cpu when true, and may not be given next to them.
     for legacy, name in (("cpu_offload", "offload_optimizer"), ("cpu_offload_param", "offload_param")):

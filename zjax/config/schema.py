@@ -248,14 +248,29 @@ class ZeroConfig(_Section):
     parameter shards there (ZeRO-Infinity's parameter offload, stage 3 only).
     ``quantized_weights`` (ZeRO++'s qwZ, stage 3): every parameter gather moves int8 values
     with one float32 scale per ``quantization_block`` elements (``zjax.parallel.quantize``);
-    gradients stay exact.
+    gradients stay exact. ``quantized_gradients`` (ZeRO++'s qgZ, stages 1-3): the gradients'
+    reduce-scatters run in two int4 all-to-all hops, inside each node of ``node_size``
+    consecutive ``data`` devices (default: all of them, one node) and then across nodes, and
+    give the exact mean up to quantization (no error feedback yet).
     """
 
     stage: Literal[0, 1, 2, 3] = 0
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_param: Literal["none", "cpu"] = "none"
     quantized_weights: bool = False
+    quantized_gradients: bool = False
+    node_size: int | None = Field(None, ge=1)
     quantization_block: int = Field(256, ge=2)
+
+    @model_validator(mode="after")
+    def _quantized_gradients_need_a_split(self) -> ZeroConfig:
+        if self.quantized_gradients and self.stage == 0:
+            raise ValueError("quantized_gradients=true quantizes the gradients' reduce-scatters (ZeRO stages 1-3); "
+                             "got stage=0 (an all-reduce): use zero.stage 1, 2 or 3")
+        if self.quantization_block % 2:
+            raise ValueError(f"quantization_block={self.quantization_block}: int4 packs two values per byte; use an "
+                             "even block")
+        return self
 
     @model_validator(mode="after")
     def _quantized_weights_need_stage3(self) -> ZeroConfig:

@@ -36,7 +36,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from zjax.errors import ConfigError
-from zjax.parallel.quantize import quantized_all_gather
+from zjax.parallel.quantize import quantized_all_gather, two_hop_reduce_scatter
 
 DATA = "data"
 # Replicas outside ZeRO (slices over DCN); the batch is split over both axes.
@@ -565,6 +565,10 @@ def reduce_scatter_grads(stored: jax.Array, lay: LeafLayout) -> jax.Array:
         x = x.reshape(x.shape[:lay.axis] + (-1,) + x.shape[lay.axis + 3:]) if lay.group else x
         return _cpu_wide(x, lambda y: lax.psum_scatter(y, DATA, scatter_dimension=lay.axis, tiled=True))
 
+    quantized = _QUANTIZED_REDUCTIONS.get()
+    if quantized is not None and not lay.group:
+        return _per_shard(lay, functools.partial(_two_hop_scatter, lay=lay, node_size=quantized[0],
+                                                 block=quantized[1]), "fs")(stored)
     if not lay.group:
         return _per_shard(lay, scatter, "fs")(stored)
     names = tuple(name for name, _ in lay.group)
@@ -574,6 +578,37 @@ def reduce_scatter_grads(stored: jax.Array, lay: LeafLayout) -> jax.Array:
     axes = [None] * len(lay.lead) + list(lay.model_axes or [None] * len(lay.layer_shape))
     axes[axis:axis + 1] = [None, names if len(names) > 1 else names[0], None]
     return on_model_shards(scatter, (_trim(axes),), lay.shard_spec)(blocks)
+
+
+_QUANTIZED_REDUCTIONS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("zjax_qgz",
+                                                                                             default=None)
+
+
+@contextlib.contextmanager
+def quantized_reductions(node_size: int | None, block: int = 256):
+    """While tracing: the gradients' reduce-scatters over ``data`` run as ZeRO++'s qgZ
+    (``quantize.two_hop_reduce_scatter``: int4 all-to-all inside each node of ``node_size``
+    devices, then across nodes); None: exact reduce-scatters."""
+    token = _QUANTIZED_REDUCTIONS.set(None if node_size is None else (node_size, block))
+    try:
+        yield
+    finally:
+        _QUANTIZED_REDUCTIONS.reset(token)
+
+
+def _two_hop_scatter(x: jax.Array, *, lay: LeafLayout, node_size: int, block: int) -> jax.Array:
+    """``psum_scatter`` over ``data`` along ``lay.axis`` as qgZ's two quantized hops: each device's
+    part (its rows of the split axis) is padded to whole blocks on its own, so the hops' slices
+    are exactly the parts; their mean comes back times N (the step divides by the weight)."""
+    n = lax.axis_size(DATA)
+    rows = jnp.moveaxis(x, lay.axis, 0)
+    parts = rows.reshape(n, -1).astype(jnp.float32)
+    width = parts.shape[1]
+    padded = -(-width // block) * block
+    parts = jnp.pad(parts, ((0, 0), (0, padded - width)))
+    mean, _ = two_hop_reduce_scatter(parts.reshape(-1), DATA, node_size=node_size, bits=4, block=block)
+    mine = (mean[:width] * n).reshape((rows.shape[0] // n,) + rows.shape[1:])
+    return jnp.moveaxis(mine, 0, lay.axis).astype(x.dtype)
 
 
 def _cpu_wide(x: jax.Array, reduce) -> jax.Array:

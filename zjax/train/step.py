@@ -448,6 +448,18 @@ class TrainStep:
         return self.config.zero.quantization_block if self.config.zero.quantized_weights else None
 
     @property
+    def _node_size(self) -> int | None:
+        """ZeRO++ qgZ: the devices of ``data`` per node, or None (exact reduce-scatters)."""
+        z = self.config.zero
+        if not z.quantized_gradients:
+            return None
+        node = z.node_size or self.data_size
+        if self.data_size % node:
+            raise ConfigError(f"zero.node_size={node} does not divide mesh.data={self.data_size}; a node is a group "
+                              "of consecutive data devices: use a divisor")
+        return node
+
+    @property
     def scaler_enabled(self) -> bool:
         ls = self.config.loss_scale
         enabled = ls.enabled if ls.enabled is not None else self.dtypes.compute == jnp.float16
@@ -529,7 +541,8 @@ class TrainStep:
         with layer_context(self.config.remat, sharded_params=self.zero.reduces_in_backward, calls=calls, gathered={}), \
                 axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
                 tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
-                zero.quantized_gathers(self._quantization_block):
+                zero.quantized_gathers(self._quantization_block), \
+                zero.quantized_reductions(self._node_size, self.config.zero.quantization_block):
             grads, loss, weight, extras = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
