@@ -106,6 +106,13 @@ def test_qgz_reduces_in_two_int4_hops_and_trains_within_three_percent():
             hops[c.group] = hops.get(c.group, 0) + c.full_bytes * c.runs
     assert set(hops) == {4, 2}
     assert hops[2] == pytest.approx(hops[4] / 4, rel=0.02)
+    # zjax profile's split: the in-node hop inside nodes of 4, the cross-node one across them
+    from zjax.analysis.hlo import Collective, node_bytes
+
+    split = node_bytes([c for c in found if c.kind == "all-to-all"], 4)
+    assert split["cross"] == pytest.approx(sum(c.ring_bytes for c in found if c.kind == "all-to-all" and c.group == 2))
+    assert split["intra"] == pytest.approx(sum(c.ring_bytes for c in found if c.kind == "all-to-all" and c.group == 4))
+    assert node_bytes([Collective("all-reduce", 8.0, 8, 1, (), ((0, 1, 2, 3, 4, 5, 6, 7),))], 4)["cross"] == 14.0
 
 
 def test_qgz_settings():

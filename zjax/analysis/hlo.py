@@ -105,6 +105,7 @@ class Collective(NamedTuple):
     group: int         # devices taking part
     runs: int          # executions per step (product of enclosing loop trip counts)
     axes: tuple = ()   # the mesh axes it runs over (when a mesh shape was given)
+    groups: tuple = ()  # its device groups (ids in mesh order; permutes: the source-target pairs), when spelled
 
     @property
     def ring_bytes(self) -> float:
@@ -187,7 +188,10 @@ def collectives(hlo: str, num_devices: int, mesh_shape: dict[str, int] | None = 
                 axes = ()
                 if mesh_shape is not None and pairs:
                     axes = group_axes([int(pairs.group(1)), int(pairs.group(2))], mesh_shape)
-                found.append(Collective(kind, size, 2, mult.get(name, 1), axes))
+                every = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)+)\}", line)
+                groups = tuple(tuple(int(d) for d in p.split(",")) for p in re.findall(r"\{(\d+,\d+)\}", every.group(1))) \
+                    if every else ()
+                found.append(Collective(kind, size, 2, mult.get(name, 1), axes, groups))
                 continue
             if kind not in _KINDS:
                 continue
@@ -201,11 +205,29 @@ def collectives(hlo: str, num_devices: int, mesh_shape: dict[str, int] | None = 
             if kind == "reduce-scatter":
                 size *= n
             axes = ()
+            groups = replica_groups(line)
             if mesh_shape is not None:
-                groups = replica_groups(line)
                 axes = group_axes(groups[0], mesh_shape) if groups else tuple(a for a, k in mesh_shape.items() if k > 1)
-            found.append(Collective(kind, size, n, mult.get(name, 1), axes))
+            found.append(Collective(kind, size, n, mult.get(name, 1), axes, tuple(map(tuple, groups or ()))))
     return found
+
+
+def node_bytes(found: list[Collective], node_devices: int) -> dict[str, float]:
+    """Ring-equivalent bytes per device per step of ``found`` split into ``intra`` (every group
+    inside one node of ``node_devices`` consecutive device ids) and ``cross`` (a group spanning
+    nodes, or groups not spelled in the HLO, counted as crossing).
+
+    Example:
+      >>> c = [Collective("all-to-all", 400.0, 4, 1, (), ((0, 1, 2, 3), (4, 5, 6, 7))),
+      ...      Collective("all-to-all", 100.0, 2, 1, (), ((0, 4), (1, 5), (2, 6), (3, 7)))]
+      >>> node_bytes(c, 4)
+      {'intra': 300.0, 'cross': 50.0}
+    """
+    out = {"intra": 0.0, "cross": 0.0}
+    for c in found:
+        inside = bool(c.groups) and all(len({d // node_devices for d in g}) == 1 for g in c.groups)
+        out["intra" if inside else "cross"] += c.ring_bytes
+    return out
 
 
 def collective_bytes(hlo: str, num_devices: int) -> dict[str, float]:

@@ -224,12 +224,14 @@ def collective_report(text: str, num_devices: int, cfg: Config, train: Any) -> d
 
     Returns:
       ``{"by_kind": {kind: {"instructions", "runs", "bytes", "async", "overlapped"}},
-      "total_bytes", "theory_bytes", "theory", "ratio", "note"}``; bytes are
+      "total_bytes", "node_devices", "intra_node_bytes", "cross_node_bytes", "theory_bytes", "theory",
+      "ratio", "note"}``; bytes are
       ring-equivalent per device per step (``zjax.analysis.hlo``); ``async`` counts instructions
       split into start and done, ``overlapped`` those with compute scheduled between.
     """
     by_kind: dict[str, dict] = {}
-    for c in hlo.collectives(text, num_devices):
+    found = hlo.collectives(text, num_devices)
+    for c in found:
         row = by_kind.setdefault(c.kind, {"instructions": 0, "runs": 0, "bytes": 0.0, "async": 0, "overlapped": 0})
         row["instructions"] += 1
         row["runs"] += c.runs
@@ -249,9 +251,15 @@ def collective_report(text: str, num_devices: int, cfg: Config, train: Any) -> d
         note = "every collective is synchronous in this HLO (no start/done pairs): none overlaps compute"
     if train.mesh.devices.flat[0].platform == "cpu" and cfg.precision.compute_dtype != "float32":
         note += "; XLA:CPU widens bf16/fp16 collectives to f32, so bytes exceed the theory here"
+    # a node: zero.node_size data devices (default: all of them) with everything minor to data
+    shape = dict(train.mesh.shape)
+    minor = math.prod(list(shape.values())[list(shape).index("data") + 1:])
+    node_devices = (cfg.zero.node_size or shape["data"]) * minor
     return {
         "by_kind": by_kind,
         "total_bytes": total,
+        "node_devices": node_devices,
+        **{f"{where}_node_bytes": b for where, b in hlo.node_bytes(found, node_devices).items()},
         "theory_bytes": theory,
         "theory": formula,
         # One data device: no collective is needed and there is no ratio.
@@ -405,6 +413,8 @@ def format_profile(result: dict) -> str:
     lines += [
         f"  total {col['total_bytes']:,.0f} B; ZeRO theory {col['theory']} = {col['theory_bytes']:,.0f} B; "
         f"measured/theory {_ratio(col['ratio'])}",
+        f"  intra-node {col['intra_node_bytes']:,.0f} B, cross-node {col['cross_node_bytes']:,.0f} B "
+        f"(a node: {col['node_devices']} devices, zero.node_size data devices)",
         f"  {col['note']}",
         "",
         "Memory per device (compiled memory_analysis)",
