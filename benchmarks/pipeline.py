@@ -1,18 +1,21 @@
-"""Pipeline parallelism (mesh axis ``stage``; GPipe and 1F1B schedules) against data=8 at the same global batch.
+"""Pipeline parallelism (mesh axis ``stage``; GPipe, 1F1B and interleaved 1F1B) against data=8 at the same global batch.
 
 On 8 simulated CPU devices, the reference GPT (configs/tiny.yaml resized by the flags:
-4 layers, d_model 128, seq 128, vocab 256, 4 heads (2 kv) by default; float32, ZeRO-1 unless
-``--zero``, remat none) is built with ``mesh.stage`` = P in ``--stages`` (2, 4; data = 8/P:
-the layer stack split into P contiguous stages, embedding and head replicated on every
-stage) and ``pipeline.microbatches`` = M = f x P for f in ``--factors`` (1, 2, 4), on each
-of the two schedules built (``pipeline.schedule`` = ``gpipe`` | ``1f1b``, the tables of
-``zjax.parallel.pipeline.make_schedule``). The pipeline micro-batch is fixed
+8 layers, d_model 128, seq 128, vocab 256, 4 heads (2 kv) by default; float32, ZeRO-1 unless
+``--zero``, remat none) is built with ``mesh.stage`` = P in ``--stages`` (2, 4; data = 8/P;
+embedding and head replicated on every stage) and ``pipeline.microbatches`` = M = f x P for
+f in ``--factors`` (1, 2, 4), on each of the three schedules (``pipeline.schedule`` =
+``gpipe`` | ``1f1b`` | ``interleaved``, the tables of ``zjax.parallel.pipeline.make_schedule``).
+GPipe and 1F1B split the layer stack into P contiguous stages; interleaved runs with
+``pipeline.repeats`` = V = ``--virtual`` (2): the stack is cut into V x P chunks, chunk
+v x P + s on stage s, and activations go round the ring of stages V times. Interleaved needs
+the layer count to divide by P x V (8 layers: P = 2 and 4 at V = 2); where it does not, that
+P's interleaved variants are skipped and the reason printed. The pipeline micro-batch is fixed
 (``--micro-rows``, 2 rows), so a data group's rows are micro_rows x M and the global batch
 is micro_rows x M x (8/P): a larger M means more micro-batches of the same size, i.e. a
 larger batch. For every distinct global batch a data=8 step without a pipeline is built
 too (the baseline), and every pipeline is compared with the baseline *at its own global
-batch*. Interleaved 1F1B (V = 2 virtual stages per device) is not built: the config is
-tried once and its refusal printed; only its bubble formula is shown.
+batch*.
 
 Each variant is compiled once (``train.lower(state, batch).compile()``; the executable
 ``train`` then runs). For each one this prints
@@ -21,36 +24,48 @@ Each variant is compiled once (``train.lower(state, batch).compile()``; the exec
   device (XLA ``memory_analysis()``: arguments hold the donated TrainState and the batch,
   temporaries everything else the step allocates), temp as a ratio to the data=8 baseline
   at the same global batch. The pipeline recomputes each stage's forward in its backward
-  slot (a checkpoint per stage) while data=8 runs with remat none, so this ratio mixes the
-  pipeline's split with that recomputation;
-- the stash the schedule table predicts: a stage keeps only the inputs of the
-  micro-batches between their forward and their backward, so max over stages of
-  ``Schedule.in_flight()`` micro-batch activations A_mb = micro_rows x seq x d_model x 4
-  bytes (GPipe: M; 1F1B: min(M, 2P - 3) whatever M is, the most on stage 1, 2(P - s) - 1 on
-  stage s >= 1, while stage 0 recomputes its input from the batch), and the buffer the executor
-  allocates for it, (``Schedule.slots`` + 1) x A_mb (one scratch slot for ticks that keep
-  nothing);
-- the bubble: ``bubble_fraction(P, M)`` = (P - 1) / (M + P - 1) beside
-  ``Schedule.idle_fraction()`` counted from the table (a tick lasts as long as its slowest
-  stage; forward 1, backward 2), and interleaved's (P - 1) / (2M + P - 1) (not built);
+  slot (a checkpoint per stage; per chunk, interleaved) while data=8 runs with remat none,
+  so this ratio mixes the pipeline's split with that recomputation;
+- V (the chunks per stage: 1, or ``--virtual`` for interleaved), the ticks of the schedule
+  table (GPipe 2(M + P - 1), 1F1B M + 2(P - 1), interleaved V x M + (V + 1) x P - 2) and
+  the stash it predicts: a stage keeps only the inputs of the micro-batches (of the chunks,
+  interleaved) between their forward and their backward, so max over stages of
+  ``Schedule.in_flight()`` activations A_mb = micro_rows x seq x d_model x 4
+  bytes (a chunk's input is one A_mb too; GPipe: M; 1F1B: min(M, 2P - 3) whatever M is, the
+  most on stage 1, 2(P - s) - 1 on stage s >= 1, while stage 0 recomputes its input from the
+  batch; interleaved: the table's count, which stops growing once M reaches 2P: 3 at P = 2,
+  9 at P = 4 with V = 2), and the buffer the executor allocates for it,
+  (``Schedule.slots`` + 1) x A_mb (one scratch slot for ticks that keep nothing);
+- the bubble: ``bubble_fraction(P, M, V)`` = (P - 1) / (V x M + P - 1) (V = 1 for GPipe and
+  1F1B) beside ``Schedule.idle_fraction()`` counted from the table (a tick lasts as long as
+  its slowest stage; a chunk's forward 1/V, its backward 2/V);
 - matmul FLOPs per device per step from the compiled HLO (``zjax.analysis.hlo.matmul_flops``,
   loop trip counts included) as a ratio to the baseline's. The executor's slots are
   conditionals inside the tick loop and ``matmul_flops`` counts every branch of a
-  conditional as run at every tick, so this is an upper bound that grows with the ticks
-  (GPipe 2(M + P - 1), 1F1B M + 2(P - 1)). Next to it, the FLOPs executed: each branch of
-  the tick loop's conditionals is counted alone (``matmul_flops`` of that branch and the
-  computations it calls) and weighted by how often the table runs it on each stage (the
-  forward on stages 0..P-2 M times, the stage backward there M times, the last stage's
-  backward with head and loss M times), the rest of the program once; the most loaded
-  stage is printed. Both schedules execute the same slots, so they should agree; a ratio
-  above 1 is expected (each stage's forward runs twice; the last stage computes the head
-  and loss for all of its data group's rows, P times a data=8 device's);
+  conditional as run at every tick, so this is an upper bound that grows with the ticks.
+  Next to it, the FLOPs executed: each branch of the tick loop's conditionals is counted
+  alone (``matmul_flops`` of that branch and the computations it calls) and weighted by how
+  often the table runs it on each stage (the forward slot at every forward but the model's
+  last chunk's, the stage backward at every backward but the last chunk's, the backward
+  with head and loss at the last chunk's: GPipe and 1F1B run a whole stage per slot, M times
+  each on stages 0..P-2 and the head backward M times on the last stage; interleaved runs one
+  of V chunks per slot, V x M times), the rest of the program once; the most loaded stage is
+  printed (the least loaded in brackets). GPipe and 1F1B run the same slots in another order,
+  so they should agree; a ratio above 1 is expected (each stage's forward runs twice; the
+  last stage computes the head and loss for all of its data group's rows, P times a data=8
+  device's). Interleaved need not agree with them: its last stage recomputes its first V - 1
+  chunks in their backward slots (only the model's last chunk runs its forward inside its
+  backward), and where a chunk is one layer (P = 4, V = 2, 8 layers) XLA unrolls the chunk's
+  layer scan and drops the recomputed matmul whose result only fed the chunk's output, which
+  the backward slot discards (the last layer's down-projection: one fewer dot per stage
+  backward than three forwards' worth), so its other stages execute less;
 - the traffic over the stage axis, from the compiled HLO (``zjax.analysis.hlo.collectives``
   with the mesh shape, keeping those whose devices differ along ``stage``): the bytes of
   each collective-permute in the tick loop (each should be one A_mb), the sends the table
-  executes (a forward send at every tick where a stage but the last runs a forward,
-  ``(forward[:, :-1] >= 0).any(1).sum()``, a backward send where a stage but the first runs
-  a backward) times those bytes, next to the HLO's upper bound (the permutes sit in
+  executes (``Schedule.sends()``: a forward send at every tick where some stage runs a
+  forward of any chunk but the model's last, a backward send where some stage runs a
+  backward of any chunk but the model's first; with interleaved's ring the last stage also
+  sends to the first) times those bytes, next to the HLO's upper bound (the permutes sit in
   conditionals: runs = ticks each), and the all-reduce bytes over stage (ring-equivalent:
   the gradients of what lives outside the stack, embedding and norms, summed once per
   step, and the loss);
@@ -69,13 +84,15 @@ pipeline gets on P accelerators (P stages at once, minus the bubble) cannot show
 time is how long this host takes for all 8 devices' work, the pipeline's extra work
 (recomputation, the head on P times the rows, per-tick conditionals and permutes) on
 smaller matmuls against data=8's step with remat none; which way that comes out is
-measured, not assumed. The memory is what the two schedules differ in, and the closing
-"Read:" lines say, from the measurements, whether 1F1B's temp stayed flat as M grew while
-GPipe's grew, and whether the gap between them is the stash buffers' difference.
+measured, not assumed. The memory and the bubble are what the schedules differ in, and the
+closing "Read:" lines say, from the measurements, whether each schedule's temp stayed flat
+as M grew (1F1B's and interleaved's should, GPipe's should not), whether the gap between
+GPipe and 1F1B is the stash buffers' difference, and what interleaved costs and saves against
+1F1B at the same P, M (temp beside the buffers' difference, sends, and the idle fraction).
 
 Usage:
   .venv/bin/python benchmarks/pipeline.py [--stages 2,4] [--factors 1,2,4] [--micro-rows 2]
-      [--zero 1] [--layers 4] [--d-model 128] [--seq 128] [--heads 4] [--kv-heads 2] [--d-ff D]
+      [--virtual 2] [--zero 1] [--layers 8] [--d-model 128] [--seq 128] [--heads 4] [--kv-heads 2] [--d-ff D]
       [--vocab 256] [--repeats 5] [--steps 2]
 """
 from __future__ import annotations
@@ -127,13 +144,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"GPT: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads ({m.n_kv_heads} kv), d_ff {m.d_ff}, "
           f"vocab {m.vocab_size}, seq {args.seq}; Ψ = {count_params(m):,} parameters; remat {cfg0.remat.policy}; "
           f"pipeline micro-batch {args.micro_rows} rows (A_mb = {act_mb(args):,} bytes)")
-    pipes = [(p, f * p, s) for p in args.stages for f in args.factors for s in SCHEDULES]
+    pipes = [(p, f * p, s) for p in args.stages for f in args.factors for s in SCHEDULES
+             if s != "interleaved" or not args.layers % (p * args.virtual)]
     batches = sorted({global_batch(args, p, mb) for p, mb, _ in pipes})
     keys = [("data", b) for b in batches] + pipes
     print("variants: data=8 at global batch " + ", ".join(map(str, batches)) + "; mesh.stage=P x data=8/P with "
           "pipeline.microbatches=M, global batch micro_rows x M x 8/P: "
-          + ", ".join(f"P={p} M={mb} (batch {global_batch(args, p, mb)})" for p, mb, s in pipes if s == SCHEDULES[0]))
-    print(f"interleaved (V=2): {interleaved_refusal(args)}")
+          + ", ".join(f"P={p} M={mb} (batch {global_batch(args, p, mb)})" for p, mb, s in pipes if s == SCHEDULES[0])
+          + "; each on " + ", ".join(SCHEDULES))
+    print(f"interleaved: pipeline.repeats V={args.virtual}, the {args.layers} layers in V x P chunks: "
+          + ", ".join(f"{args.layers // (p * args.virtual)} layer{'s' * (args.layers // (p * args.virtual) > 1)} "
+                      f"each at P={p}" if not args.layers % (p * args.virtual) else
+                      f"none at P={p} (skipped: {args.layers} layers do not divide by P x V = {p * args.virtual})"
+                      for p in args.stages))
     tokens = np.random.default_rng(0).integers(0, m.vocab_size, (max(batches), args.seq + 1), dtype=np.int32)
 
     rows, runs, notes = {}, {}, []
@@ -177,8 +200,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="micro-batches per stage: M = factor x P (comma list)")
     parser.add_argument("--micro-rows", type=int, default=2,
                         help="rows of one pipeline micro-batch; global batch = micro_rows x M x 8/P")
+    parser.add_argument("--virtual", type=int, default=2,
+                        help="pipeline.repeats V of the interleaved schedule (virtual stages per device)")
     parser.add_argument("--zero", type=int, default=1, choices=(0, 1, 2, 3), help="ZeRO stage (every variant)")
-    parser.add_argument("--layers", type=int, default=4, help="transformer blocks (divisible by every P)")
+    parser.add_argument("--layers", type=int, default=8,
+                        help="transformer blocks (divisible by every P; interleaved needs P x V)")
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--seq", type=int, default=128, help="tokens per row")
     parser.add_argument("--heads", type=int, default=4)
@@ -193,6 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--stages: {p} must be at least 2 and divide {DEVICES}")
         if args.layers % p:
             parser.error(f"--layers {args.layers} must be divisible by every stage count (got {p})")
+    if args.virtual < 2:
+        parser.error("--virtual must be at least 2 (V=1 interleaved is 1F1B)")
     if any(f < 1 for f in args.factors):
         parser.error("--factors must be positive")
     if args.micro_rows < 1:
@@ -222,21 +250,16 @@ def make_config(args: argparse.Namespace, p: int, mb: int, schedule: str, batch:
         f"pipeline.repeats={repeats}"])
 
 
-def interleaved_refusal(args: argparse.Namespace) -> str:
-    p = args.stages[0]
-    mb = args.factors[0] * p
-    try:
-        make_config(args, p, mb, "interleaved", global_batch(args, p, mb), repeats=2)
-    except ConfigError as e:
-        return f"not built (the config is refused: {e}); its bubble formula (P-1)/(2M+P-1) is shown below"
-    return "the config was accepted, but this benchmark does not measure it yet"
-
-
 def name(key: tuple) -> str:
     if key[0] == "data":
         return f"data={DEVICES}, batch {key[1]}"
     p, mb, schedule = key
     return f"{schedule} stage={p} x data={DEVICES // p}, M={mb}"
+
+
+def virtual(args: argparse.Namespace, schedule: str) -> int:
+    """V: the chunks per stage (``pipeline.repeats``) a schedule runs with."""
+    return args.virtual if schedule == "interleaved" else 1
 
 
 def baseline(key: tuple, args: argparse.Namespace) -> tuple:
@@ -249,7 +272,8 @@ def build(args: argparse.Namespace, key: tuple, tokens: np.ndarray) -> tuple[dic
         p, mb, schedule, batch = 1, 1, "gpipe", key[1]
     else:
         (p, mb, schedule), batch = key, global_batch(args, key[0], key[1])
-    cfg = make_config(args, p, mb, schedule, batch)
+    v = 1 if key[0] == "data" else virtual(args, schedule)
+    cfg = make_config(args, p, mb, schedule, batch, repeats=v)
     train = make_train_step(cfg, gpt_loss, model=make_gpt(cfg.model))
     state = train.init()
     data = train.shard_batch({"tokens": tokens[:batch]})
@@ -266,13 +290,13 @@ def build(args: argparse.Namespace, key: tuple, tokens: np.ndarray) -> tuple[dic
     row["stage_all_reduce"] = sum(c.ring_bytes for c in over_stage if c.kind == "all-reduce")
     row["stage_other"] = sum(c.ring_bytes for c in over_stage if c.kind not in (PERMUTE, "all-reduce"))
     if table is not None:
-        assert (table.name, table.stages, table.microbatches) == (schedule, p, mb), table
+        assert (table.name, table.stages, table.microbatches, table.repeats) == (schedule, p, mb, v), table
         in_loop = [c for c in over_stage if c.kind == PERMUTE and c.runs == table.ticks]
+        sends_f, sends_b = table.sends()
         row.update(
-            schedule=table, ticks=table.ticks, in_flight=max(table.in_flight()), slots=table.slots,
-            bubble=bubble_fraction(p, mb), idle=table.idle_fraction(), bubble_v2=bubble_fraction(p, mb, 2),
-            sends_f=int((table.forward[:, :-1] >= 0).any(axis=1).sum()),
-            sends_b=int((table.backward[:, 1:] >= 0).any(axis=1).sum()),
+            schedule=table, v=v, ticks=table.ticks, in_flight=max(table.in_flight()), slots=table.slots,
+            bubble=bubble_fraction(p, mb, v), idle=table.idle_fraction(),
+            sends_f=int(sends_f.sum()), sends_b=int(sends_b.sum()),
             permutes=sorted(c.full_bytes for c in in_loop), permute_bound=sum(c.ring_bytes for c in in_loop),
             permute_outside=sum(c.ring_bytes for c in over_stage if c.kind == PERMUTE and c.runs != table.ticks),
             executed=executed_flops(text, table))
@@ -328,9 +352,16 @@ def executed_flops(text: str, table) -> dict | None:
     bodies = [b for b in bodies if any(" conditional(" in line for line in blocks.get(b, ()))]
     if len(bodies) != 1:
         return None
-    p, last = table.stages, table.stages - 1
-    fwd = [int((table.forward[:, s] >= 0).sum()) if s < last else 0 for s in range(p)]
-    bwd = [int((table.backward[:, s] >= 0).sum()) for s in range(p)]
+    p, last, v = table.stages, table.stages - 1, table.repeats
+    # the slots the executor runs: the model's last chunk (last stage, chunk V-1) runs its forward
+    # inside its backward (head and loss); every other chunk has a forward slot and a stage backward
+    end_f = np.zeros(table.forward.shape, bool)
+    end_f[:, last] = table.forward_chunk[:, last] == v - 1
+    end_b = np.zeros(table.backward.shape, bool)
+    end_b[:, last] = table.backward_chunk[:, last] == v - 1
+    fwd = ((table.forward >= 0) & ~end_f).sum(axis=0).tolist()
+    bwd = ((table.backward >= 0) & ~end_b).sum(axis=0).tolist()
+    bwd_last = ((table.backward >= 0) & end_b).sum(axis=0).tolist()
     total = matmul_flops(text)
     per_stage = [total] * p
     found = set()
@@ -343,7 +374,7 @@ def executed_flops(text: str, table) -> dict | None:
         if len(flops) == 2 and flops[0] == 0:    # lax.cond(f >= 0 & ~last, forward, zeros)
             runs, role = [[0, f] for f in fwd], "forward"
         elif len(flops) == 3 and flops[0] == 0:  # lax.switch: idle, stage backward, last stage's backward
-            runs, role = [[0, bwd[s] if s < last else 0, bwd[s] if s == last else 0] for s in range(p)], "backward"
+            runs, role = [[0, bwd[s], bwd_last[s]] for s in range(p)], "backward"
         else:
             return None
         found.add(role)
@@ -370,8 +401,8 @@ def print_memory(args: argparse.Namespace, rows: dict) -> None:
     a = act_mb(args)
     print(f"Per-device memory (compiled, XLA memory_analysis) and the schedule. x d8: ratio to data=8 at the same "
           f"global batch. stash = max over stages of in_flight x A_mb (A_mb = {a:,} B), buffer = (slots + 1) x A_mb; "
-          "bubble = (P-1)/(M+P-1), idle = Schedule.idle_fraction() (forward 1, backward 2), V=2 = interleaved's "
-          "(P-1)/(2M+P-1), not built")
+          "V = chunks per stage; bubble = (P-1)/(V M+P-1), idle = Schedule.idle_fraction() (a chunk's forward 1/V, "
+          "backward 2/V)")
     table = []
     for key in ordered(rows):
         r = rows[key]
@@ -381,11 +412,10 @@ def print_memory(args: argparse.Namespace, rows: dict) -> None:
         if key[0] == "data":
             table.append(cells + ["-"] * 7)
             continue
-        table.append(cells + [f"{r['ticks']}", f"{r['in_flight']}", f"{r['in_flight'] * a:,}",
-                              f"{(r['slots'] + 1) * a:,}", f"{r['bubble']:.3f}", f"{r['idle']:.3f}",
-                              f"{r['bubble_v2']:.3f}"])
-    print_table(["variant", "batch", "rows/device", "argument bytes", "temp bytes", "temp x d8", "ticks",
-                 "in flight", "stash bytes", "buffer bytes", "bubble", "idle", "V=2 bubble"], table)
+        table.append(cells + [f"{r['v']}", f"{r['ticks']}", f"{r['in_flight']}", f"{r['in_flight'] * a:,}",
+                              f"{(r['slots'] + 1) * a:,}", f"{r['bubble']:.3f}", f"{r['idle']:.3f}"])
+    print_table(["variant", "batch", "rows/device", "argument bytes", "temp bytes", "temp x d8", "V", "ticks",
+                 "in flight", "stash bytes", "buffer bytes", "bubble", "idle"], table)
 
 
 def print_work(rows: dict) -> None:
@@ -410,7 +440,7 @@ def print_work(rows: dict) -> None:
 def print_traffic(rows: dict) -> None:
     print("Traffic over the stage axis per device per step, from the compiled HLO (collectives whose devices differ "
           "along stage). permute bytes: each collective-permute in the tick loop; executed = sends the table runs "
-          "(forward + backward) x those bytes; HLO bound = every permute at every tick; all-reduce over stage "
+          "(Schedule.sends(), forward + backward) x those bytes; HLO bound = every permute at every tick; all-reduce over stage "
           "ring-equivalent, once per step")
     table = []
     for key in ordered(rows):
@@ -491,7 +521,7 @@ def read(args: argparse.Namespace, rows: dict, times: dict) -> None:
     """The closing interpretation, computed from the measurements."""
     a = act_mb(args)
     pipes = [k for k in rows if k[0] != "data"]
-    lines = []
+    lines, growth = [], {}
     for p in sorted({k[0] for k in pipes}):
         parts = []
         for schedule in SCHEDULES:
@@ -506,6 +536,7 @@ def read(args: argparse.Namespace, rows: dict, times: dict) -> None:
             (m0, r0), (m1, r1) = series[0], series[-1]
             word = ("stays flat" if first_flat == 0 else f"is flat from M={series[first_flat][0]} on"
                     if first_flat is not None else "grows" if r1["temp"] > r0["temp"] else "does not grow")
+            growth[(p, schedule)] = f"{word} ({r1['temp'] / r0['temp']:.3f}x from M={m0} to M={m1})"
             parts.append(f"{schedule} {word} ({r1['temp'] / r0['temp']:.3f}x from M={m0} to M={m1}; per step of M "
                          + ", ".join(f"{d:+.1f}" for d, _ in steps) + " A_mb, the table's stash buffer "
                          + ", ".join(f"{k:+d}" for _, k in steps) + ")")
@@ -523,6 +554,33 @@ def read(args: argparse.Namespace, rows: dict, times: dict) -> None:
     if gaps:
         print("Read: gpipe's temp minus 1f1b's at the same P, M, against the difference of their stash buffers "
               "((slots + 1) x A_mb): " + "; ".join(gaps) + ".")
+    inter = [(p, mb) for p, mb, schedule in pipes if schedule == "interleaved" and (p, mb, "1f1b") in rows]
+    if inter:
+        v = args.virtual
+        temp, idle, sends, rest = [], [], [], {}
+        for p, mb in inter:
+            i, o = rows[(p, mb, "interleaved")], rows[(p, mb, "1f1b")]
+            temp.append(f"P={p} M={mb} {i['temp'] - o['temp']:+,} vs {(i['slots'] - o['slots']) * a:+,}")
+            rest.setdefault(p, []).append(i["temp"] - o["temp"] - (i["slots"] - o["slots"]) * a)
+            # interleaving V chunks at M should idle like 1F1B at V x M, where that was measured
+            at_vm = rows.get((p, v * mb, "1f1b"))
+            idle.append(f"P={p} M={mb} {i['idle']:.3f} vs {o['idle']:.3f}"
+                        + (f" (1f1b at M={v * mb}: {at_vm['idle']:.3f})" if at_vm else ""))
+            sends.append(f"P={p} M={mb} {i['sends_f']} vs {o['sends_f']}")
+        formula = all(abs(rows[(p, mb, "interleaved")]["idle"] - rows[(p, mb, "interleaved")]["bubble"]) < 1e-9
+                      for p, mb in inter)
+        flat = "; ".join(f"P={p} {growth[(p, 'interleaved')]}" for p in sorted({p for p, _ in inter})
+                         if (p, "interleaved") in growth)
+        print(f"Read: interleaved (V={v}) against 1f1b at the same P, M. Its temp as M grows: {flat or 'one M only'}. "
+              "Its temp minus 1f1b's, against the difference of their stash buffers: " + "; ".join(temp)
+              + "; the rest (temp difference less buffer difference) "
+              + "; ".join(f"P={p} {min(r):+,} to {max(r):+,} ("
+                          + ("one M" if len(r) < 2 else "constant in M within half an A_mb: not the stash; a slot "
+                             "runs 1/V of a stage's layers" if max(r) - min(r) < a / 2 else "varies with M") + ")"
+                          for p, r in rest.items())
+              + ". Idle fraction counted from the tables, interleaved vs 1f1b: " + "; ".join(idle)
+              + f" (interleaved's {'equals' if formula else 'does not equal'} (P-1)/(V M+P-1) at every P, M). "
+              "The price: sends each way, interleaved vs 1f1b: " + "; ".join(sends) + ".")
     d8 = [k for k in rows if k[0] == "data"]
     below = [k for k in pipes if rows[k]["temp"] < rows[("data", rows[k]["batch"])]["temp"]]
     if d8:
@@ -533,13 +591,21 @@ def read(args: argparse.Namespace, rows: dict, times: dict) -> None:
               "recomputation, not the split.")
     ex = [rows[k]["executed"]["max"] / rows[baseline(k, args)]["flops"] for k in pipes if rows[k]["executed"]]
     hlo = [rows[k]["flops"] / rows[baseline(k, args)]["flops"] for k in pipes]
-    same = all(rows[(p, mb, "gpipe")]["executed"]["max"] == rows[(p, mb, "1f1b")]["executed"]["max"]
-               for p, mb, s in pipes if s == "gpipe" and (p, mb, "1f1b") in rows
-               and rows[(p, mb, "gpipe")]["executed"] and rows[(p, mb, "1f1b")]["executed"])
+    def executed(p, mb, schedule):
+        return rows[(p, mb, schedule)]["executed"] if (p, mb, schedule) in rows else None
+
+    pairs = [(p, mb) for p, mb, s in pipes if s == "gpipe" and executed(p, mb, "gpipe") and executed(p, mb, "1f1b")]
+    same = all(executed(p, mb, "gpipe")["max"] == executed(p, mb, "1f1b")["max"] for p, mb in pairs)
+    inter = [(p, mb) for p, mb, s in pipes if s == "interleaved" and executed(p, mb, s) and executed(p, mb, "1f1b")]
     if ex:
         print(f"Read: matmul FLOPs executed on the most loaded stage are {min(ex):.2f}-{max(ex):.2f}x data=8's at the "
-              f"same batch ({'equal' if same else 'not equal'} for gpipe and 1f1b at the same P, M: the same slots in "
-              f"another order); the HLO's upper bound, every branch at every tick, is {min(hlo):.2f}-{max(hlo):.2f}x.")
+              "same batch" + (f" ({'equal' if same else 'not equal'} for gpipe and 1f1b at the same P, M: the same "
+                              "slots in another order)" if pairs else "")
+              + (". Interleaved against 1f1b, most loaded stage (least loaded) in GFLOP: " + "; ".join(
+                  f"P={p} M={mb} {executed(p, mb, 'interleaved')['max'] / 1e9:.3f} "
+                  f"({executed(p, mb, 'interleaved')['min'] / 1e9:.3f}) vs {executed(p, mb, '1f1b')['max'] / 1e9:.3f} "
+                  f"({executed(p, mb, '1f1b')['min'] / 1e9:.3f})" for p, mb in inter) if inter else "")
+              + f". The HLO's upper bound, every branch at every tick, is {min(hlo):.2f}-{max(hlo):.2f}x.")
     med = {k: statistics.median(t) for k, t in times.items()}
     speed = {k: med[k] / med[baseline(k, args)] for k in pipes if k in med and baseline(k, args) in med}
     if speed:

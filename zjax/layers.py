@@ -164,6 +164,8 @@ def checkpoint_policy(policy: Any, sharded_params: bool):
     def policy_fn(prim, *args, **params):
         if zero.is_zero_param(prim, params):
             return False
+        if zero.is_hpz_secondary(prim, params):  # ZeRO++ hpZ: keep it, so the backward gathers in-node
+            return True
         return base(prim, *args, **params)
 
     return policy_fn

@@ -648,6 +648,21 @@ def quantized_gathers(block: int | None):
         _QUANTIZED_GATHERS.reset(token)
 
 
+_HPZ: contextvars.ContextVar[int | None] = contextvars.ContextVar("zjax_hpz", default=None)
+
+
+@contextlib.contextmanager
+def secondary_partition(size: int | None):
+    """While tracing: ZeRO-3's parameter gathers keep ZeRO++'s hpZ secondary partition, so that
+    the backward pass gathers only inside groups of ``size`` consecutive ``data`` devices
+    (``gather_for_compute``); None: plain gathers."""
+    token = _HPZ.set(size if size and size > 1 else None)
+    try:
+        yield
+    finally:
+        _HPZ.reset(token)
+
+
 def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_dtype) -> jax.Array:
     """ZeRO-3's parameter fetch: cast the local master shard, all-gather, unpad.
 
@@ -656,9 +671,84 @@ def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_
     gather moves those (about 1 + 4/block bytes per element). The backward pass casts the
     cotangent to ``reduce_dtype`` and reduce-scatters it straight back into the shard's
     layout: gradients never exist unsharded (and are never quantized here).
+
+    Under ``secondary_partition(L)`` (ZeRO++'s hpZ) the gather runs in two hops: across the
+    nodes of L devices first (each device gets the shards of its position in every node, 1/L
+    of the parameter: the *secondary partition*, which the remat policy saves), then inside
+    the node; the backward pass recomputes only the second hop, so its gather never leaves
+    the node. The gradient is the same reduce-scatter as without it (bit-identical runs).
     """
+    hpz = _HPZ.get()
+    if hpz is not None and lay.sharded and not lay.group and _QUANTIZED_GATHERS.get() is None:
+        cast = jnp.dtype(compute_dtype)
+        secondary = _hpz_cross_op(lay, hpz, cast)(shard)
+        return _hpz_intra_op(lay, hpz, cast, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(secondary, shard)
     return _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype),
                       _QUANTIZED_GATHERS.get())(shard)
+
+
+def _hpz_groups(size: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``(cross, intra)`` device groups of ``data`` for nodes of ``size``: the devices at one
+    position in every node, and the devices of one node."""
+    n = lax.axis_size(DATA)
+    if n % size:
+        raise ConfigError(f"zero.hpz_partition_size={size} does not divide mesh.data={n}; use a divisor")
+    nodes = n // size
+    return ([[m * size + p for m in range(nodes)] for p in range(size)],
+            [[m * size + p for p in range(size)] for m in range(nodes)])
+
+
+@functools.lru_cache(maxsize=None)
+def _hpz_cross_op(lay: LeafLayout, size: int, compute_dtype):
+    """hpZ's first hop: this device's secondary partition (its node position's shards from every
+    node, in node order). Saved by the remat policy (``is_hpz_secondary``); its own gradient is
+    zero (the second hop hands the shard its reduced gradient directly)."""
+    def cross(shard):
+        return lax.all_gather(shard.astype(compute_dtype), DATA, axis=lay.axis, tiled=True,
+                              axis_index_groups=_hpz_groups(size)[0])
+
+    @jax.custom_vjp
+    def secondary(shard):
+        return _per_shard(lay, cross, "ss")(shard)
+
+    def fwd(shard):
+        return secondary(shard), jnp.zeros((0,), shard.dtype)
+
+    def hpz_secondary_bwd(empty, ct):
+        return (jnp.zeros(lay.data_shape, empty.dtype),)
+
+    secondary.defvjp(fwd, hpz_secondary_bwd)
+    return secondary
+
+
+@functools.lru_cache(maxsize=None)
+def _hpz_intra_op(lay: LeafLayout, size: int, compute_dtype, reduce_dtype, master_dtype):
+    """hpZ's second hop: the node's secondary partitions put together in ``data`` order; the
+    backward pass reduce-scatters the cotangent straight into the shard (as ZeRO-3's)."""
+    def intra(secondary):
+        rows = jnp.moveaxis(secondary, lay.axis, 0)
+        parts = lax.all_gather(rows, DATA, axis=0, tiled=False, axis_index_groups=_hpz_groups(size)[1])
+        nodes = rows.shape[0] // lay.data_shape[lay.axis]
+        parts = parts.reshape((size, nodes, -1) + rows.shape[1:]).swapaxes(0, 1)  # [nodes, size, rows, ...]
+        full = jnp.moveaxis(parts.reshape((-1,) + rows.shape[1:]), 0, lay.axis)
+        return from_stored(full, lay)
+
+    @jax.custom_vjp
+    def gather(secondary, shard):
+        return _per_shard(lay, intra, "sf")(secondary)
+
+    def fwd(secondary, shard):
+        return gather(secondary, shard), (jnp.zeros((0,), secondary.dtype),)
+
+    def hpz_zero_param_bwd(res, ct):  # "zero_param_bwd": never saved by the remat policy
+        (empty,) = res
+        grad = _reduce_scatter_cotangent(ct, lay, reduce_dtype, master_dtype)
+        secondary = list(grad.shape)
+        secondary[lay.axis] *= lax.axis_size(DATA) // size
+        return jnp.zeros(secondary, empty.dtype), grad
+
+    gather.defvjp(fwd, hpz_zero_param_bwd)
+    return gather
 
 
 def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_dtype) -> jax.Array:
@@ -724,6 +814,12 @@ def is_zero_param(prim, params) -> bool:
     them again, ZeRO-2 reads them again from the replicated copy.
     """
     return prim.name == "custom_vjp_call" and "zero_param_bwd" in str(params.get("bwd"))
+
+
+def is_hpz_secondary(prim, params) -> bool:
+    """True for the custom_vjp call of hpZ's first hop: the secondary partition the remat policy
+    saves, so that the backward pass gathers only inside the node."""
+    return prim.name == "custom_vjp_call" and "hpz_secondary_bwd" in str(params.get("bwd"))
 
 
 @jax.tree_util.register_pytree_node_class

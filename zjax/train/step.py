@@ -542,7 +542,8 @@ class TrainStep:
                 axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
                 tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
                 zero.quantized_gathers(self._quantization_block), \
-                zero.quantized_reductions(self._node_size, self.config.zero.quantization_block):
+                zero.quantized_reductions(self._node_size, self.config.zero.quantization_block), \
+                zero.secondary_partition(self.config.zero.hpz_partition_size):
             grads, loss, weight, extras = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
