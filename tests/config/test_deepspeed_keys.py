@@ -96,7 +96,10 @@ def test_zero_plus_plus_and_mics_are_accepted_off_and_refused_on():
     with pytest.raises(ConfigError) as err:
         load_config({**BATCH, "zero_optimization": {"stage": 3, "mics_hierarchical_params_gather": True,
                                                     "mics_shard_size": 8}})
-    assert "MiCS hierarchical gather" in str(err.value) and "MiCS sharding" in str(err.value)
+    assert "MiCS hierarchical gather" in str(err.value)
+    # MiCS: ZeRO inside groups of mics_shard_size devices, replicas across them
+    mics = load_config({**BATCH, "zero_optimization": {"stage": 3, "mics_shard_size": 4}})
+    assert (mics.mesh.data, mics.mesh.replica) == (4, -1)
     assert load_config({**BATCH, "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 4}}).zero.hpz_partition_size == 4
     # qwZ is built: DeepSpeed's key maps onto zero.quantized_weights
     assert load_config({**BATCH, "zero_optimization": {"stage": 3, "zero_quantized_weights": True}}).zero.quantized_weights

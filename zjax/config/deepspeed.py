@@ -159,7 +159,6 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "amp": ("Apex AMP (use bf16 or fp16 instead)", _block_off),
     "zero_optimization.zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", _false),
     "zero_optimization.zeropp_loco_param": ("ZeRO++ LoCo error feedback", _false),
-    "zero_optimization.mics_shard_size": ("MiCS sharding", lambda value: value is None or value <= 0),
     "zero_optimization.mics_hierarchical_params_gather": ("MiCS hierarchical gather", _false),
 }
 # DeepSpeed optimizers zjax does not have (its ``type`` names are case-insensitive).
@@ -371,7 +370,7 @@ def _map_gradient_clipping(key: str, value: Any, out: _Translation) -> None:
 
 def _map_zero(key: str, block: Any, out: _Translation) -> None:
     mapped = ("stage", "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param",
-              "zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size")
+              "zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size", "mics_shard_size")
     _check_keys(key, block, mapped)
     stage = _int(f"{key}.stage", block.get("stage", 0))
     if "stage" in block:
@@ -380,6 +379,11 @@ def _map_zero(key: str, block: Any, out: _Translation) -> None:
         out.set("zero.quantized_weights", True, f"{key}.zero_quantized_weights")  # ZeRO++ qwZ
     if _bool(f"{key}.zero_quantized_gradients", block.get("zero_quantized_gradients", False)):
         out.set("zero.quantized_gradients", True, f"{key}.zero_quantized_gradients")  # ZeRO++ qgZ
+    mics = block.get("mics_shard_size")
+    if mics is not None and _int(f"{key}.mics_shard_size", mics) > 0:
+        # MiCS: ZeRO inside groups of mics_shard_size devices, replicated across the groups (mesh.replica)
+        out.set("mesh.data", _int(f"{key}.mics_shard_size", mics), f"{key}.mics_shard_size")
+        out.set("mesh.replica", -1, f"{key}.mics_shard_size")
     hpz = block.get("zero_hpz_partition_size")
     if hpz not in (None, 0, 1):  # ZeRO++ hpZ (DeepSpeed: 1 = off)
         out.set("zero.hpz_partition_size", _int(f"{key}.zero_hpz_partition_size", hpz), f"{key}.zero_hpz_partition_size")
