@@ -346,16 +346,19 @@ def test_the_moe_gpts_loss_adds_the_auxiliary_losses():
 
 def test_an_moe_reaches_a_lower_validation_loss_than_the_dense_model_at_equal_active_parameters():
     """The tiny GPT dense (d_ff 352) against 8 experts of width 176, top-2 (the same active MLP
-    parameters per token, 4x the MLP parameters): 400 steps of 16 x 32 tokens of real text on 8
-    devices, then the mean loss over 8 held-out batches."""
+    parameters per token, 4x the MLP parameters): 400 steps of 16 x 32 tokens of real text on 2
+    devices (each routing its 256 tokens), then the mean loss over 8 held-out batches (measured
+    2.622 against 2.643)."""
     val = token_batches(8, 16, 32, split="val")
+    batches = token_batches(400, 16, 32)
     found = {}
     for name, over in (("dense", ()), ("moe", ("model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.d_ff=176",
                                                "model.moe.capacity_factor=2"))):
-        train, state = gpt_train("precision.compute_dtype=float32", "optimizer.lr=0.003", *over)
-        for batch in token_batches(400, 16, 32):
+        train, state = gpt_train("precision.compute_dtype=float32", "optimizer.lr=0.003", "mesh.data=2", *over,
+                                 devices=jax.devices()[:2])
+        for batch in batches:
             state, metrics = train(state, batch)
-            float(metrics["loss"])  # one step at a time (8 simulated devices share two cores)
+            float(metrics["loss"])  # one step at a time (simulated devices share two cores)
         found[name] = float(np.mean([float(train.evaluate(state, b)) for b in val]))
     assert found["moe"] < found["dense"], found
 
