@@ -28,3 +28,15 @@ def test_a_spent_budget_fails_loudly():
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert "FAILED" in done.stdout and "kernel correctness: not run" in done.stdout
+
+
+def test_no_benchmark_shadows_a_module_jax_may_import():
+    """A script's folder leads sys.path: benchmarks/compression.py once hid the (Python 3.14)
+    stdlib package ``compression`` that jax's compilation cache imports, and broke every script."""
+    import importlib.util
+    later_stdlib = {"compression", "annotationlib", "string.templatelib"}   # 3.12-3.14 additions
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        name = script.stem
+        assert name not in sys.stdlib_module_names and name not in later_stdlib, script
+        spec = importlib.util.find_spec(name)      # an installed package of that name
+        assert spec is None or "site-packages" not in str(spec.origin), (script, spec)

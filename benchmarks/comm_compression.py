@@ -53,7 +53,7 @@ this machine it says nothing about the network. The bytes are what the same prog
 moves per device on a real 2 x 4-device cluster.
 
 Usage:
-  .venv/bin/python benchmarks/compression.py [--d-model 128] [--layers 2] [--heads 4] [--kv-heads 2]
+  .venv/bin/python benchmarks/comm_compression.py [--d-model 128] [--layers 2] [--heads 4] [--kv-heads 2]
       [--d-ff 352] [--seq 64] [--batch 16] [--steps 40] [--last 10] [--lr 1e-3]
       [--small-block 32] [--data text|random]
 """
@@ -63,11 +63,7 @@ import os
 import sys
 from pathlib import Path
 
-# This file is named like Python 3.14's stdlib package ``compression``, which jax tries to import
-# (``from compression import zstd``): run as a script, its folder leads sys.path and jax would
-# import this file instead. So the folder goes off sys.path.
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 # Before jax is imported: the benchmark is about 8 devices.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
