@@ -11,6 +11,10 @@ from pallas_kernels.attention import BlockSizes, attention_reference, flash_atte
 from pallas_kernels.cross_entropy import cross_entropy_reference, softmax_cross_entropy
 from pallas_kernels.dispatch import IMPLS, KERNEL_BACKENDS, resolve_impl, shard_over_batch
 from pallas_kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from pallas_kernels.quantized_matmul import (
+    int4_matmul, int4_matmul_reference, int8_matmul, int8_matmul_reference, pack_int4, quantize_rows,
+    unpack_int4, w8a8_matmul, w8a8_matmul_reference,
+)
 from pallas_kernels.swiglu import geglu, geglu_reference, swiglu, swiglu_reference
 from pallas_kernels.unscale import unscale_and_check, unscale_and_check_reference
 
@@ -23,8 +27,14 @@ __all__ = [
     "flash_attention",
     "geglu",
     "geglu_reference",
+    "int4_matmul",
+    "int4_matmul_reference",
+    "int8_matmul",
+    "int8_matmul_reference",
     "layer_norm",
     "layer_norm_reference",
+    "pack_int4",
+    "quantize_rows",
     "resolve_impl",
     "rms_norm",
     "rms_norm_reference",
@@ -32,6 +42,9 @@ __all__ = [
     "softmax_cross_entropy",
     "swiglu",
     "swiglu_reference",
+    "unpack_int4",
     "unscale_and_check",
     "unscale_and_check_reference",
+    "w8a8_matmul",
+    "w8a8_matmul_reference",
 ]

@@ -37,7 +37,7 @@ LAYERS = [
     ("zjax.config",),
     ("zjax.parallel",),
     ("zjax.layers", "zjax.models", "zjax.train"),
-    ("zjax.checkpoint", "zjax.export", "zjax.data", "zjax.distributed", "zjax.train.loop"),
+    ("zjax.checkpoint", "zjax.export", "zjax.data", "zjax.distributed", "zjax.train.loop", "zjax.inference"),
     ("zjax.analysis",),
     ("zjax.cli", "zjax.__main__", "zjax"),
 ]

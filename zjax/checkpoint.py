@@ -310,13 +310,16 @@ def _portable(state, layouts, treedef) -> dict:
                                                               state.frozen), True)
         params = zero.merge_frozen(params, frozen)
     stored = tuple(lay.stored_shape for lay in treedef.flatten_up_to(layouts))
-    return {
+    portable = {
         "step": state.step,
         "params": jax.tree.map(lambda x: x.astype(jnp.float32), params),
         "opt_state": _map_param_subtrees(unpad, state.opt_state, treedef, stored),
         "loss_scale": state.loss_scale,
         "rng": jax.random.key_data(state.rng),
     }
+    if state.comm is not None:  # LoCo's per-device error buffers, as they are (a leading device axis)
+        portable["comm"] = state.comm
+    return portable
 
 
 def portable_target(train) -> dict:
@@ -364,6 +367,7 @@ def restore_program(train):
             opt_state=_map_param_subtrees(pad_moments, p["opt_state"], treedef, shapes),
             loss_scale=p["loss_scale"],
             rng=jax.random.wrap_key_data(p["rng"]),
+            comm=p.get("comm"),
         )
 
     return jax.jit(build, out_shardings=train.state_sharding)
@@ -399,6 +403,7 @@ def _portable_shardings(state_sharding, keeps_master: bool, shapes) -> dict:
         "opt_state": jax.tree.map(portable, state_sharding.opt_state, shapes["opt_state"]),
         "loss_scale": jax.tree.map(portable, state_sharding.loss_scale, shapes["loss_scale"]),
         "rng": NamedSharding(mesh, P()),
+        **({"comm": jax.tree.map(portable, state_sharding.comm, shapes["comm"])} if "comm" in shapes else {}),
     }
 
 
@@ -531,21 +536,32 @@ def _crc32(path: Path) -> int:
 def _check_shapes(path: Path, target) -> None:
     """Fails naming the first entry whose saved shape differs from what this model needs."""
     saved = ocp.PyTreeCheckpointer().metadata(path / "state").item_metadata.tree
-    saved_leaves = jax.tree.leaves(saved)
+    # matched by path, not position: the metadata holds NamedTuple states (optimizer states)
+    # as dicts, whose leaves come in key order rather than field order
+    saved_shapes = {_path_names(key): tuple(leaf.shape) for key, leaf in jax.tree_util.tree_leaves_with_path(saved)}
     wanted = jax.tree_util.tree_leaves_with_path(target)
-    if len(saved_leaves) != len(wanted):
+    if len(saved_shapes) != len(wanted):
         raise CheckpointError(
-            f"checkpoint {path} holds {len(saved_leaves)} arrays but this model and optimizer need "
+            f"checkpoint {path} holds {len(saved_shapes)} arrays but this model and optimizer need "
             f"{len(wanted)}: it was saved from another model or optimizer"
         )
-    for saved_leaf, (key, want) in zip(saved_leaves, wanted):
-        if tuple(saved_leaf.shape) != tuple(want.shape):
+    for key, want in wanted:
+        saved_shape = saved_shapes.get(_path_names(key))
+        if saved_shape is None:
+            raise CheckpointError(f"{jax.tree_util.keystr(key)} is not in checkpoint {path}: it was saved from "
+                                  "another model or optimizer")
+        if saved_shape != tuple(want.shape):
             what = jax.tree_util.keystr(key)
             hint = "another model" if what.startswith("['params']") else "another optimizer or device count"
             raise CheckpointError(
-                f"{what} has shape {tuple(saved_leaf.shape)} in checkpoint {path} but {tuple(want.shape)} here: "
+                f"{what} has shape {saved_shape} in checkpoint {path} but {tuple(want.shape)} here: "
                 f"it was saved from {hint}"
             )
+
+
+def _path_names(path) -> tuple[str, ...]:
+    """A tree path as plain names (dict keys, attribute names and indices alike)."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _sync(name: str) -> None:

@@ -1,5 +1,6 @@
 """``zjax`` command line: ``zjax train CONFIG [key=value ...]``, ``zjax config explain``,
-``zjax plan``, ``zjax profile`` and ``zjax report``.
+``zjax plan``, ``zjax profile``, ``zjax report``, and ``zjax generate`` / ``zjax serve`` (a
+trained run, a safetensors export or a Hugging Face directory).
 
 On CPU, zjax simulates 8 devices unless XLA_FLAGS sets a count, so ZeRO sharding runs
 on a laptop. XLA reads the flag when JAX creates its CPU backend on first use, so
@@ -153,6 +154,104 @@ def profile(args: argparse.Namespace) -> None:
         print(f"wrote {write_png(result, png_path)}")
 
 
+def generate(args: argparse.Namespace) -> None:
+    from zjax.inference.sampling import SamplingParams
+
+    engine = _engine(args)
+    tokenizer = engine.tokenizer
+    prompt = tokenizer.encode(args.prompt)
+    try:
+        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                  max_tokens=args.max_tokens, seed=args.seed,
+                                  stop_token_ids=tokenizer.eos_token_ids)
+        engine.add_request(prompt, sampling)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    detokenizer = tokenizer.detokenizer(prompt)
+    while engine.has_unfinished():
+        for out in engine.step():
+            print(detokenizer.add(out.token_ids), end="", flush=True)
+    print(detokenizer.flush())
+
+
+def serve(args: argparse.Namespace) -> None:
+    # Until the server takes SIGTERM/SIGINT over, a signal ends the command at once: nothing is served yet.
+    previous = {sig: signal.signal(sig, _stop_before_serving) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        from zjax.inference.server import serve as run_server
+
+        engine = _engine(args)
+        try:
+            run_server(engine, args.host, args.port, model_name=args.model_name or _model_name(Path(args.source)),
+                       max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
+        except OSError as err:
+            raise ConfigError(f"--host {args.host} --port {args.port}: {err}") from None
+        except ValueError as err:  # the server's argument errors (--max-queue)
+            raise ConfigError(str(err)) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _model_name(source: Path) -> str:
+    """The model id to list: the run's, the file's or the Hugging Face directory's name."""
+    source = source.resolve()
+    if source.name == "checkpoints":
+        source = source.parent
+    return source.stem if source.is_file() else source.name
+
+
+def _stop_before_serving(signum, frame):
+    sys.stderr.write(f"stopped by {signal.Signals(signum).name} before serving started\n")
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _engine(args: argparse.Namespace):
+    """The engine for SOURCE: a run's output_dir or checkpoints directory, a .safetensors
+    export (its shape from --config), or a Hugging Face directory; quantized with --quantize."""
+    from zjax.checkpoint import load_params
+    from zjax.config.schema import load_config
+    from zjax.export import load_safetensors
+    from zjax.inference.engine import Engine, _run_config
+    from zjax.inference.hf import load_hf
+    from zjax.inference.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+    source = Path(args.source)
+    rules = None
+    if source.is_file() and source.suffix == ".safetensors":
+        if args.config is None:
+            raise ConfigError(f"SOURCE {source} is a safetensors export, which does not record the model's shape; "
+                              "pass --config CONFIG (the run's config, e.g. OUTPUT_DIR/config.yaml)")
+        cfg = load_config(args.config)
+        model_cfg, rules, params = cfg.model, cfg.logical_axis_rules, load_safetensors(source)
+        places = [source.parent]
+    elif (source / "config.json").is_file():  # transformers' save_pretrained; a zjax run writes config.yaml
+        model_cfg, params = load_hf(source, args.dtype, max_seq_len=args.max_seq_len)
+        places = [source]
+    elif source.is_dir():
+        checkpoints = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        cfg = _run_config(checkpoints, args.config, args.step)
+        model_cfg, rules, params = cfg.model, cfg.logical_axis_rules, load_params(checkpoints, args.step)
+        places = [source, checkpoints]
+    else:
+        raise ConfigError(f"SOURCE {source} is neither a directory nor a .safetensors file; give a run's "
+                          "output_dir, its checkpoints directory, a .safetensors export (with --config) or a "
+                          "Hugging Face directory (config.json, *.safetensors)")
+    tokenizer_dir = next((place for place in places if (place / TOKENIZER_FILE).is_file()), None)
+    try:
+        if args.quantize != "none":
+            from zjax.inference.quant import quantize_params
+
+            params = quantize_params(params, args.quantize, group_size=args.group_size)
+        return Engine.from_params(params, model_cfg, tensor=args.tensor, dtype=args.dtype,
+                                  max_seq_len=args.max_seq_len, max_seqs=args.max_seqs, token_budget=args.token_budget,
+                                  logical_axis_rules=rules,
+                                  tokenizer=load_tokenizer(tokenizer_dir, model_cfg.vocab_size))
+    except ValueError as err:  # the engine's and quantizer's argument errors
+        raise ConfigError(str(err)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zjax", description="DeepSpeed for JAX: ZeRO training from one config.", epilog=EPILOG
@@ -225,6 +324,35 @@ def _parser() -> argparse.ArgumentParser:
                       help="skip compiling the other ZeRO stages and remat policy (and the recommendations)")
     prof.set_defaults(command=profile)
 
+    gen = commands.add_parser(
+        "generate", help="generate text from a trained model or a Hugging Face checkpoint", epilog=EPILOG,
+        description="Generate a completion of --prompt with zjax's serving engine and print it as it comes.",
+    )
+    _add_source_args(gen)
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the text to complete")
+    gen.add_argument("--max-tokens", type=int, default=64, metavar="N", help="new tokens at most (default 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1: off)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest (default 0: off)")
+    gen.add_argument("--seed", type=int, default=None, metavar="S", help="the sampling seed (default: random)")
+    gen.set_defaults(command=generate)
+
+    srv = commands.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API", epilog=EPILOG,
+        description="Serve /v1/completions and /v1/chat/completions (streaming with server-sent events), "
+        "/v1/models and /health until SIGTERM or Ctrl-C, then finish the requests in flight and exit 0.",
+    )
+    _add_source_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, metavar="P", help="the port (default 8000; 0 = any free one)")
+    srv.add_argument("--max-queue", type=int, default=64, metavar="N",
+                     help="requests in flight beyond which a request gets HTTP 503 (default 64)")
+    srv.add_argument("--model-name", default=None, metavar="NAME",
+                     help="the model id the API lists (default: SOURCE's name)")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
+                     help="seconds the requests in flight get to finish on SIGTERM before they are aborted")
+    srv.set_defaults(command=serve)
+
     config = commands.add_parser("config", help="inspect a config")
     config_commands = config.add_subparsers(required=True, metavar="COMMAND")
     show = config_commands.add_parser(
@@ -235,6 +363,30 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(show)
     show.set_defaults(command=explain)
     return parser
+
+
+def _add_source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SOURCE",
+                        help="a run's output_dir or checkpoints directory, a .safetensors export (with --config), "
+                        "or a Hugging Face directory (config.json, *.safetensors, tokenizer.json)")
+    parser.add_argument("--config", default=None, metavar="CONFIG",
+                        help="the run's config: required for a .safetensors export; for a checkpoint the default is "
+                        "the config.yaml beside it")
+    parser.add_argument("--step", type=int, default=None, help="the checkpoint step (default: newest intact)")
+    parser.add_argument("--tensor", type=int, default=1, metavar="T", help="tensor-parallel devices (default 1)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="weights and activations (default float32)")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8", "w8a8", "int4"),
+                        help="quantize the matmul weights: int8 weight-only, int8 weights and activations, or "
+                        "int4 groups (default none)")
+    parser.add_argument("--group-size", type=int, default=128, metavar="G",
+                        help="int4's rows per scale; must divide d_model and d_ff (default 128)")
+    parser.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                        help="the longest prompt + completion (default: the model's; the KV cache holds --max-seqs "
+                        "of them, so give less for a long-context Hugging Face model)")
+    parser.add_argument("--max-seqs", type=int, default=8, metavar="N", help="sequences generated at once (default 8)")
+    parser.add_argument("--token-budget", type=int, default=64, metavar="N",
+                        help="tokens per pass: decode tokens plus prompt chunks (default 64; at least --max-seqs)")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:

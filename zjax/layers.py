@@ -40,7 +40,7 @@ class _LayerContext:
     residuals: list | None = None
     # When a list, scan_layers appends its number of layers each time it is traced.
     calls: list | None = None
-    # ZeRO-3: id(gathered array) -> (gathered, shard, how to gather it again) for every
+    # ZeRO-3: id(gathered array) -> (gathered, shard, how to gather it again, LoCo error buffer or None) for every
     # parameter the step gathered whole; `layer` re-gathers these inside the block.
     gathered: dict | None = None
 
@@ -216,13 +216,14 @@ def scan_layers(fn: Callable[[Any, Any], Any], carry: Any, stacked_params: Any) 
 # --- the seam for a Python loop over blocks ----------------------------------------------
 
 
-def gather_param(shard: jax.Array, lay: zero.LeafLayout, compute_dtype, reduce_dtype) -> jax.Array:
+def gather_param(shard: jax.Array, lay: zero.LeafLayout, compute_dtype, reduce_dtype, error=None) -> jax.Array:
     """ZeRO-3's whole-parameter gather for the loss, remembered so that ``layer`` can
-    gather the same parameter again inside its block instead (see ``layer``)."""
-    out = zero.gather_for_compute(shard, lay, compute_dtype, reduce_dtype)
+    gather the same parameter again inside its block instead (see ``layer``). ``error``:
+    LoCo's error buffer (``zero.gather_for_compute``), passed on to that gather too."""
+    out = zero.gather_for_compute(shard, lay, compute_dtype, reduce_dtype, error)
     found = _CONTEXT.get().gathered
     if found is not None:
-        found[id(out)] = (out, shard, (lay, compute_dtype, reduce_dtype))
+        found[id(out)] = (out, shard, (lay, compute_dtype, reduce_dtype), error)
     return out
 
 
@@ -230,7 +231,7 @@ def note_params(params: Any) -> None:
     """Remembers ``params``' arrays as parameters, so ``layer`` does not count them as its input."""
     found = _CONTEXT.get().gathered
     if found is not None:
-        found.update({id(x): (x, x, None) for x in jax.tree.leaves(params)})
+        found.update({id(x): (x, x, None, None) for x in jax.tree.leaves(params)})
 
 
 def _is_array(x: Any) -> bool:
@@ -277,7 +278,7 @@ def layer(block: Callable) -> Callable:
         leaves, treedef = jax.tree.flatten((own, args, kwargs))
         n_own = len(jax.tree.leaves(own))
         known = ctx.gathered or {}
-        dynamic, inputs, how = [], [], []
+        dynamic, inputs, how, errors = [], [], [], []
         for i, x in enumerate(leaves):
             if _is_array(x):
                 entry = known.get(id(x))
@@ -285,12 +286,17 @@ def layer(block: Callable) -> Callable:
                 # ZeRO-3: a parameter gathered for the loss enters as its shard and is gathered here.
                 inputs.append(entry[1] if entry is not None and entry[2] is not None else x)
                 how.append(entry[2] if entry is not None else ("input" if i >= n_own else None))
+                # LoCo: the parameter's error buffer goes in too (its cotangent is the new buffer)
+                errors.append(entry[3] if entry is not None and entry[2] is not None else None)
+        with_error = [k for k, e in enumerate(errors) if e is not None]
+        inputs += [errors[k] for k in with_error]
 
         def run(*inputs):
             full = list(leaves)
-            for i, x, h in zip(dynamic, inputs, how):
+            error_of = dict(zip(with_error, inputs[len(dynamic):]))
+            for k, (i, x, h) in enumerate(zip(dynamic, inputs, how)):
                 full[i] = checkpoint_name(x, LAYER_INPUT) if h == "input" else (
-                    x if h is None else zero.gather_for_compute(x, *h))
+                    x if h is None else zero.gather_for_compute(x, *h, error_of.get(k)))
             fn, a, kw = jax.tree.unflatten(treedef, full)
             if not module:
                 return fn(*a, **kw), None

@@ -78,6 +78,9 @@ LOADS = {
     "ds_tests_torch_compile_z3.json": (8, dict(
         stage=3, offload=("none", "none"), dtype="bfloat16", optimizer=("adamw", 0.001, 0.8, 0.999, 3e-7),
         schedule=("warmup", 1000, "log", 0), batch=(8, 1, 1), clipping=1.0)),
+    "dse_bing_bert_onebitadam_nccl.json": (8, dict(
+        stage=0, dtype="float16", loss_scale=FP16_GIVEN, optimizer=("onebit_adam", 4e-4, 0.9, 0.999, 0.01),
+        batch=(4096, 16, 32), clipping=1.0)),
     "ds_tests_unit_ds_batch_config.json": (2, dict(
         stage=0, dtype="float16", loss_scale=(True, True, 16, 1000, 1, 1.0),
         optimizer=("adam", 0.00015, 0.9, 0.999, 0.0), batch=(2, 1, 1), clipping=1.0)),
@@ -90,7 +93,6 @@ REFUSED = {
         "did you mean 'zero_optimization.stage3_param_persistence_threshold'?"),
     "mds_curriculum_zero1_baseline.json": "optimizer.params.max_grad_norm=1.0: DeepSpeed refuses it too",
     "dse_bingbertsquad_bsz24.json": "optimizer.params.bias_correction=False is not supported",
-    "dse_bing_bert_onebitadam_nccl.json": "optimizer.type='OneBitAdam': 1-bit Adam is not implemented in zjax",
     "dse_bing_bert_progressive_layer_drop.json": "progressive_layer_drop: progressive layer drop",
     "dse_bing_bert_lamb_seq128.json": "optimizer.type='Lamb': LAMB is not implemented in zjax",
     "dse_data_efficiency_vit_cifar_random_ltd.json": "data_efficiency: data efficiency",

@@ -204,9 +204,25 @@ def test_deepspeed_sgd_lion_and_adafactor():
     assert load_config({**BATCH, "optimizer": {"type": "Adafactor", "params": {}}}).optimizer.lr == 1e-2
 
 
-@pytest.mark.parametrize("name, feature", [
-    ("OneBitAdam", "1-bit Adam"), ("ZeroOneAdam", "0/1 Adam"), ("OneBitLamb", "1-bit LAMB"), ("Lamb", "LAMB"),
-])
+def test_deepspeed_onebit_optimizers_map_with_their_count_and_formula():
+    adam = load_config({**BATCH, "optimizer": {"type": "OneBitAdam", "params": {
+        "lr": 4e-4, "freeze_step": 23000, "bias_correction": False, "cuda_aware": False}}}).optimizer
+    # DeepSpeed's freeze_step F runs F - 1 exact updates; its OnebitAdam has no bias correction
+    assert (adam.type, adam.lr, adam.freeze_step, adam.bias_correction) == ("onebit_adam", 4e-4, 22999, False)
+    zo = load_config({**BATCH, "optimizer": {"type": "ZeroOneAdam", "params": {
+        "var_freeze_step": 500, "local_step_scaler": 1000}}}).optimizer
+    assert (zo.type, zo.lr, zo.var_freeze_step, zo.local_step_scaler, zo.local_step_clipper) == (
+        "zero_one_adam", 1e-3, 500, 1000, 16)
+    lamb = load_config({**BATCH, "optimizer": {"type": "OneBitLamb", "params": {"freeze_step": 10, "max_coeff": 0.3,
+                                                                                "factor_threshold": 0.2}}}).optimizer
+    assert (lamb.type, lamb.freeze_step, lamb.max_coeff, lamb.factor_threshold) == ("onebit_lamb", 9, 0.3, 0.2)
+    with pytest.raises(ConfigError, match="eps_inside_sqrt"):
+        load_config({**BATCH, "optimizer": {"type": "OneBitAdam", "params": {"eps_inside_sqrt": True}}})
+    with pytest.raises(ConfigError, match="bias_correction=false is onebit_adam's option"):
+        load_config({"optimizer": {"type": "adamw", "bias_correction": False}})
+
+
+@pytest.mark.parametrize("name, feature", [("Lamb", "LAMB")])
 def test_deepspeed_optimizers_zjax_lacks_are_named(name, feature):
     with pytest.raises(ConfigError, match=f"optimizer.type='{name}': {feature} is not implemented in zjax"):
         load_config({**BATCH, "optimizer": {"type": name, "params": {"lr": 1e-3}}})

@@ -158,14 +158,10 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "elasticity": ("elastic training (batch size chosen per world size)", _block_off),
     "amp": ("Apex AMP (use bf16 or fp16 instead)", _block_off),
     "zero_optimization.zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", _false),
-    "zero_optimization.zeropp_loco_param": ("ZeRO++ LoCo error feedback", _false),
     "zero_optimization.mics_hierarchical_params_gather": ("MiCS hierarchical gather", _false),
 }
 # DeepSpeed optimizers zjax does not have (its ``type`` names are case-insensitive).
 _UNSUPPORTED_OPTIMIZERS = {
-    "onebitadam": "1-bit Adam",
-    "zerooneadam": "0/1 Adam",
-    "onebitlamb": "1-bit LAMB",
     "lamb": "LAMB",
     "adagrad": "Adagrad",
     "muadam": "muP Adam",
@@ -186,10 +182,26 @@ _OPTIMIZER_PARAMS = {
     "sgd": ("lr", "momentum", "nesterov", "weight_decay", "dampening"),
     "lion": ("lr", "betas", "weight_decay"),
     "adafactor": ("lr", "weight_decay"),
+    # deepspeed/runtime/fp16/onebit/{adam,zoadam,lamb}.py
+    "onebitadam": ("lr", "betas", "eps", "weight_decay", "freeze_step", "bias_correction", "eps_inside_sqrt",
+                   "amsgrad", "cuda_aware", "comm_backend_name"),
+    "zerooneadam": ("lr", "betas", "eps", "weight_decay", "var_freeze_step", "var_update_scaler",
+                    "local_step_scaler", "local_step_clipper", "bias_correction", "eps_inside_sqrt", "amsgrad",
+                    "cuda_aware", "comm_backend_name"),
+    "onebitlamb": ("lr", "betas", "eps", "weight_decay", "freeze_step", "max_coeff", "min_coeff", "coeff_beta",
+                   "factor_max", "factor_min", "factor_threshold", "bias_correction", "eps_inside_sqrt", "amsgrad",
+                   "cuda_aware", "comm_backend_name"),
 }
+# zjax's own optimizer types (config.schema.OptimizerType; a flat block with one of them is zjax's)
+_ZJAX_OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor", "onebit_adam", "zero_one_adam", "onebit_lamb")
+_ONEBIT = {"onebitadam": "onebit_adam", "zerooneadam": "zero_one_adam", "onebitlamb": "onebit_lamb"}
+# Their own options, DeepSpeed's name = zjax's optimizer.<name>
+_ONEBIT_OPTIONS = ("var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper", "max_coeff",
+                   "min_coeff", "coeff_beta", "factor_max", "factor_min", "factor_threshold")
 # The optimizer's own default learning rate, which DeepSpeed leaves in place when params has no lr:
 # FusedAdam, DeepSpeedCPUAdam, FusedLion and torch.optim.SGD use 1e-3, torch.optim.Adafactor 1e-2.
-_OPTIMIZER_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 1e-3, "lion": 1e-3, "adafactor": 1e-2}
+_OPTIMIZER_LR = {"adam": 1e-3, "adamw": 1e-3, "sgd": 1e-3, "lion": 1e-3, "adafactor": 1e-2,
+                 "onebitadam": 1e-3, "zerooneadam": 1e-3, "onebitlamb": 1e-3}
 # DeepSpeed/torch options zjax supports only at their default value.
 _DEFAULT_ONLY = {"amsgrad": False, "bias_correction": True, "dampening": 0}
 # Optimizer params DeepSpeed itself refuses (engine.py _configure_basic_optimizer).
@@ -370,7 +382,8 @@ def _map_gradient_clipping(key: str, value: Any, out: _Translation) -> None:
 
 def _map_zero(key: str, block: Any, out: _Translation) -> None:
     mapped = ("stage", "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param",
-              "zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size", "mics_shard_size")
+              "zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size", "mics_shard_size",
+              "zeropp_loco_param")
     _check_keys(key, block, mapped)
     stage = _int(f"{key}.stage", block.get("stage", 0))
     if "stage" in block:
@@ -379,6 +392,17 @@ def _map_zero(key: str, block: Any, out: _Translation) -> None:
         out.set("zero.quantized_weights", True, f"{key}.zero_quantized_weights")  # ZeRO++ qwZ
     if _bool(f"{key}.zero_quantized_gradients", block.get("zero_quantized_gradients", False)):
         out.set("zero.quantized_gradients", True, f"{key}.zero_quantized_gradients")  # ZeRO++ qgZ
+    loco = block.get("zeropp_loco_param")
+    if loco is not None:  # ZeRO++ LoCo: on when the block is given (stage3.py: zeropp_loco_param is not None)
+        loco_key = f"{key}.zeropp_loco_param"
+        _check_keys(loco_key, loco, ("err_beta", "reset_T"))
+        out.set("zero.loco", True, loco_key)
+        if "err_beta" in loco:
+            out.set("zero.loco_err_beta", _number(f"{loco_key}.err_beta", loco["err_beta"]), f"{loco_key}.err_beta")
+        if "reset_T" in loco:
+            # DeepSpeed counts reductions (one per parameter and step) in one counter; zjax counts steps
+            out.set("zero.loco_reset_steps", _int(f"{loco_key}.reset_T", loco["reset_T"]),
+                    f"{loco_key}.reset_T (counted in steps here)")
     mics = block.get("mics_shard_size")
     if mics is not None and _int(f"{key}.mics_shard_size", mics) > 0:
         # MiCS: ZeRO inside groups of mics_shard_size devices, replicated across the groups (mesh.replica)
@@ -479,11 +503,12 @@ def _map_optimizer(key: str, block: Any, out: _Translation) -> None:
     if name in _UNSUPPORTED_OPTIMIZERS:
         raise ConfigError(
             f"optimizer.type={given_type!r}: {_UNSUPPORTED_OPTIMIZERS[name]} is not implemented in zjax; "
-            "use one of Adam, AdamW, SGD, Lion, Adafactor"
+            "use one of Adam, AdamW, SGD, Lion, Adafactor, OneBitAdam, ZeroOneAdam, OneBitLamb"
         )
     if name not in _OPTIMIZER_PARAMS:
         raise ConfigError(
-            f"optimizer.type={given_type!r} is not supported; use one of Adam, AdamW, SGD, Lion, Adafactor"
+            f"optimizer.type={given_type!r} is not supported; use one of Adam, AdamW, SGD, Lion, Adafactor, "
+            "OneBitAdam, ZeroOneAdam, OneBitLamb"
         )
     params = block.get("params") or {}
     if not isinstance(params, Mapping):
@@ -493,12 +518,19 @@ def _map_optimizer(key: str, block: Any, out: _Translation) -> None:
             raise ConfigError(f"optimizer.params.{option}={params[option]!r}: {hint}")
     _check_keys("optimizer.params", params, _OPTIMIZER_PARAMS[name], f" for {given_type}")
     for option, default in _DEFAULT_ONLY.items():
+        if option == "bias_correction" and name in _ONEBIT:
+            continue  # unused by DeepSpeed's 1-bit optimizers (handled below)
         if option in params and params[option] != default:
             raise ConfigError(
                 f"optimizer.params.{option}={params[option]!r} is not supported by zjax's {name}; "
                 f"remove it or set {option}: {default!r}"
             )
-    zjax_type = _adam_flavour(name, params, out) if name in ("adam", "adamw") else name
+    if params.get("eps_inside_sqrt", False) is not False:
+        raise ConfigError(f"optimizer.params.eps_inside_sqrt={params['eps_inside_sqrt']!r} is not supported; "
+                          "remove it (eps is added outside the square root, DeepSpeed's default)")
+    zjax_type = _adam_flavour(name, params, out) if name in ("adam", "adamw") else _ONEBIT.get(name, name)
+    if name in _ONEBIT:
+        _map_onebit(name, params, out)
     out.set("optimizer.type", zjax_type, "optimizer.type")
     out.default("optimizer.lr", _OPTIMIZER_LR[name], f"optimizer.params.lr ({given_type}'s default)")
     if "betas" in params:
@@ -515,6 +547,32 @@ def _map_optimizer(key: str, block: Any, out: _Translation) -> None:
         out.default("optimizer.decay_norms_and_biases", True, "optimizer.params.weight_decay (on every parameter)")
     _ignore_rest("optimizer.params", params, (*_OPTIMIZER_PARAMS[name], "adam_w_mode"), out)
     _ignore_rest(key, block, ("type", "params"), out)
+
+
+def _map_onebit(name: str, params: Mapping[str, Any], out: _Translation) -> None:
+    """DeepSpeed's OneBitAdam / ZeroOneAdam / OneBitLamb params onto zjax's optimizer keys."""
+    if "freeze_step" in params:
+        # DeepSpeed's first step() only initializes (it counts), so its freeze_step F runs F - 1 exact
+        # updates: zjax's freeze_step counts exact updates (zjax.train.onebit)
+        given = _number("optimizer.params.freeze_step", params["freeze_step"])
+        out.set("optimizer.freeze_step", max(1, int(given) - 1), "optimizer.params.freeze_step (DeepSpeed's - 1)")
+    else:
+        out.default("optimizer.freeze_step", 100000 - 1, "optimizer.params.freeze_step (DeepSpeed's default - 1)")
+    if name == "onebitadam":  # its bias_correction argument is unused: the update has none
+        out.set("optimizer.bias_correction", False, "optimizer.type (OnebitAdam applies no bias correction)")
+    if "bias_correction" in params:
+        out.ignore("optimizer.params.bias_correction", params["bias_correction"],
+                   "DeepSpeed's 1-bit optimizers do not read it")
+    for option in _ONEBIT_OPTIONS:
+        if option in params:
+            ds_key = f"optimizer.params.{option}"
+            value = _number(ds_key, params[option])
+            out.set(f"optimizer.{option}", int(value) if option.endswith(("step", "scaler", "clipper")) else value,
+                    ds_key)
+    for option in ("cuda_aware", "comm_backend_name"):
+        if option in params:
+            out.ignore(f"optimizer.params.{option}", params[option],
+                       "the transport is XLA's collectives; the packed signs are on the wire everywhere")
 
 
 def _adam_flavour(name: str, params: Mapping[str, Any], out: _Translation) -> str:
@@ -765,7 +823,7 @@ def _is_deepspeed(key: str, value: Any) -> bool:
     if key == "optimizer":
         # zjax's own optimizer block is flat with a lower-case zjax type; DeepSpeed's nests params
         # under its type name (Adam, AdamW, OneBitAdam, ...).
-        return isinstance(value, Mapping) and ("params" in value or value.get("type", "adamw") not in _OPTIMIZER_PARAMS)
+        return isinstance(value, Mapping) and ("params" in value or value.get("type", "adamw") not in _ZJAX_OPTIMIZERS)
     if key == "pipeline":
         # zjax's own pipeline block has schedule / microbatches / repeats; DeepSpeed's has stages & co.
         return isinstance(value, Mapping) and any(name in value for name in _PIPELINE_KEYS)

@@ -251,7 +251,10 @@ class ZeroConfig(_Section):
     gradients stay exact. ``quantized_gradients`` (ZeRO++'s qgZ, stages 1-3): the gradients'
     reduce-scatters run in two int4 all-to-all hops, inside each node of ``node_size``
     consecutive ``data`` devices (default: all of them, one node) and then across nodes, and
-    give the exact mean up to quantization (no error feedback yet). ``hpz_partition_size`` L
+    give the exact mean up to quantization; ``loco`` adds LoCo's error feedback (each device
+    keeps a float32 buffer of what its quantizers lost per split leaf, its whole stored shape,
+    decayed by ``loco_err_beta`` and zeroed every ``loco_reset_steps`` steps; DeepSpeed's
+    ``zeropp_loco_param``). ``hpz_partition_size`` L
     > 1 (ZeRO++'s hpZ, stage 3): each device keeps a secondary partition (1/L of every layer's
     parameters, saved by the remat policy) so that the backward pass gathers only inside
     groups of L consecutive ``data`` devices.
@@ -265,6 +268,19 @@ class ZeroConfig(_Section):
     hpz_partition_size: int = Field(1, ge=1)
     node_size: int | None = Field(None, ge=1)
     quantization_block: int = Field(256, ge=2)
+    loco: bool = False
+    loco_err_beta: float = Field(0.8, ge=0, lt=1)
+    loco_reset_steps: int = Field(1024, ge=0)
+
+    @model_validator(mode="after")
+    def _loco_needs_qgz(self) -> ZeroConfig:
+        if self.loco and not self.quantized_gradients:
+            raise ValueError("loco=true is error feedback for qgZ's quantized gradients; set "
+                             "zero.quantized_gradients: true too (or loco: false)")
+        if self.loco and (self.hpz_partition_size > 1 or self.quantized_weights):
+            raise ValueError("loco=true runs without hpz_partition_size > 1 and quantized_weights (not built "
+                             "together yet); unset them or set loco: false")
+        return self
 
     @model_validator(mode="after")
     def _quantized_gradients_need_a_split(self) -> ZeroConfig:
@@ -335,7 +351,7 @@ class LossScaleConfig(_Section):
     at_min: Literal["error", "skip"] = "error"
 
 
-OptimizerType = Literal["adamw", "adam", "sgd", "lion", "adafactor"]
+OptimizerType = Literal["adamw", "adam", "sgd", "lion", "adafactor", "onebit_adam", "zero_one_adam", "onebit_lamb"]
 
 
 class OptimizerConfig(_Section):
@@ -350,6 +366,19 @@ class OptimizerConfig(_Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     nesterov: bool = False
     decay_norms_and_biases: bool = False
+    # 1-bit Adam / 0/1 Adam / 1-bit LAMB (zjax.train.onebit; DeepSpeed's names and defaults)
+    freeze_step: int = Field(100000, ge=1)
+    bias_correction: bool = True
+    var_freeze_step: int = Field(100000, ge=1)
+    var_update_scaler: int = Field(16, ge=1)
+    local_step_scaler: int = Field(32678, ge=1)
+    local_step_clipper: int = Field(16, ge=1)
+    max_coeff: float = Field(10.0, gt=0)
+    min_coeff: float = Field(0.01, gt=0)
+    coeff_beta: float = Field(0.9, ge=0, lt=1)
+    factor_max: float = Field(4.0, gt=0)
+    factor_min: float = Field(0.5, gt=0)
+    factor_threshold: float = Field(0.1, ge=0)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> OptimizerConfig:
@@ -358,6 +387,9 @@ class OptimizerConfig(_Section):
                 f"type='adam' with weight_decay={self.weight_decay}: adam has no weight decay; "
                 "use type: adamw for decoupled weight decay"
             )
+        if not self.bias_correction and self.type != "onebit_adam":
+            raise ValueError(f"bias_correction=false is onebit_adam's option (DeepSpeed's OnebitAdam formula); "
+                             f"type={self.type!r} always corrects the bias: remove it")
         if self.type == "sgd" and self.nesterov and self.momentum == 0:
             raise ValueError("type='sgd' with nesterov=true needs momentum > 0, e.g. momentum: 0.9")
         return self
@@ -473,6 +505,49 @@ class MoEConfig(_Section):
         return self
 
 
+# transformers' rope_scaling types zjax's rotary embeddings implement, and the keys each reads
+ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(scaling: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``model.rope_scaling`` normalised: None for none (or ``rope_type: default``), else
+    ``{"rope_type": ..., <its numbers>}`` (transformers' legacy ``type`` key is read as
+    ``rope_type``). Raises ``ValueError`` naming the value and what would work."""
+    if scaling is None:
+        return None
+    if not isinstance(scaling, Mapping):
+        raise ValueError(f"got {scaling!r}; give a mapping such as {{rope_type: linear, factor: 2.0}} or null")
+    scaling = dict(scaling)
+    kind = scaling.pop("rope_type", None)
+    legacy = scaling.pop("type", None)
+    kind = kind if kind is not None else legacy
+    supported = ", ".join(ROPE_SCALING_KEYS)
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_type={kind!r} is not supported; zjax implements {supported} "
+                         "(transformers' names), or null for unscaled rotary embeddings")
+    needed = ROPE_SCALING_KEYS[kind]
+    missing = [key for key in needed if key not in scaling]
+    extra = sorted(set(scaling) - set(needed))
+    if missing or extra:
+        raise ValueError(f"rope_type={kind!r} takes exactly {', '.join(needed) or 'no other keys'}"
+                         + (f"; missing {', '.join(missing)}" if missing else "")
+                         + (f"; unknown {', '.join(extra)}" if extra else ""))
+    out: dict[str, Any] = {"rope_type": kind}
+    for key in needed:
+        value = scaling[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{key}={value!r} (rope_type={kind!r}) must be a positive number")
+        out[key] = int(value) if key == "original_max_position_embeddings" else float(value)
+    if kind == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(f"rope_type='llama3' needs high_freq_factor > low_freq_factor; got "
+                         f"{out['high_freq_factor']} and {out['low_freq_factor']}")
+    return None if kind == "default" else out
+
+
 class ModelConfig(_Section):
     """Shape of the reference decoder-only transformer."""
 
@@ -486,10 +561,21 @@ class ModelConfig(_Section):
     rope_theta: float = Field(10000.0, gt=0)
     tie_embeddings: bool = True
     norm_eps: float = Field(1e-6, gt=0)
+    # Hugging Face checkpoints (zjax.inference.hf): the width of one attention head (None =
+    # d_model // n_heads; set, the query width n_heads * head_dim may differ from d_model),
+    # biases on the q/k/v projections (Qwen2) and transformers' rope_scaling (linear, llama3)
+    head_dim: int | None = Field(None, gt=0)
+    qkv_bias: bool = False
+    rope_scaling: dict[str, Any] | None = None
     moe: MoEConfig = Field(default_factory=MoEConfig)
     # DeepSpeed's sparse_attention block (mode, block, ...; zjax.models.sparse_attention): the
     # attention of every layer runs over that block-sparse layout (causal); None = dense
     sparse_attention: dict[str, Any] | None = None
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _check_rope_scaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return check_rope_scaling(value)
 
     @model_validator(mode="after")
     def _check_sparse_attention(self) -> ModelConfig:
@@ -505,10 +591,12 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                f"use a multiple of {self.n_heads}, e.g. d_model: {self.n_heads * max(1, self.d_model // self.n_heads)}"
+                f"use a multiple of {self.n_heads}, e.g. d_model: "
+                f"{self.n_heads * max(1, self.d_model // self.n_heads)}, or set head_dim (queries are then "
+                "n_heads * head_dim wide)"
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
@@ -516,7 +604,9 @@ class ModelConfig(_Section):
                 "use an n_kv_heads that divides n_heads, e.g. n_kv_heads: 1"
             )
         # RoPE rotates pairs of features, so each head needs an even width.
-        if (self.d_model // self.n_heads) % 2:
+        if self.head_dim is not None and self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} is odd; RoPE needs an even one")
+        if self.head_dim is None and (self.d_model // self.n_heads) % 2:
             raise ValueError(
                 f"d_model={self.d_model} / n_heads={self.n_heads} gives an odd head width "
                 f"{self.d_model // self.n_heads}; RoPE needs an even one"

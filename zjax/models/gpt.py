@@ -27,6 +27,7 @@ import pallas_kernels
 from pallas_kernels.dispatch import backend
 from zjax.errors import ConfigError
 from zjax.config import remat
+from zjax.config.schema import check_rope_scaling
 from zjax.layers import scan_layers, tiled, tiles
 from zjax.models import moe as moe_lib
 from zjax.models import sparse_attention as sparse_lib
@@ -57,7 +58,9 @@ class GPT(nnx.Module):
 
     Args:
       cfg: an object with ``vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff,
-        max_seq_len, rope_theta, tie_embeddings, norm_eps``.
+        max_seq_len, rope_theta, tie_embeddings, norm_eps``; optionally ``head_dim`` (None:
+        ``d_model // n_heads``), ``qkv_bias`` (biases ``bq, bk, bv`` on the q/k/v projections)
+        and ``rope_scaling`` (transformers' ``linear`` or ``llama3``), as ``model`` of the config.
       rngs: initialisation randomness.
       param_dtype: dtype the parameters are created in.
       kernels: ``xla`` (plain XLA), or ``auto``/``pallas``/``interpret``: RMSNorm,
@@ -85,8 +88,10 @@ class GPT(nnx.Module):
         self.kernels = kernels
         self.vocab_size = cfg.vocab_size
         self.max_seq_len = cfg.max_seq_len
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = attention_head_dim(cfg)
         self.rope_theta = float(cfg.rope_theta)
+        scaling = _rope_scaling(getattr(cfg, "rope_scaling", None))
+        self.rope_scaling = nnx.static(None if scaling is None else tuple(sorted(scaling.items())))
         self.tie_embeddings = bool(cfg.tie_embeddings)
         self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                 INIT_STD, param_dtype)
@@ -145,7 +150,8 @@ class GPT(nnx.Module):
                           ACTIVATION_AXES)
         x = shard(embed(tokens, self.embedding[...]), ACTIVATION_AXES)
         positions = jnp.arange(seq_len, dtype=jnp.int32) if positions is None else positions
-        cos, sin = rotary_angles(self.max_seq_len, self.head_dim, self.rope_theta)
+        scaling = None if self.rope_scaling is None else dict(self.rope_scaling)
+        cos, sin = rotary_angles(self.max_seq_len, self.head_dim, self.rope_theta, scaling)
         rope = (cos[positions], sin[positions], positions)
 
         # The stacked state goes to scan_layers untouched: the train step may hand it
@@ -296,10 +302,19 @@ def _moe_config(cfg: Any):
     return moe if moe is not None and moe.num_experts > 0 else None
 
 
+def attention_head_dim(cfg: Any) -> int:
+    """The width of one attention head: ``cfg.head_dim``, or ``d_model // n_heads`` when it is
+    None or absent."""
+    head_dim = getattr(cfg, "head_dim", None)
+    return cfg.d_model // cfg.n_heads if head_dim is None else int(head_dim)
+
+
 def count_params(cfg: Any) -> int:
     """The number of parameters ``GPT(cfg)`` creates."""
-    head_dim = cfg.d_model // cfg.n_heads
+    head_dim = attention_head_dim(cfg)
     attention = cfg.d_model * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    if getattr(cfg, "qkv_bias", False):
+        attention += head_dim * (cfg.n_heads + 2 * cfg.n_kv_heads)
     mlp = 3 * cfg.d_model * cfg.d_ff
     moe = _moe_config(cfg)
     moe_layers = 0
@@ -374,7 +389,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = attention_head_dim(cfg)
         q_width = cfg.n_heads * self.head_dim
         kv_width = cfg.n_kv_heads * self.head_dim
         out_std = INIT_STD / math.sqrt(2 * cfg.n_layers)
@@ -384,6 +399,12 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (cfg.d_model, kv_width), ("embed", "kv_heads"), INIT_STD,
                          param_dtype)
         self.wo = _param(rngs, (q_width, cfg.d_model), ("heads", "embed"), out_std, param_dtype)
+        # Qwen2's q/k/v biases, split under tensor parallelism like their weights' columns
+        self.qkv_bias = bool(getattr(cfg, "qkv_bias", False))
+        if self.qkv_bias:
+            self.bq = _zeros((q_width,), ("heads",), param_dtype)
+            self.bk = _zeros((kv_width,), ("kv_heads",), param_dtype)
+            self.bv = _zeros((kv_width,), ("kv_heads",), param_dtype)
         block = getattr(cfg, "sparse_attention", None)
         self.sparsity = nnx.static(None if block is None else sparse_lib.map_deepspeed_sparse_attention(
             dict(block), num_heads=cfg.n_heads))
@@ -396,20 +417,31 @@ class Attention(nnx.Module):
         sequence parallelism each device holds its part of the sequence and
         ``zjax.parallel.sequence.attention`` combines the parts.
         """
-        local = functools.partial(self._attend, kernels=kernels)
-        return per_shard(local, (ACTIVATION_AXES, ("embed", "heads"), ("embed", "kv_heads"), ("embed", "kv_heads"),
-                                 ("heads", "embed"), ("length", None), ("length", None), ("length",), TOKEN_AXES),
-                         ACTIVATION_AXES)(
-            x, self.wq[...], self.wk[...], self.wv[...], self.wo[...], *rope, segment_ids)
+        weight_axes = (("embed", "heads"), ("embed", "kv_heads"), ("embed", "kv_heads"), ("heads", "embed"))
+        weights = (self.wq[...], self.wk[...], self.wv[...], self.wo[...])
+        if self.qkv_bias:
+            weight_axes += (("heads",), ("kv_heads",), ("kv_heads",))
+            weights += (self.bq[...], self.bk[...], self.bv[...])
 
-    def _attend(self, x, wq, wk, wv, wo, cos, sin, positions, segment_ids, *, kernels):
+        def local(x, *args):
+            *weights, cos, sin, positions, segment_ids = args
+            return self._attend(x, *weights, cos=cos, sin=sin, positions=positions, segment_ids=segment_ids,
+                                kernels=kernels)
+
+        return per_shard(local, (ACTIVATION_AXES, *weight_axes, ("length", None), ("length", None), ("length",),
+                                 TOKEN_AXES), ACTIVATION_AXES)(x, *weights, *rope, segment_ids)
+
+    def _attend(self, x, wq, wk, wv, wo, bq=None, bk=None, bv=None, *, cos, sin, positions, segment_ids, kernels):
         hd = self.head_dim
         tp = split_axis("heads")
         x = _gather_sequence(x)
         batch, seq_len, _ = x.shape
-        q = checkpoint_name(x @ wq, "q_proj")
-        k = checkpoint_name(x @ wk, "k_proj")
-        v = checkpoint_name(x @ wv, "v_proj")
+        q, k, v = x @ wq, x @ wk, x @ wv
+        if bq is not None:
+            q, k, v = q + bq.astype(q.dtype), k + bk.astype(k.dtype), v + bv.astype(v.dtype)
+        q = checkpoint_name(q, "q_proj")
+        k = checkpoint_name(k, "k_proj")
+        v = checkpoint_name(v, "v_proj")
         n_q, n_kv = q.shape[-1] // hd, k.shape[-1] // hd
         if tp is not None and (n_q != self.n_heads or k.shape[-1] != self.n_kv_heads * hd):
             shards = jax.lax.axis_size(tp)
@@ -577,11 +609,42 @@ class RMSNorm(nnx.Module):
         return pallas_kernels.rms_norm(x, self.scale[...], eps=self.eps, impl=kernels)
 
 
-def rotary_angles(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """``(cos, sin)`` of shape ``[seq_len, head_dim // 2]`` for positions ``0..seq_len-1``."""
+def rotary_angles(seq_len: int, head_dim: int, theta: float,
+                  scaling: dict | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(cos, sin)`` of shape ``[seq_len, head_dim // 2]`` for positions ``0..seq_len-1``.
+
+    ``scaling``: transformers' ``rope_scaling`` (``model.rope_scaling``): None or
+    ``{"rope_type": "default"}``; ``{"rope_type": "linear", "factor": f}`` (the frequencies
+    divided by ``f``, i.e. positions interpolated); ``{"rope_type": "llama3", "factor",
+    "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}`` (Llama 3.1:
+    wavelengths above ``original / low_freq_factor`` divided by ``factor``, below
+    ``original / high_freq_factor`` kept, smoothly interpolated between), as transformers'
+    ``_compute_linear_scaling_rope_parameters`` and ``_compute_llama3_parameters``.
+    """
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    scaling = _rope_scaling(scaling)
+    kind = None if scaling is None else scaling["rope_type"]
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        inv_freq = jnp.where(medium, smoothed, scaled)
     angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
+
+
+def _rope_scaling(scaling: Any) -> dict | None:
+    """``model.rope_scaling`` checked and normalised (``check_rope_scaling``), or a ConfigError."""
+    try:
+        return check_rope_scaling(scaling)
+    except ValueError as err:
+        raise ConfigError(f"model.rope_scaling={scaling!r}: {err}") from None
 
 
 def apply_rotary(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -599,13 +662,21 @@ def _param(rngs: nnx.Rngs, shape, names, std, dtype) -> nnx.Param:
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+def _zeros(shape, names, dtype) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names, eager_sharding=False)
+
+
 def _check_config(cfg: Any) -> None:
-    if cfg.d_model % cfg.n_heads:
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is None and cfg.d_model % cfg.n_heads:
         raise ConfigError(f"model.d_model={cfg.d_model} must be divisible by "
-                          f"model.n_heads={cfg.n_heads}")
+                          f"model.n_heads={cfg.n_heads}, or set model.head_dim")
     if cfg.n_heads % cfg.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads={cfg.n_kv_heads} must divide "
                           f"model.n_heads={cfg.n_heads}, e.g. 1 or {cfg.n_heads}")
-    if (cfg.d_model // cfg.n_heads) % 2:
+    if head_dim is not None and (head_dim <= 0 or head_dim % 2):
+        raise ConfigError(f"rotary embeddings need an even, positive head dim; model.head_dim={head_dim}")
+    if head_dim is None and (cfg.d_model // cfg.n_heads) % 2:
         raise ConfigError(f"rotary embeddings need an even head dim; model.d_model="
                           f"{cfg.d_model} / model.n_heads={cfg.n_heads} is odd")
+    _rope_scaling(getattr(cfg, "rope_scaling", None))

@@ -241,7 +241,7 @@ def _gather_op(axis_name, bits, block, axis, tiled, groups):
 
 
 def two_hop_reduce_scatter(x: jax.Array, axis_name: str, *, node_size: int, bits: int | None = 4,
-                           block: int = DEFAULT_BLOCK, error: jax.Array | None = None):
+                           block: int = DEFAULT_BLOCK, error: jax.Array | None = None, err_beta: float = 0.0):
     """ZeRO++'s qgZ: the mean over ``axis_name`` of ``x``, reduce-scattered in two
     quantized all-to-all hops (inside ``shard_map``).
 
@@ -283,6 +283,10 @@ def two_hop_reduce_scatter(x: jax.Array, axis_name: str, *, node_size: int, bits
     the quantizers lose is delayed, never dropped. With ``bits=None`` a given ``error`` is
     still added (and so flushed into ``out``) and ``new_error`` is 0.
 
+    ``err_beta`` is DeepSpeed LoCo's (``zeropp_loco_param.err_beta``): the buffer becomes
+    ``err_beta * error + (1 - err_beta) * lost``, a moving average of what was lost; 0 (the
+    default) keeps the loss itself, for which the identity above holds.
+
     Args:
       x: this device's gradient (any shape and float dtype).
       axis_name: the manual mesh axis to reduce over.
@@ -290,6 +294,7 @@ def two_hop_reduce_scatter(x: jax.Array, axis_name: str, *, node_size: int, bits
       bits: 4 or 8 for both hops, or None for no quantization.
       block: elements per quantization block (even for 4 bits).
       error: this device's error-feedback buffer, or None.
+      err_beta: the buffer's decay (see above), in [0, 1).
 
     Returns:
       ``(out, new_error)``: ``float32[c]`` and ``float32[x.shape]``.
@@ -349,4 +354,7 @@ def two_hop_reduce_scatter(x: jax.Array, axis_name: str, *, node_size: int, bits
         values = lax.all_to_all(values, axis_name, 0, 0, axis_index_groups=inter)
         scales = lax.all_to_all(scales, axis_name, 0, 0, axis_index_groups=inter)
         out = _dequantize_blocks(values, scales, bits).sum(0)
-    return out.reshape(c) / n_dev, lost[: x.size].reshape(x.shape)
+    lost = lost[: x.size].reshape(x.shape)
+    if err_beta and error is not None:
+        lost = err_beta * error.astype(jnp.float32) + (1 - err_beta) * lost
+    return out.reshape(c) / n_dev, lost

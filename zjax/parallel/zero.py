@@ -550,8 +550,12 @@ def local_slice(stored: jax.Array, lay: LeafLayout) -> jax.Array:
                       "fs")(stored)
 
 
-def reduce_scatter_grads(stored: jax.Array, lay: LeafLayout) -> jax.Array:
+def reduce_scatter_grads(stored: jax.Array, lay: LeafLayout, error: jax.Array | None = None):
     """Sums a full local stored gradient over ``data`` and keeps this device's part.
+
+    ``error`` (qgZ with LoCo error feedback, ``quantized_reductions``): this device's
+    error buffer for the leaf (the stored shape, float32); the result is then the pair
+    ``(part, new_error)``. A leaf that is not split keeps its exact all-reduce and its buffer.
 
     With a ``group`` (sequence parallelism) each of its devices holds a partial gradient
     (from its part of the tokens) that XLA has not summed yet: the stored axis is viewed as
@@ -566,6 +570,14 @@ def reduce_scatter_grads(stored: jax.Array, lay: LeafLayout) -> jax.Array:
         return _cpu_wide(x, lambda y: lax.psum_scatter(y, DATA, scatter_dimension=lay.axis, tiled=True))
 
     quantized = _QUANTIZED_REDUCTIONS.get()
+    if error is not None:
+        if not lay.sharded:
+            return reduce_scatter_grads(stored, lay), error
+        if quantized is None or lay.group or lay.model_axes or lay.lead_axis:
+            raise ConfigError("error feedback (zero.loco) needs qgZ (zero.quantized_gradients) on a leaf split over "
+                              "data alone: no tensor, stage or sequence split")
+        return _two_hop_scatter(stored, lay=lay, node_size=quantized[0], block=quantized[1], error=error,
+                                err_beta=quantized[2])
     if quantized is not None and not lay.group:
         return _per_shard(lay, functools.partial(_two_hop_scatter, lay=lay, node_size=quantized[0],
                                                  block=quantized[1]), "fs")(stored)
@@ -580,35 +592,46 @@ def reduce_scatter_grads(stored: jax.Array, lay: LeafLayout) -> jax.Array:
     return on_model_shards(scatter, (_trim(axes),), lay.shard_spec)(blocks)
 
 
-_QUANTIZED_REDUCTIONS: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("zjax_qgz",
-                                                                                             default=None)
+_QUANTIZED_REDUCTIONS: contextvars.ContextVar[tuple[int, int, float] | None] = contextvars.ContextVar(
+    "zjax_qgz", default=None)
 
 
 @contextlib.contextmanager
-def quantized_reductions(node_size: int | None, block: int = 256):
+def quantized_reductions(node_size: int | None, block: int = 256, err_beta: float = 0.0):
     """While tracing: the gradients' reduce-scatters over ``data`` run as ZeRO++'s qgZ
     (``quantize.two_hop_reduce_scatter``: int4 all-to-all inside each node of ``node_size``
-    devices, then across nodes); None: exact reduce-scatters."""
-    token = _QUANTIZED_REDUCTIONS.set(None if node_size is None else (node_size, block))
+    devices, then across nodes); None: exact reduce-scatters. ``err_beta``: the decay of the
+    LoCo error buffers, where the step passes them (``reduce_scatter_grads(..., error=)``)."""
+    token = _QUANTIZED_REDUCTIONS.set(None if node_size is None else (node_size, block, err_beta))
     try:
         yield
     finally:
         _QUANTIZED_REDUCTIONS.reset(token)
 
 
-def _two_hop_scatter(x: jax.Array, *, lay: LeafLayout, node_size: int, block: int) -> jax.Array:
+def _two_hop_scatter(x: jax.Array, *, lay: LeafLayout, node_size: int, block: int, error=None,
+                     err_beta: float = 0.0):
     """``psum_scatter`` over ``data`` along ``lay.axis`` as qgZ's two quantized hops: each device's
     part (its rows of the split axis) is padded to whole blocks on its own, so the hops' slices
-    are exactly the parts; their mean comes back times N (the step divides by the weight)."""
+    are exactly the parts; their mean comes back times N (the step divides by the weight).
+    With ``error`` (x's shape): ``(part, new_error)``, LoCo's error feedback."""
     n = lax.axis_size(DATA)
     rows = jnp.moveaxis(x, lay.axis, 0)
-    parts = rows.reshape(n, -1).astype(jnp.float32)
-    width = parts.shape[1]
+    width = rows[0].size * (rows.shape[0] // n)
     padded = -(-width // block) * block
-    parts = jnp.pad(parts, ((0, 0), (0, padded - width)))
-    mean, _ = two_hop_reduce_scatter(parts.reshape(-1), DATA, node_size=node_size, bits=4, block=block)
+
+    def to_parts(y):
+        parts = jnp.moveaxis(y, lay.axis, 0).reshape(n, -1).astype(jnp.float32)
+        return jnp.pad(parts, ((0, 0), (0, padded - width))).reshape(-1)
+
+    mean, new_error = two_hop_reduce_scatter(to_parts(x), DATA, node_size=node_size, bits=4, block=block,
+                                             error=None if error is None else to_parts(error), err_beta=err_beta)
     mine = (mean[:width] * n).reshape((rows.shape[0] // n,) + rows.shape[1:])
-    return jnp.moveaxis(mine, 0, lay.axis).astype(x.dtype)
+    mine = jnp.moveaxis(mine, 0, lay.axis).astype(x.dtype)
+    if error is None:
+        return mine
+    new_error = new_error.reshape(n, padded)[:, :width].reshape(rows.shape)
+    return mine, jnp.moveaxis(new_error, 0, lay.axis).astype(error.dtype)
 
 
 def _cpu_wide(x: jax.Array, reduce) -> jax.Array:
@@ -663,7 +686,7 @@ def secondary_partition(size: int | None):
         _HPZ.reset(token)
 
 
-def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_dtype) -> jax.Array:
+def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_dtype, error=None) -> jax.Array:
     """ZeRO-3's parameter fetch: cast the local master shard, all-gather, unpad.
 
     The cast happens before the gather, so a bf16 run moves half the bytes; under
@@ -677,7 +700,17 @@ def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_
     of the parameter: the *secondary partition*, which the remat policy saves), then inside
     the node; the backward pass recomputes only the second hop, so its gather never leaves
     the node. The gradient is the same reduce-scatter as without it (bit-identical runs).
+
+    ``error`` (LoCo, with qgZ): this device's error buffer for the parameter (its stored
+    shape, float32). It goes in as a second input whose "gradient" is the new buffer: the
+    backward pass feeds the buffer into the quantized reduce-scatter and returns what was
+    lost as the buffer's cotangent (the step differentiates with respect to the buffers too).
     """
+    if error is not None:
+        if _HPZ.get() is not None or _QUANTIZED_GATHERS.get() is not None:
+            raise ConfigError("zero.loco runs without zero.hpz_partition_size and zero.quantized_weights; unset them")
+        return _gather_error_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(
+            shard, error)
     hpz = _HPZ.get()
     if hpz is not None and lay.sharded and not lay.group and _QUANTIZED_GATHERS.get() is None:
         cast = jnp.dtype(compute_dtype)
@@ -751,16 +784,39 @@ def _hpz_intra_op(lay: LeafLayout, size: int, compute_dtype, reduce_dtype, maste
     return gather
 
 
-def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_dtype) -> jax.Array:
+def take_for_compute(shard: jax.Array, full: jax.Array, lay: LeafLayout, reduce_dtype, error=None) -> jax.Array:
     """ZeRO-2's parameter use: the replicated compute copy ``full`` goes forward as it is;
     the backward pass reduce-scatters its cotangent into ``shard``'s layout, so a layer's
-    full gradient exists only while that layer's backward runs.
+    full gradient exists only while that layer's backward runs. ``error``: as in
+    ``gather_for_compute`` (LoCo).
     """
+    if error is not None:
+        return _take_error_op(lay, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard, full, error)
     return _take_op(lay, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(shard, full)
 
 
-def _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype):
-    return reduce_scatter_grads(to_stored(ct.astype(reduce_dtype), lay), lay).astype(shard_dtype)
+@functools.lru_cache(maxsize=None)
+def _take_error_op(lay: LeafLayout, reduce_dtype, shard_dtype):
+    @jax.custom_vjp
+    def take(shard, full, error):
+        return full
+
+    def fwd(shard, full, error):
+        return full, error
+
+    def zero_param_bwd(error, ct):
+        grad, error = _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype, error)
+        return grad, None, error
+
+    take.defvjp(fwd, zero_param_bwd)
+    return take
+
+
+def _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype, error=None):
+    if error is None:
+        return reduce_scatter_grads(to_stored(ct.astype(reduce_dtype), lay), lay).astype(shard_dtype)
+    grad, error = reduce_scatter_grads(to_stored(ct.astype(reduce_dtype), lay), lay, error)
+    return grad.astype(shard_dtype), error
 
 
 @functools.lru_cache(maxsize=None)
@@ -786,6 +842,25 @@ def _gather_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype, quant
     # automatic axes (sequence) reaches reduce_scatter_grads unsummed
     def zero_param_bwd(_, ct):
         return (_reduce_scatter_cotangent(ct, lay, reduce_dtype, master_dtype),)
+
+    gather.defvjp(fwd, zero_param_bwd)
+    return gather
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_error_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype):
+    """``_gather_op`` with a LoCo error buffer as a second input; its cotangent is the new buffer."""
+    plain = _gather_op(lay, compute_dtype, reduce_dtype, master_dtype)
+
+    @jax.custom_vjp
+    def gather(shard, error):
+        return plain(shard)
+
+    def fwd(shard, error):
+        return gather(shard, error), error
+
+    def zero_param_bwd(error, ct):
+        return _reduce_scatter_cotangent(ct, lay, reduce_dtype, master_dtype, error)
 
     gather.defvjp(fwd, zero_param_bwd)
     return gather
@@ -832,19 +907,20 @@ class ShardedParam:
     the stacked tree to ``scan_layers``, which hands the layer function plain arrays.
     """
 
-    def __init__(self, shard, layout: LeafLayout, compute_dtype, reduce_dtype, full=None):
+    def __init__(self, shard, layout: LeafLayout, compute_dtype, reduce_dtype, full=None, error=None):
         self.shard = shard
         self.full = full
+        self.error = error  # LoCo's error buffer (stacked like the shard's full form), or None
         self.layout = layout
         self.compute_dtype = compute_dtype
         self.reduce_dtype = reduce_dtype
 
     def tree_flatten(self):
-        return (self.shard, self.full), (self.layout, self.compute_dtype, self.reduce_dtype)
+        return (self.shard, self.full, self.error), (self.layout, self.compute_dtype, self.reduce_dtype)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(children[0], *aux, full=children[1])
+        return cls(children[0], *aux, full=children[1], error=children[2])
 
     @property
     def shape(self):
@@ -866,8 +942,9 @@ class ShardedParam:
     def gather_layer(self) -> jax.Array:
         """The parameter of one layer (call on a per-layer slice)."""
         if self.full is None:
-            return gather_for_compute(self.shard, self.layout.per_layer(), self.compute_dtype, self.reduce_dtype)
-        return take_for_compute(self.shard, self.full, self.layout.per_layer(), self.reduce_dtype)
+            return gather_for_compute(self.shard, self.layout.per_layer(), self.compute_dtype, self.reduce_dtype,
+                                      self.error)
+        return take_for_compute(self.shard, self.full, self.layout.per_layer(), self.reduce_dtype, self.error)
 
 
 def materialize_layer(layer_params: Any) -> Any:

@@ -300,6 +300,51 @@ def _select(pred: jax.Array, tree_true: Any, tree_false: Any) -> Any:
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), tree_true, tree_false)
 
 
+class DataParallelTransformation(NamedTuple):
+    """An optax-style transformation that does its own communication over a data axis.
+
+    ``init`` and ``update`` run inside a ``jax.shard_map`` manual over ``axis_name``; ``update``
+    takes the device's LOCAL gradient, and every state leaf is per device. ``zjax``'s train
+    step recognizes this type: it hands the optimizer unreduced gradients and keeps the state
+    with a leading device axis split over ``data`` (see ``zjax.train.step``).
+
+    Attributes:
+      init, update: as an ``optax.GradientTransformationExtraArgs``.
+      axis_name: the data-parallel mesh axis the transformation communicates over.
+      local_offset: None, or ``state -> tree``: what each device adds to the (consensus)
+        parameters for its own forward pass (0/1 Adam's local steps with ``offset_params=True``).
+    """
+
+    init: Any
+    update: Any
+    axis_name: str
+    local_offset: Any = None
+
+
+def _decayed(updates: Any, params: Any, weight_decay: float, mask: Any) -> Any:
+    """``u + weight_decay * p`` where ``mask`` (a pytree of bools like the params, or a callable
+    ``params -> that``; None = every parameter) says so."""
+    if not weight_decay:
+        return updates
+    flags = _mask_leaves(mask, params)
+    leaves, treedef = jax.tree.flatten(updates)
+    ps = treedef.flatten_up_to(params)
+    return treedef.unflatten([u + weight_decay * p if f else u for u, p, f in zip(leaves, ps, flags)])
+
+
+def _mask_leaves(mask: Any, params: Any) -> list[bool]:
+    """The decay mask as one Python bool per parameter leaf (in ``params``' leaf order)."""
+    leaves, treedef = jax.tree.flatten(params)
+    if mask is None:
+        return [True] * len(leaves)
+    tree = mask(params) if callable(mask) else mask
+    try:
+        flags = treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"weight-decay mask does not have the params' structure: {e}") from None
+    return [bool(f) for f in flags]
+
+
 # ---------------------------------------------------------------------------------- 1-bit Adam
 
 
@@ -324,7 +369,8 @@ def onebit_adam(
     axis_name: str,
     pack: bool = True,
     bias_correction: bool = True,
-) -> optax.GradientTransformationExtraArgs:
+    mask: Any = None,
+) -> DataParallelTransformation:
     """1-bit Adam (DeepSpeed's ``OnebitAdam``): exact Adam, then a frozen variance and 1-bit momentum.
 
     ``update(grads, state, params)`` runs inside ``jax.shard_map`` manual over ``axis_name``,
@@ -352,14 +398,16 @@ def onebit_adam(
     Args:
       learning_rate: a float, or a schedule evaluated at the update count (from 0).
       b1, b2, eps: Adam's coefficients.
-      weight_decay: decoupled (AdamW) weight decay of every parameter, added to the update before the lr.
+      weight_decay: decoupled (AdamW) weight decay, added to the update before the lr.
       freeze_step: the number of exact updates before the variance freezes (>= 1).
       axis_name: the data-parallel mesh axis that the shard_map is manual over.
       pack: True sends 8 signs per byte. False sends one sign per byte (same result).
       bias_correction: see above.
+      mask: which parameters weight decay applies to: a pytree of bools like the params, or
+        ``params -> such a tree``; None = every parameter.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``. Its ``update`` also accepts
+      A :class:`DataParallelTransformation`. Its ``update`` also accepts
       ``compressed=``. None (the default) picks the phase from the count with ``lax.cond``,
       so the compiled step holds both phases' collectives and runs one of them. True or
       False compiles only the compressed or the exact phase, and the caller must pass the
@@ -408,8 +456,7 @@ def onebit_adam(
                 mu = optax.tree.bias_correction(mu, b1, count_inc)
                 nu = optax.tree.bias_correction(nu, b2, nu_count)
             out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + eps), mu, nu)
-            if weight_decay:
-                out = jax.tree.map(lambda g, p: g + weight_decay * p, out, params)
+            out = _decayed(out, params, weight_decay, mask)
             return _scale(out, _neg_lr(learning_rate, state.count))
 
         def exact(state: OnebitAdamState) -> tuple[Any, OnebitAdamState]:
@@ -428,7 +475,7 @@ def onebit_adam(
             return lax.cond(state.count < freeze_step, *_branches(axis_name, exact, onebit), state)
         return onebit(state) if compressed else exact(state)
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return DataParallelTransformation(init, update, axis_name)
 
 
 # ---------------------------------------------------------------------------------- 0/1 Adam
@@ -548,7 +595,9 @@ def zero_one_adam(
     local_step_clipper: int = 16,
     axis_name: str,
     pack: bool = True,
-) -> optax.GradientTransformation:
+    mask: Any = None,
+    offset_params: bool = False,
+) -> DataParallelTransformation:
     """0/1 Adam (DeepSpeed's ``ZeroOneAdam``): sparse variance updates, then local steps with 1-bit syncs.
 
     ``update(grads, state, params)`` runs inside ``jax.shard_map`` manual over ``axis_name``,
@@ -577,6 +626,14 @@ def zero_one_adam(
     rounding: like DeepSpeed, each device subtracts its accumulated updates, which rounds
     slightly differently on each device.
 
+    ``offset_params=True`` keeps ONE copy of the parameters instead, the consensus ``p``
+    (equal on every device, what the devices agree on at a sync), and each device's own
+    parameters are ``p + local_offset(state)``, its updates since the last sync (the
+    ``momentum_accumulator``). ``update`` then reads ``params`` as the consensus and returns
+    the consensus's update: the same as above outside the local phase, 0 in a local step,
+    and ``c / (sqrt(v) + eps)`` at a sync. The caller evaluates the gradient at
+    ``p + local_offset(state)``. zjax's train step works this way.
+
     Args:
       learning_rate: a float, or a schedule evaluated at the update count (from 0).
       b1, b2, eps, weight_decay: as in :func:`onebit_adam`.
@@ -586,9 +643,12 @@ def zero_one_adam(
       local_step_clipper: the largest local interval.
       axis_name: the data-parallel mesh axis that the shard_map is manual over.
       pack: True sends 8 signs per byte. False sends one sign per byte (same result).
+      mask: which parameters weight decay applies to (as in :func:`onebit_adam`).
+      offset_params: see above.
 
     Returns:
-      An ``optax.GradientTransformation``.
+      A :class:`DataParallelTransformation` (its ``local_offset`` is None unless
+      ``offset_params``).
 
     Example (the first update is an exact variance update on the mean gradient: ``-lr * 0.1 / sqrt(0.001)``):
       >>> from jax.sharding import PartitionSpec as P
@@ -628,6 +688,8 @@ def zero_one_adam(
     def update(grads: Any, state: ZeroOneAdamState, params: Any = None) -> tuple[Any, ZeroOneAdamState]:
         if weight_decay:
             _need_params(params, fn)
+        if offset_params and weight_decay:  # this device's own parameters
+            params = jax.tree.map(jnp.add, params, state.momentum_accumulator)
         phase = schedule(state.count)
         lr = jnp.asarray(learning_rate(state.count) if callable(learning_rate) else learning_rate, jnp.float32)
         count_inc = optax.safe_increment(state.count)
@@ -640,8 +702,7 @@ def zero_one_adam(
 
         def direction(mu: Any, nu: Any) -> Any:
             out = jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), mu, nu)
-            if weight_decay:
-                out = jax.tree.map(lambda u, p: u + weight_decay * p, out, params)
+            out = _decayed(out, params, weight_decay, mask)
             return jax.tree.map(lambda u: -lr * u, out)
 
         def variance_update(state: ZeroOneAdamState) -> tuple[Any, ZeroOneAdamState]:
@@ -659,6 +720,8 @@ def zero_one_adam(
             mu = _ema(b1, state.mu, grads)
             u = direction(mu, state.nu)
             acc = jax.tree.map(jnp.add, state.momentum_accumulator, u)
+            if offset_params:  # the consensus does not move; the offset (acc) does
+                u = optax.tree.zeros_like(u)
             return u, state._replace(mu=mu, momentum_accumulator=acc, lrs=state.lrs + lr)
 
         def local_sync(state: ZeroOneAdamState) -> tuple[Any, ZeroOneAdamState]:
@@ -668,7 +731,10 @@ def zero_one_adam(
             c, w, s = _allreduce_tree(scaled, state.worker_error, state.server_error, axis_name, pack)
             mu = jax.tree.map(lambda x: -(x / state.lrs), c)
             # DeepSpeed: p += u; p -= acc; p += c / denom, i.e. undo this device's local steps.
-            u = jax.tree.map(lambda ui, a, ci, d: (ui - a) + ci / d, u, state.momentum_accumulator, c, denom)
+            if offset_params:  # the consensus moves by the averaged correction; the offset restarts at 0
+                u = jax.tree.map(lambda ci, d: ci / d, c, denom)
+            else:
+                u = jax.tree.map(lambda ui, a, ci, d: (ui - a) + ci / d, u, state.momentum_accumulator, c, denom)
             zeros = optax.tree.zeros_like(state.momentum_accumulator)
             return u, state._replace(mu=mu, momentum_accumulator=zeros, lrs=jnp.zeros([], jnp.float32),
                                      worker_error=w, server_error=s)
@@ -676,7 +742,8 @@ def zero_one_adam(
         index = jnp.where(phase.local_phase, jnp.where(phase.sync, 3, 2), jnp.where(phase.variance_update, 0, 1))
         return lax.switch(index, _branches(axis_name, variance_update, onebit_update, local_step, local_sync), state)
 
-    return optax.GradientTransformation(init, update)
+    offset = (lambda state: state.momentum_accumulator) if offset_params else None
+    return DataParallelTransformation(init, update, axis_name, offset)
 
 
 # ---------------------------------------------------------------------------------- 1-bit LAMB
@@ -712,7 +779,8 @@ def onebit_lamb(
     factor_min: float = 0.5,
     factor_threshold: float = 0.1,
     pack: bool = True,
-) -> optax.GradientTransformationExtraArgs:
+    mask: Any = None,
+) -> DataParallelTransformation:
     """1-bit LAMB (DeepSpeed's ``OnebitLamb``): exact LAMB, then 1-bit momentum with frozen trust ratios.
 
     ``update(grads, state, params)`` runs inside ``jax.shard_map`` manual over ``axis_name``,
@@ -767,9 +835,10 @@ def onebit_lamb(
       coeff_beta: decay of the trust ratio's EMA.
       factor_max, factor_min, factor_threshold: the compressed phase's factor clips.
       pack: True sends 8 signs per byte. False sends one sign per byte (same result).
+      mask: which parameters weight decay applies to (as in :func:`onebit_adam`).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``. Its ``update`` accepts ``compressed=``
+      A :class:`DataParallelTransformation`. Its ``update`` accepts ``compressed=``
       as :func:`onebit_adam`'s does.
 
     Example (one exact update: the trust ratio scales it to ``lr * ||p||``):
@@ -821,6 +890,7 @@ def onebit_lamb(
         leaves, treedef = jax.tree.flatten(grads)
         flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
         ps = flat(params)
+        decays = [weight_decay if f else 0.0 for f in _mask_leaves(mask, params)]
 
         def exact(state: OnebitLambState) -> tuple[Any, OnebitLambState]:
             g = _pmean(grads, axis_name)
@@ -828,10 +898,10 @@ def onebit_lamb(
             nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, state.nu, g)
             nu_fresh = _select(count_inc == freeze_step, nu, state.nu_fresh)
             updates, coeffs = [], []
-            for m, v, p, lcf in zip(flat(mu), flat(nu), ps, flat(state.lamb_coeff_freeze)):
+            for m, v, p, lcf, wd in zip(flat(mu), flat(nu), ps, flat(state.lamb_coeff_freeze), decays):
                 u = m / (jnp.sqrt(v) + eps)
-                if weight_decay:
-                    u = u + weight_decay * p
+                if wd:
+                    u = u + wd * p
                 w_norm, u_norm = jnp.linalg.norm(p), jnp.linalg.norm(u)
                 ratio = jnp.clip(w_norm / jnp.where(u_norm == 0, 1.0, u_norm), min_coeff, max_coeff)
                 c = jnp.where((w_norm != 0) & (u_norm != 0), ratio, 1.0).astype(jnp.float32)
@@ -856,15 +926,16 @@ def onebit_lamb(
             new_mu = [(avg[a:b].reshape(x.shape).astype(x.dtype)) / c
                       for x, a, b, c in zip(local, offsets[:-1], offsets[1:], sc)]
             updates, fresh, factors = [], [], []
-            for m, m_prev, v, f, p, lcf, last in zip(new_mu, mus, flat(state.nu), flat(state.nu_fresh), ps,
-                                                    flat(state.lamb_coeff_freeze), flat(state.last_factor)):
+            for m, m_prev, v, f, p, lcf, last, wd in zip(new_mu, mus, flat(state.nu), flat(state.nu_fresh), ps,
+                                                        flat(state.lamb_coeff_freeze), flat(state.last_factor),
+                                                        decays):
                 grad = (m - m_prev * b1) / (1 - b1)
                 f = b2 * f + (1 - b2) * grad * grad
                 denom = jnp.sqrt(v) + eps
                 prelim = m / denom
-                u = prelim + weight_decay * p if weight_decay else prelim
+                u = prelim + wd * p if wd else prelim
                 factor = jnp.max(denom / (jnp.sqrt(f) + eps))
-                if weight_decay:
+                if wd:
                     blend = jnp.minimum(1.0, jnp.linalg.norm(prelim) / jnp.linalg.norm(u))
                     factor = factor * blend + (1.0 - blend)
                 factor = jnp.maximum(jnp.minimum(factor, factor_max), factor_min)
@@ -884,11 +955,11 @@ def onebit_lamb(
             return lax.cond(state.count < freeze_step, *_branches(axis_name, exact, onebit), state)
         return onebit(state) if compressed else exact(state)
 
-    return optax.GradientTransformationExtraArgs(init, update)
+    return DataParallelTransformation(init, update, axis_name)
 
 
 __all__ = [
-    "OnebitAdamState", "OnebitLambState", "ZeroOneAdamPhase", "ZeroOneAdamState", "compressed_allreduce",
+    "DataParallelTransformation", "OnebitAdamState", "OnebitLambState", "ZeroOneAdamPhase", "ZeroOneAdamState", "compressed_allreduce",
     "init_errors", "onebit_adam", "onebit_lamb", "padded_size", "zero_one_adam", "zero_one_adam_schedule",
 ]
 

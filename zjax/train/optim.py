@@ -15,6 +15,8 @@ import numpy as np
 import optax
 
 from zjax.config.schema import Config
+from zjax.parallel.zero import DATA
+from zjax.train import onebit
 
 
 def make_schedule(cfg: Config) -> optax.Schedule:
@@ -106,7 +108,9 @@ def make_optimizer(cfg: Config, decay_mask: Any = None) -> optax.GradientTransfo
         e.g. ``default_decay_mask(shapes)``; None decays every param.
 
     Returns:
-      The transformation, without gradient clipping.
+      The transformation, without gradient clipping. ``onebit_adam``, ``zero_one_adam`` and
+      ``onebit_lamb`` are ``zjax.train.onebit.DataParallelTransformation`` objects over ``data``
+      (the train step hands them local gradients; 0/1 Adam keeps consensus parameters).
 
     Example:
       >>> tx = make_optimizer(Config(optimizer={"type": "sgd", "lr": 0.1}))
@@ -116,6 +120,17 @@ def make_optimizer(cfg: Config, decay_mask: Any = None) -> optax.GradientTransfo
       [-0.10000000149011612, -0.10000000149011612]
     """
     o, lr = cfg.optimizer, make_schedule(cfg)
+    common = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, axis_name=DATA, mask=decay_mask)
+    if o.type == "onebit_adam":
+        return onebit.onebit_adam(lr, freeze_step=o.freeze_step, bias_correction=o.bias_correction, **common)
+    if o.type == "zero_one_adam":
+        return onebit.zero_one_adam(lr, var_freeze_step=o.var_freeze_step, var_update_scaler=o.var_update_scaler,
+                                    local_step_scaler=o.local_step_scaler, local_step_clipper=o.local_step_clipper,
+                                    offset_params=True, **common)
+    if o.type == "onebit_lamb":
+        return onebit.onebit_lamb(lr, freeze_step=o.freeze_step, max_coeff=o.max_coeff, min_coeff=o.min_coeff,
+                                  coeff_beta=o.coeff_beta, factor_max=o.factor_max, factor_min=o.factor_min,
+                                  factor_threshold=o.factor_threshold, **common)
     if o.type == "adamw":
         return optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
     if o.type == "adam":

@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
-from zjax.train import adapters, loss_scale
+from zjax.train import adapters, loss_scale, onebit
 from zjax.parallel import zero
 from zjax.config.schema import Config, load_config
 from zjax.errors import ConfigError, LossScaleError
@@ -74,6 +74,9 @@ class TrainState(struct.PyTreeNode):
       rng: the base PRNG key; each micro-step folds in step, micro-batch and device.
       frozen: the parameters ``trainable=`` leaves out, in the compute dtype (None holes
         where trainable leaves are), or None when everything trains.
+      comm: ZeRO++ qgZ's LoCo error buffers (``zero.loco``): per trainable leaf split over
+        ``data``, each device's float32 buffer in the stored shape, with a leading device
+        axis split over ``data`` (None holes elsewhere); None without LoCo.
     """
 
     step: jax.Array
@@ -83,6 +86,7 @@ class TrainState(struct.PyTreeNode):
     loss_scale: loss_scale.LossScaleState
     rng: jax.Array
     frozen: Any = None
+    comm: Any = None
     layout_def: Any = struct.field(pytree_node=False, default=None)
 
     @property
@@ -122,6 +126,21 @@ def _unflatten_master(layout_def, master):
 def _unflatten_frozen(layout_def, frozen):
     """Frozen leaves in user shapes (a ZeRO-3 frozen leaf is stored, maybe padded, like a master)."""
     return map_layouts(lambda lay, x: zero.from_stored(x, lay), zero.split_layouts(layout_def, False), frozen)
+
+
+def _none_tree(layouts: Any) -> Any:
+    """A tree of Nones shaped like ``layouts`` (no LoCo buffers)."""
+    return map_layouts(lambda lay: None, layouts)
+
+
+def _per_device(tree: Any) -> Any:
+    """Inside the data-manual shard_map: each leaf with a leading device axis of 1 (out_specs P(data))."""
+    return jax.tree.map(lambda x: x[None], tree)
+
+
+def _one_device(tree: Any) -> Any:
+    """The inverse of ``_per_device``: this device's slice of leaves split over data along axis 0."""
+    return jax.tree.map(lambda x: x[0], tree)
 
 
 def _keep_axes(part: Any, axes: tuple[str, ...]) -> Any:
@@ -272,9 +291,24 @@ class TrainStep:
             mask = default_decay_mask(map_layouts(lambda lay: lay.layer_shape, layouts))
             self.tx = make_optimizer(self.config, decay_mask=None if self.config.optimizer.decay_norms_and_biases else mask)
         stored = map_layouts(lambda lay: jax.ShapeDtypeStruct(lay.stored_shape, self.dtypes.param), layouts)
-        opt_shapes = jax.eval_shape(self.tx.init, stored)
         self._param_specs = map_layouts(lambda lay: lay.spec, layouts)
-        self._opt_specs = zero.state_specs(opt_shapes, layouts)
+        # An optimizer that communicates over data itself (1-bit Adam, 0/1 Adam, 1-bit LAMB) takes
+        # each device's local gradient and keeps per-device state: a leading device axis over data.
+        self.local_tx = isinstance(self.tx, onebit.DataParallelTransformation)
+        if self.local_tx:
+            self._check_local_tx()
+            self._local_init = self._manual(lambda p: _per_device(self.tx.init(p)), in_specs=(self._param_specs,),
+                                            out_specs=P(DATA))
+            opt_shapes = jax.eval_shape(self._local_init, stored)
+            self._opt_specs = jax.tree.map(lambda _: P(DATA), opt_shapes)
+        else:
+            opt_shapes = jax.eval_shape(self.tx.init, stored)
+            self._opt_specs = zero.state_specs(opt_shapes, layouts)
+        self.loco = self.config.zero.loco
+        if self.loco:
+            self._check_loco()
+        # LoCo's buffers: per device (a leading axis over data), for the leaves qgZ quantizes
+        self._comm_specs = map_layouts(lambda lay: P(DATA) if lay.sharded else None, layouts) if self.loco else None
         scale_state = jax.eval_shape(self.scaler.init)
         frozen_specs = None if self.frozen_layouts is None else map_layouts(lambda lay: lay.spec, self.frozen_layouts)
         self.state_specs = TrainState(
@@ -285,6 +319,7 @@ class TrainStep:
             loss_scale=jax.tree.map(lambda _: P(), scale_state),
             rng=P(),
             frozen=frozen_specs,
+            comm=self._comm_specs,
             layout_def=self.layout_def,
         )
         self.state_sharding = self._place(self.state_specs)
@@ -297,8 +332,15 @@ class TrainStep:
         self._grads = self._manual(
             self._local_grads,
             in_specs=(self.state_specs, P(BATCH_AXES)),
-            out_specs=(self._param_specs, P(), P(), P(), P()),
+            out_specs=(P(DATA) if self.local_tx else self._param_specs, P(), P(), P(), P(), self._comm_specs),
         )
+        if self.local_tx:
+            def local_update(grads, opt_state, params):
+                updates, opt_state = self.tx.update(_one_device(grads), _one_device(opt_state), params)
+                return updates, _per_device(opt_state)
+
+            self._local_update = self._manual(local_update, in_specs=(P(DATA), P(DATA), self._param_specs),
+                                              out_specs=(self._param_specs, P(DATA)))
         self._gather = self._manual(
             lambda master: map_layouts(
                 lambda lay, m: zero.from_stored(zero.all_gather_params(m.astype(self.replicated_dtype), lay), lay),
@@ -331,6 +373,37 @@ class TrainStep:
                               f"but model.moe.bias_update_rate={rate}; set a positive rate (DeepSeek-V3 used 0.001) "
                               "or freeze them with trainable=")
         return jax.tree.unflatten(treedef, [f if m else None for f, m in zip(flags, mask)])
+
+    def _check_loco(self) -> None:
+        """LoCo threads per-device error buffers through ZeRO's gathers and reduce-scatters of
+        leaves split over ``data`` alone."""
+        others = {a: n for a, n in self.mesh.shape.items() if a not in (DATA, REPLICA) and n > 1}
+        if others:
+            axis, size = next(iter(others.items()))
+            raise ConfigError(f"zero.loco (qgZ error feedback) runs over data (and replica) parallelism; "
+                              f"mesh.{axis}={size}: set it to 1 or zero.loco: false")
+
+    def _check_local_tx(self) -> None:
+        """An optimizer that communicates over ``data`` itself runs where the step can hand it
+        whole local gradients and per-device state: ZeRO-0 over a mesh of ``data`` alone."""
+        name = self.config.optimizer.type if self._user_optimizer is None else "the given optimizer"
+        if self.tx.axis_name != DATA:
+            raise ConfigError(f"{name} communicates over axis_name={self.tx.axis_name!r}; the step's data-parallel "
+                              f"axis is {DATA!r}: build it with axis_name={DATA!r}")
+        if self.stage != 0:
+            raise ConfigError(
+                f"optimizer {name} compresses each device's whole local momentum and keeps per-device state, so "
+                f"it runs at zero.stage 0, not {self.stage} (ZeRO 1-3 reduce-scatter the gradients it needs "
+                "unreduced; DeepSpeed refuses ZeRO with it too): set zero.stage: 0, or use adam/adamw with ZeRO++ "
+                "(zero.quantized_gradients) for compressed gradients under ZeRO")
+        others = {a: n for a, n in self.mesh.shape.items() if a != DATA and n > 1}
+        if others:
+            axis, size = next(iter(others.items()))
+            raise ConfigError(f"optimizer {name} runs over data parallelism alone; mesh.{axis}={size}: set it to 1")
+        z = self.config.zero
+        if "cpu" in (z.offload_optimizer, z.offload_param):
+            raise ConfigError(f"optimizer {name} keeps per-device state on the device; set zero.offload_optimizer "
+                              "and zero.offload_param to none")
 
     def _manual(self, fn, in_specs, out_specs):
         """``jax.shard_map`` of ``fn``, manual over ``replica`` x ``data`` (the specs may name
@@ -416,9 +489,15 @@ class TrainStep:
                 self.state_specs.frozen)
         stored = self._constrain(map_layouts(lambda lay, x: zero.to_stored(x, lay), layouts, params),
                                  self._param_specs)
-        opt_state = self._constrain(self.tx.init(stored), self._opt_specs)
+        opt_state = self._constrain(self._local_init(stored) if self.local_tx else self.tx.init(stored),
+                                    self._opt_specs)
+        comm = None
+        if self.loco:
+            comm = self._constrain(map_layouts(lambda lay: jnp.zeros((self.data_size,) + lay.stored_shape, jnp.float32)
+                                               if lay.sharded else None, layouts), self._comm_specs)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
+            comm=comm,
             replicated=jax.tree.map(lambda x: x.astype(self.replicated_dtype), params) if self.keeps_replicated else None,
             master=stored if self.keeps_master else None,
             opt_state=opt_state,
@@ -498,7 +577,7 @@ class TrainStep:
     def _global_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """The step on global arrays: gradients (in shard_map), the update, the gather."""
         state = self._to_device(state)
-        grads, loss, finite, grad_norm, extras = self._grads(state, batch)
+        grads, loss, finite, grad_norm, extras, comm = self._grads(state, batch)
         if self.keeps_master:
             master = state.master
         else:
@@ -507,12 +586,16 @@ class TrainStep:
                                      self._param_specs)
         tx_grads = grads if self._balance is None else jax.tree.map(
             lambda g, bias: jnp.zeros_like(g) if bias else g, grads, self._balance)
-        updates, opt_state = self.tx.update(tx_grads, state.opt_state, master)
+        if self.local_tx:
+            updates, opt_state = self._local_update(tx_grads, state.opt_state, master)
+        else:
+            updates, opt_state = self.tx.update(tx_grads, state.opt_state, master)
         new_master = optax.apply_updates(master, updates)
         if self._balance is not None:  # auxiliary-loss-free balancing: -rate * sign(load - mean load)
             rate = self.config.model.moe.bias_update_rate
-            new_master = jax.tree.map(lambda new, old, g, bias: (old - rate * jnp.sign(g)).astype(old.dtype)
-                                      if bias else new, new_master, master, grads, self._balance)
+            new_master = jax.tree.map(
+                lambda new, old, g, bias: (old - rate * jnp.sign(g.mean(0) if self.local_tx else g)).astype(old.dtype)
+                if bias else new, new_master, master, grads, self._balance)
         new_master = self._constrain(loss_scale.select_tree(finite, new_master, master), self._param_specs)
         opt_state = self._constrain(loss_scale.select_tree(finite, opt_state, state.opt_state), self._opt_specs)
         applied = state.step - state.loss_scale.skipped
@@ -522,6 +605,8 @@ class TrainStep:
             master=new_master if self.keeps_master else None,
             opt_state=opt_state,
             loss_scale=self.scaler.update(state.loss_scale, finite),
+            comm=None if comm is None else self._constrain(loss_scale.select_tree(finite, comm, state.comm),
+                                                           self._comm_specs),
         )
         metrics = {
             "loss": loss,
@@ -542,9 +627,10 @@ class TrainStep:
                 axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
                 tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
                 zero.quantized_gathers(self._quantization_block), \
-                zero.quantized_reductions(self._node_size, self.config.zero.quantization_block), \
+                zero.quantized_reductions(self._node_size, self.config.zero.quantization_block,
+                                          self.config.zero.loco_err_beta), \
                 zero.secondary_partition(self.config.zero.hpz_partition_size):
-            grads, loss, weight, extras = self._accumulate(state, batch)
+            grads, loss, weight, extras, comm = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
                 "remat.policy=%r had no effect: the model calls neither zjax.layer nor zjax.scan_layers, the seams "
@@ -564,21 +650,29 @@ class TrainStep:
                 ok = lax.psum((~ok).astype(jnp.int32), split_over) == 0
             return grads, ok
 
+        # a communicating optimizer averages the devices' local gradients itself: each is scaled as
+        # a mean over the device's share of the total weight
+        share = self.data_size if self.local_tx else 1
         grads, local_finite = zero.on_model_shards(unscale, (specs, P()), (specs, P()))(
-            grads, weight * state.loss_scale.scale)
-        finite = lax.psum((~local_finite).astype(jnp.int32), DATA) == 0 if self.zero.partitioned else local_finite
+            grads, weight / share * state.loss_scale.scale)
+        finite = (lax.psum((~local_finite).astype(jnp.int32), DATA) == 0
+                  if self.zero.partitioned or self.local_tx else local_finite)
         # Split leaves add their shards' squares over devices; whole leaves count once.
         pairs = list(zip(jax.tree.leaves(layouts, is_leaf=zero.is_layout), jax.tree.leaves(grads)))
         if self._balance is not None:  # MoE selection biases' gradients are load counts, not gradients
             pairs = [(lay, g) for (lay, g), bias in zip(pairs, jax.tree.leaves(self._balance)) if not bias]
         split = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if lay.sharded), jnp.float32(0))
         whole = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if not lay.sharded), jnp.float32(0))
-        grad_norm = jnp.sqrt(lax.psum(split, DATA) + whole)
+        if self.local_tx:  # the mean gradient never exists: the devices' local norms' root mean square
+            grad_norm = jnp.sqrt(lax.pmean(whole, DATA))
+        else:
+            grad_norm = jnp.sqrt(lax.psum(split, DATA) + whole)
         clip = self.config.gradient_clipping
         if clip > 0:
             coef = jnp.minimum(1.0, clip / (grad_norm + 1e-6))
             grads = jax.tree.map(lambda g: g * coef, grads)
-        return grads, loss, finite, grad_norm, extras
+        return (_per_device(grads) if self.local_tx else grads, loss, finite, grad_norm, extras,
+                None if comm is None else _per_device(comm))
 
     def _compute_params(self, state: TrainState):
         """The differentiable inputs of the loss, what else it reads (``extra``: the replicated
@@ -587,18 +681,18 @@ class TrainStep:
         ZeRO-3). ``extra`` is explicit so that a pipeline can hand each stage its chunk."""
         diff, extra, to_params = self._trainable_params(state)
         if self.frozen_layouts is None:
-            return diff, (extra, None), lambda d, e: to_params(d, e[0])
+            return diff, (extra, None), lambda d, e, errors=None: to_params(d, e[0], errors)
         dt, stacked_ok, gathers = self.dtypes, not self._whole_stacks, self.zero.gathers_for_loss
         frozen_layouts = self.frozen_layouts
 
-        def params(d, e):
+        def params(d, e, errors=None):
             frozen = e[1]
             if gathers:
                 frozen = map_layouts(
                     lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
                     if lay.stacked and stacked_ok else gather_param(s, lay, dt.compute, dt.reduce),
                     frozen_layouts, frozen)
-            return zero.merge_frozen(to_params(d, e[0]), frozen)
+            return zero.merge_frozen(to_params(d, e[0], errors), frozen)
 
         return diff, (extra, state.frozen), params
 
@@ -616,37 +710,47 @@ class TrainStep:
         Stages 2 and 3 differentiate with respect to this device's shard, so every
         parameter's gradient is reduce-scattered as soon as its (layer's) backward pass
         has produced it: ZeRO-3 gathers the shard, ZeRO-2 reads the replicated copy.
+        ``to_params(d, extra, errors)``: ``errors`` are LoCo's buffers (this device's), which
+        the gathers take as inputs whose cotangents are the new buffers (None: without LoCo).
         """
         layouts, dt = self.layouts, self.dtypes
         # A stack the model scans itself is gathered whole; zjax.scan_layers opens placeholders.
         placeholders = not self._whole_stacks
         if self.zero.gathers_for_loss:
-            def to_params(d, _):
+            def to_params(d, _, errors=None):
+                errors = _none_tree(layouts) if errors is None else errors
                 return map_layouts(
-                    lambda lay, s: zero.ShardedParam(s, lay, dt.compute, dt.reduce)
+                    lambda lay, s, err: zero.ShardedParam(s, lay, dt.compute, dt.reduce, error=err)
                     if lay.stacked and placeholders
-                    else gather_param(s, lay, dt.compute, dt.reduce),
+                    else gather_param(s, lay, dt.compute, dt.reduce, err),
                     layouts,
                     d,
+                    errors,
                 )
 
             return state.master, None, to_params
-        compute = jax.tree.map(lambda x: x.astype(dt.compute), state.replicated)
+        replicated = state.replicated
+        if self.local_tx and self.tx.local_offset is not None and state.opt_state is not None:
+            # 0/1 Adam's local steps: this device's parameters are the consensus plus its own offset
+            replicated = jax.tree.map(jnp.add, replicated, self.tx.local_offset(_one_device(state.opt_state)))
+        compute = jax.tree.map(lambda x: x.astype(dt.compute), replicated)
         if self.zero.reduces_in_backward:
-            def to_params(d, compute):
+            def to_params(d, compute, errors=None):
+                errors = _none_tree(layouts) if errors is None else errors
                 return map_layouts(
-                    lambda lay, s, full: zero.ShardedParam(s, lay, dt.compute, dt.reduce, full=full)
+                    lambda lay, s, full, err: zero.ShardedParam(s, lay, dt.compute, dt.reduce, full=full, error=err)
                     if lay.stacked and placeholders
-                    else zero.take_for_compute(s, full, lay, dt.reduce),
+                    else zero.take_for_compute(s, full, lay, dt.reduce, err),
                     layouts,
                     d,
                     compute,
+                    errors,
                 )
 
             shards = map_layouts(lambda lay, x: zero.local_slice(zero.to_stored(x, lay), lay), layouts, compute)
             return shards, compute, to_params
         # Marked varying so that the gradient stays local until we reduce it.
-        return jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), compute), None, lambda d, _: d
+        return jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), compute), None, lambda d, _, errors=None: d
 
     def _params_for_loss(self, state: TrainState, sample: Any, key: Any):
         """``_compute_params``, after finding out once, by tracing the loss on ``sample`` (one
@@ -693,6 +797,7 @@ class TrainStep:
         if self._eval is None:
             def local(state, batch):
                 key = jax.random.fold_in(state.rng, 2**31 - 1)
+                state = state.replace(opt_state=None)  # the (consensus) parameters, not a device's own
                 with layer_context("none", sharded_params=self.zero.reduces_in_backward, gathered={}), \
                         axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
                         tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
@@ -720,8 +825,17 @@ class TrainStep:
         step_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
         diff, extra, to_params = self._params_for_loss(state, jax.tree.map(lambda x: x[0], batch), step_key)
 
+        # LoCo: this device's error buffers; at ZeRO-2/3 the gathers take them as inputs whose
+        # cotangents are the new buffers, carried from micro-batch to micro-batch
+        errors = None if state.comm is None else _one_device(state.comm)
+        reset = self.config.zero.loco_reset_steps
+        if errors is not None and reset:
+            errors = jax.tree.map(lambda e: jnp.where(state.step % reset == 0, 0.0, e), errors)
+        errors_in_backward = errors is not None and in_backward
+
         def micro_loss(d, mb, key):
-            lw, w, extras = self._weighted_loss(to_params(d, extra), mb, key)
+            d, errs = d if errors_in_backward else (d, None)
+            lw, w, extras = self._weighted_loss(to_params(d, extra, errs), mb, key)
             return lw * scale, (lw, w, extras)
 
         if self.schedule_table is None:
@@ -741,21 +855,33 @@ class TrainStep:
                                layouts)
 
         def body(carry, xs):
-            acc, loss_sum, w_sum, extras_sum = carry
+            acc, loss_sum, w_sum, extras_sum, errs = carry
             mb, i = xs
             # stages 2-3: g is already this device's reduce-scattered shard
-            g, (lw, w, extras) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
+            if errors_in_backward:
+                (g, errs), (lw, w, extras) = grad_fn((diff, errs), mb, jax.random.fold_in(step_key, i))
+            else:
+                g, (lw, w, extras) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
             acc = jax.tree.map(lambda a, x: a + x.astype(dt.accum), acc, g)
-            return (acc, loss_sum + lw, w_sum + w, jax.tree.map(jnp.add, extras_sum, extras)), None
+            return (acc, loss_sum + lw, w_sum + w, jax.tree.map(jnp.add, extras_sum, extras), errs), None
 
         # the loss's extra scalars (their names), summed like the loss
         names = jax.eval_shape(lambda d: self._weighted_loss(to_params(d, extra), jax.tree.map(lambda x: x[0], batch),
                                                              step_key)[2], diff)
         carry0 = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"),
-                              (acc0, jnp.float32(0), jnp.float32(0), {n: jnp.float32(0) for n in names}))
-        (acc, loss_sum, w_sum, extras_sum), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
+                              (acc0, jnp.float32(0), jnp.float32(0), {n: jnp.float32(0) for n in names}, errors))
+        (acc, loss_sum, w_sum, extras_sum, errors), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
 
-        if not in_backward:
+        if self.local_tx:  # the optimizer reduces them (compressed)
+            acc = map_layouts(lambda lay, x: zero.to_stored(x, lay), layouts, acc)
+        elif not in_backward and errors is not None:
+            pairs = map_layouts(lambda lay, x, e: zero.reduce_scatter_grads(zero.to_stored(x.astype(dt.reduce), lay),
+                                                                            lay, e) if e is not None else
+                                (zero.reduce_scatter_grads(zero.to_stored(x.astype(dt.reduce), lay), lay), None),
+                                layouts, acc, errors)
+            acc = map_layouts(lambda lay, pair: pair[0], layouts, pairs)
+            errors = map_layouts(lambda lay, pair: pair[1], layouts, pairs)
+        elif not in_backward:
             acc = map_layouts(
                 lambda lay, x: zero.reduce_scatter_grads(zero.to_stored(x.astype(dt.reduce), lay), lay), layouts, acc
             )
@@ -765,4 +891,4 @@ class TrainStep:
         total_w = lax.psum(w_sum, BATCH_AXES)
         loss = lax.psum(loss_sum, BATCH_AXES) / total_w
         extras = {n: lax.psum(v, BATCH_AXES) / total_w for n, v in extras_sum.items()}
-        return acc, loss, total_w, extras
+        return acc, loss, total_w, extras, errors

@@ -1,0 +1,192 @@
+"""1-bit Adam, 0/1 Adam and 1-bit LAMB inside ``make_train_step`` (issue 17), 8 simulated devices.
+
+The step hands each device's local gradient (scaled as the mean over that device's share of
+the weight) to the optimizer inside a shard_map over ``data``, keeps the optimizer state per
+device (a leading device axis) and, for 0/1 Adam, evaluates each device's loss at the
+consensus parameters plus its own offset. Each test runs the same optimizer by hand on the
+same per-device gradients (``jax.grad`` of each device's mean loss) and compares.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from zjax import Checkpointer, make_train_step
+from zjax.errors import ConfigError
+from zjax.train import onebit
+
+N = 8
+STEPS = 7
+
+
+def loss_fn(params, batch):
+    h = jnp.tanh(batch["x"] @ params["w1"] + params["b1"])
+    return jnp.mean((h @ params["w2"] - batch["y"]) ** 2)
+
+
+def init_params():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {"w1": jax.random.normal(k1, (12, 32)) * 0.3, "b1": jnp.zeros(32),
+            "w2": jax.random.normal(k2, (32, 4)) * 0.3}
+
+
+def batches(n=STEPS):
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(12, 4)).astype(np.float32)
+    out = []
+    for _ in range(n):
+        x = rng.normal(size=(16, 12)).astype(np.float32)
+        out.append({"x": x, "y": np.tanh(x @ w) + 0.1 * rng.normal(size=(16, 4)).astype(np.float32)})
+    return out
+
+
+def config(optimizer, lr=1e-2, **extra):
+    return {"mesh": {"data": N}, "batch": {"global_batch_size": 16}, "zero": {"stage": 0},
+            "optimizer": {"type": optimizer, "lr": lr, **extra}, "gradient_clipping": 0.0,
+            "precision": {"param_dtype": "float32", "compute_dtype": "float32"}}
+
+
+def by_hand(tx, params, data, per_device_params=False):
+    """``tx`` applied to each device's own gradient of its rows: params after every step
+    (leaves [N, ...] when ``per_device_params``: each device's own copy)."""
+    mesh = jax.make_mesh((N,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def first(tree):
+        return jax.tree.map(lambda x: x[0], tree)
+
+    def step(params, state, batch):
+        p = first(params) if per_device_params else params
+        grads = jax.grad(loss_fn)(p, batch)
+        updates, state = tx.update(grads, first(state), p)
+        p = jax.tree.map(jnp.add, p, updates)
+        expand = lambda t: jax.tree.map(lambda x: x[None], t)  # noqa: E731
+        return (expand(p) if per_device_params else p), expand(state)
+
+    p_spec = P("data") if per_device_params else P()
+    run = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(p_spec, P("data"), P("data")),
+                                out_specs=(p_spec, P("data")), check_vma=False))
+    init = jax.jit(jax.shard_map(lambda p: jax.tree.map(lambda x: x[None], tx.init(p)), mesh=mesh,
+                                 in_specs=P(), out_specs=P("data"), check_vma=False))
+    state = init(params)
+    if per_device_params:
+        params = jax.tree.map(lambda x: jnp.broadcast_to(x, (N,) + x.shape), params)
+    history = []
+    for batch in data:
+        params, state = run(params, state, batch)
+        history.append(params)
+    return history
+
+
+def rel(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def train(cfg, data, *, checkpoint_at=None, tmp_path=None):
+    train = make_train_step(cfg, loss_fn)
+    state = train.init(init_params())
+    out = []
+    for i, batch in enumerate(data):
+        if checkpoint_at == i:  # save, restore into a new step object, go on from there
+            saver = Checkpointer(tmp_path)
+            saver.save(i, state)
+            saver.wait()
+            train = make_train_step(cfg, loss_fn)
+            train.prepare(init_params())
+            state, _ = Checkpointer(tmp_path).restore(train)
+        state, metrics = train(state, batch)
+        # the step donates its input state: keep host copies
+        kept = Snapshot(jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, state.opt_state))
+        out.append((kept, float(metrics["loss"])))
+    return train, out
+
+
+class Snapshot:
+    def __init__(self, params, opt_state):
+        self.params, self.opt_state = params, opt_state
+
+
+@pytest.mark.parametrize("optimizer", ["onebit_adam", "onebit_lamb"])
+def test_onebit_in_the_step_equals_the_optimizer_on_each_devices_gradient(optimizer):
+    data = batches()
+    step, out = train(config(optimizer, freeze_step=3), data)
+    assert isinstance(step.tx, onebit.DataParallelTransformation)
+    # the state is per device: a leading axis of N split over data
+    leaves = jax.tree.leaves(out[-1][0].opt_state)
+    assert all(x.shape[0] == N for x in leaves if x.ndim)
+    spec = jax.tree.leaves(step.state_specs.opt_state, is_leaf=lambda x: isinstance(x, P))
+    assert spec and all(s == P("data") for s in spec)
+    tx = onebit.onebit_adam(1e-2, freeze_step=3, axis_name="data") if optimizer == "onebit_adam" else \
+        onebit.onebit_lamb(1e-2, freeze_step=3, axis_name="data")
+    ref = by_hand(tx, init_params(), data)
+    for t, ((state, _), want) in enumerate(zip(out, ref)):
+        for name in ("w1", "b1", "w2"):
+            assert rel(state.params[name], want[name]) < 2e-5, (t, name)
+    assert out[-1][1] < out[0][1]
+
+
+def test_onebit_adam_warmup_equals_adam_in_the_step():
+    data = batches(3)
+    _, exact = train(config("adam"), data)
+    _, onebit_run = train(config("onebit_adam", freeze_step=5), data)
+    for (s1, l1), (s2, l2) in zip(exact, onebit_run):
+        assert abs(l1 - l2) <= 1e-6 * abs(l1)
+        for name in ("w1", "b1", "w2"):
+            assert rel(s2.params[name], s1.params[name]) < 1e-5
+
+
+def test_zero_one_adam_consensus_plus_offset_is_each_devices_params():
+    kw = dict(var_freeze_step=2, var_update_scaler=1, local_step_scaler=1, local_step_clipper=4)
+    data = batches()
+    _, out = train(config("zero_one_adam", lr=1e-3, **kw), data)
+    tx = onebit.zero_one_adam(1e-3, axis_name="data", **kw)
+    ref = by_hand(tx, init_params(), data, per_device_params=True)
+    local_steps = 0
+    for t, ((state, _), want) in enumerate(zip(out, ref)):
+        offset = state.opt_state.momentum_accumulator
+        local_steps += bool(np.any(np.asarray(offset["w1"]) != 0))
+        for name in ("w1", "b1", "w2"):
+            mine = np.asarray(state.params[name])[None] + np.asarray(offset[name])
+            assert rel(mine, want[name]) < 2e-5, (t, name)
+    assert local_steps >= 2  # the devices really ran apart between syncs
+
+
+def test_a_checkpoint_keeps_the_error_buffers(tmp_path):
+    data = batches()
+    cfg = config("onebit_adam", freeze_step=2)
+    _, straight = train(cfg, data)
+    _, resumed = train(cfg, data, checkpoint_at=4, tmp_path=tmp_path)
+    errors = np.asarray(straight[-1][0].opt_state.worker_error["w1"])
+    assert np.any(errors != 0) and np.any(errors[0] != errors[1])  # per device, and in use
+    for (s1, l1), (s2, l2) in zip(straight, resumed):
+        assert l1 == l2
+        for a, b in zip(jax.tree.leaves(s1.opt_state), jax.tree.leaves(s2.opt_state)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_deepspeed_onebit_blocks_map_and_train():
+    ds = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
+          "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-2, "freeze_step": 3, "cuda_aware": False,
+                                                         "comm_backend_name": "nccl"}}}
+    train_, out = train(ds, batches(5))
+    o = train_.config.optimizer
+    assert (o.type, o.freeze_step, o.bias_correction) == ("onebit_adam", 2, False)  # DeepSpeed's count and formula
+    assert out[-1][1] < out[0][1]
+    zo = make_train_step({**ds, "optimizer": {"type": "ZeroOneAdam", "params": {
+        "lr": 1e-3, "var_freeze_step": 10, "var_update_scaler": 4, "local_step_scaler": 100,
+        "local_step_clipper": 8}}}, loss_fn).config.optimizer
+    assert (zo.type, zo.var_freeze_step, zo.var_update_scaler, zo.local_step_clipper) == ("zero_one_adam", 10, 4, 8)
+    lamb = make_train_step({**ds, "optimizer": {"type": "OneBitLamb", "params": {
+        "lr": 1e-3, "freeze_step": 10, "max_coeff": 0.3, "min_coeff": 0.01, "coeff_beta": 0.9,
+        "factor_max": 4.0, "factor_min": 0.5, "factor_threshold": 0.1}}}, loss_fn).config.optimizer
+    assert (lamb.type, lamb.freeze_step, lamb.max_coeff) == ("onebit_lamb", 9, 0.3)
+
+
+@pytest.mark.parametrize("change, key", [({"zero": {"stage": 1}}, "zero.stage"),
+                                         ({"mesh": {"data": 4, "tensor": 2}}, "mesh.tensor")])
+def test_where_it_cannot_run_the_error_says_so(change, key):
+    cfg = {**config("onebit_adam", freeze_step=3), **change}
+    train_ = make_train_step(cfg, loss_fn)
+    with pytest.raises(ConfigError, match=key):
+        train_.init(init_params())
