@@ -20,11 +20,14 @@ float embedding and norms) and ``x bf16`` its ratio to the bfloat16 params'; ``a
 ``memory_analysis().argument_size_in_bytes`` of the compiled logits program (weights plus
 the tokens) over the bf16 program's; ``KL`` = mean over tokens of KL(p_bf16 || p_variant) of
 the next-token distributions (nats); ``top-1`` = share of tokens whose argmax agrees with
-bf16's; ``val loss`` = mean next-token cross entropy. A float32 row shows what bfloat16
+bf16's; ``val loss`` = mean next-token cross entropy. The GPTQ rows round the int4 weights by
+``quantize_params(..., calibration=calibrate(bf16, model, batches))``, the input second moments
+measured on ``--calibration-batches`` (4) x 32 train windows of 128 tokens (batches the run did
+not train on). A float32 row shows what bfloat16
 itself costs against float32 (KL(p_fp32 || p_bf16), the other way round).
 
 Usage:
-  .venv/bin/python benchmarks/quantization.py [--steps 220] [--eval-batches 2] [--seed 0]
+  .venv/bin/python benchmarks/quantization.py [--steps 220] [--eval-batches 2] [--seed 0] [--calibration-batches 4]
 """
 from __future__ import annotations
 
@@ -43,12 +46,13 @@ import numpy as np
 import zjax
 from zjax.data.corpus import TextCorpus
 from zjax.inference.model import logits
-from zjax.inference.quant import quantize_params, weight_bytes
+from zjax.inference.quant import calibrate, quantize_params, weight_bytes
 from zjax.models.gpt import count_params, gpt_loss, make_gpt
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 VARIANTS = [("int8", "int8", None), ("w8a8", "w8a8", None), ("int4 group 32", "int4", 32),
             ("int4 group 64", "int4", 64)]
+GPTQ_VARIANTS = [("int4 group 32 GPTQ", "int4", 32), ("int4 group 64 GPTQ", "int4", 64)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=220)
     parser.add_argument("--eval-batches", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration-batches", type=int, default=4)
     args = parser.parse_args(argv)
     print(f"$ python benchmarks/quantization.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     cfg = zjax.load_config(str(CONFIG), [f"steps={args.steps}", f"seed={args.seed}"])
@@ -76,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [fp32.row(reference, against=fp32), reference.row(reference)]
     for name, mode, group in VARIANTS:
         quantized = quantize_params(bf16, mode, **({"group_size": group} if group else {}))
+        rows.append(Variant(name, quantized, m, inputs, targets).row(reference))
+    # GPTQ: each matmul input's second moment on --calibration-batches train batches (not the val windows)
+    calibration = calibrate(bf16, m, [jnp.asarray(corpus.batch("train", 10_000 + k, cfg.batch.global_batch_size,
+                                                               cfg.data.seq_len, seed=args.seed)["tokens"][:, :-1])
+                                      for k in range(args.calibration_batches)])
+    for name, mode, group in GPTQ_VARIANTS:
+        quantized = quantize_params(bf16, mode, group_size=group, calibration=calibration)
         rows.append(Variant(name, quantized, m, inputs, targets).row(reference))
     header = ("variant", "bytes", "x bf16", "arg x bf16", "KL", "top-1", "val loss")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
