@@ -7,7 +7,8 @@ plus wheels of what it lacks). In order, within a time budget (default 7.5 minut
 1. ``zjax report``;
 2. every Pallas kernel with ``impl="pallas"`` against its XLA reference, outputs and
    gradients, on fresh random inputs of awkward shapes (odd lengths, grouped heads,
-   segment ids, a vocabulary that is no power of two, an inf in fp16 gradients);
+   segment ids, a vocabulary that is no power of two, an inf in fp16 gradients; the
+   serving kernels, int8/w8a8/int4 matmuls and paged-attention decode, forward only);
    error is ``|out - ref| / |ref|`` (norms) against a float32 reference computed at
    ``highest`` matmul precision;
 3. the reference GPT at about 1B parameters, bf16, 20 steps on one device, with the
@@ -15,7 +16,9 @@ plus wheels of what it lacks). In order, within a time budget (default 7.5 minut
    FLOPs per token against the chip's published dense bf16 peak);
 4. speed of each kernel against XLA at realistic shapes (attention at sequence 2k-16k,
    head_dim 128, also against cuDNN's fused attention through ``jax.nn``; cross-entropy
-   at vocabulary 128k), fwd+bwd, medians over interleaved repeats;
+   at vocabulary 128k), fwd+bwd, medians over interleaved repeats; the quantized matmuls
+   at a decode shape (16 tokens through a 4096 x 14336 weight), forward, also against the
+   bf16 matmul of a float weight (DeepSpeed's int8 was slower than fp16: is ours?);
 5. the test suite's ``-m gpu`` tests, with ``ZJAX_REQUIRE_GPU=1`` so they fail instead
    of skipping if no GPU is seen.
 
@@ -292,6 +295,27 @@ def correctness_cases(dry_run: bool) -> dict:
             lambda h, w, impl: pk.softmax_cross_entropy(h, w, labels, impl=impl),
             lambda h, w: pk.cross_entropy_reference(h, w, labels),
             (normal((rows, 512 // s), dtype), normal((512 // s, vocab), dtype) * 0.05), n)
+    # serving kernels (forward only: integer inputs): quantized matmuls and paged attention
+    tokens, k, n, group = 37, 2048 // s, 1536 // s, 128 // s
+    x = normal((tokens, k), jnp.bfloat16)
+    values = jax.random.randint(next(key), (k, n), -127, 128, jnp.int32).astype(jnp.int8)
+    col_scale = jax.random.uniform(next(key), (n,), jnp.float32, 1e-3, 1e-2)
+    for name in ("int8_matmul", "w8a8_matmul"):
+        cases[f"{name} bf16 [{tokens},{k}]x[{k},{n}]"] = (
+            getattr(pk, name), getattr(pk, f"{name}_reference"), (x, values, col_scale), "bfloat16")
+    packed = pk.pack_int4(jax.random.randint(next(key), (k, n), -7, 8, jnp.int32).astype(jnp.int8), group)
+    group_scale = jax.random.uniform(next(key), (k // group, n), jnp.float32, 1e-3, 1e-2).astype(jnp.bfloat16)
+    cases[f"int4_matmul bf16 [{tokens},{k}]x[{k},{n}] group{group}"] = (
+        pk.int4_matmul, pk.int4_matmul_reference, (x, packed, group_scale), "bfloat16")
+    pages, page_size, slots_n, per_seq = 64, 16, 4, 8
+    lengths = jnp.array([5, 128, 77, 33])  # tokens in each slot's cache; a decode query at the last one
+    table = jax.random.permutation(next(key), jnp.arange(1, pages))[:slots_n * per_seq].reshape(slots_n, per_seq)
+    paged = functools.partial(_paged_decode, lengths)  # the int page table as an input: no gradient is taken
+    cases["paged_attention bf16 decode 4 seqs h8/2 d128 pages of 16"] = (
+        lambda q, kp, vp, t, impl: paged(q, kp, vp, t, impl=impl),
+        lambda q, kp, vp, t: paged(q, kp, vp, t, impl="xla"),
+        (normal((slots_n, 1, 8, 128), jnp.bfloat16), normal((pages, page_size, 2, 128), jnp.bfloat16),
+         normal((pages, page_size, 2, 128), jnp.bfloat16), table), "bfloat16")
     grads = {"w": normal((1000 // s, 777), jnp.float16).at[3, 5].set(jnp.inf), "b": normal((333,), jnp.float32)}
     cases["unscale_and_check fp16 with inf"] = (
         lambda g, impl: _unscale_as_array(g, impl), lambda g: _unscale_as_array(g, "xla"), (grads,), "float16")
@@ -337,6 +361,12 @@ def _ring_block_reference(positions, ids, q, k, v):
                                         mask=mask[:, None])
 
 
+def _paged_decode(lengths, q, k_pages, v_pages, table, impl):
+    """One decode query per slot at the slot's last cached position."""
+    slots = jnp.arange(q.shape[0])
+    return pk.paged_attention(q, k_pages, v_pages, table, slots, (lengths - 1)[:, None], impl=impl)
+
+
 def _unscale_as_array(grads, impl):
     """The unscaled leaves (infinities as 0) and the finite flag x 1e3 in one float array, so that a
     wrong flag alone gives a relative error far above any tolerance."""
@@ -352,7 +382,8 @@ def compare(kernel: Callable, reference: Callable, inputs: tuple) -> dict[str, f
     with jax.default_matmul_precision("highest"):
         ref = jax.jit(reference)(*_upcast(inputs))
     errors = {"out": _relative(out, ref)}
-    if not all(isinstance(x, jax.Array) for x in inputs) or any(x.dtype == jnp.float16 for x in inputs):
+    if not all(isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) for x in inputs) or any(
+            x.dtype == jnp.float16 for x in inputs):
         return errors
     cot = jax.random.normal(jax.random.key(7), out.shape, jnp.float32)
 
@@ -411,6 +442,18 @@ def speed_cases(dry_run: bool) -> dict:
             lambda h, w: pk.softmax_cross_entropy(h, w, labels, impl="xla"),
             {"full logits": lambda h, w: pk.cross_entropy_reference(h, w, labels)},
             (normal((rows, d_model)), normal((d_model, vocab)) * 0.02), True)
+    # serving: a decode batch through a quantized weight, against the bf16 matmul of the float weight
+    m, k, f = (8, 256, 512) if dry_run else (16, 4096, 14336)
+    x, w = normal((m, k)), normal((k, f)) * 0.02
+    values = jax.random.randint(next(key), (k, f), -127, 128, jnp.int32).astype(jnp.int8)
+    col_scale = jnp.full((f,), 1e-3, jnp.float32)
+    packed = pk.pack_int4(jax.random.randint(next(key), (k, f), -7, 8, jnp.int32).astype(jnp.int8), 128)
+    group_scale = jnp.full((k // 128, f), 1e-3, jnp.bfloat16)
+    bf16_matmul = {"bf16 matmul": lambda x, *_: jnp.matmul(x, w, preferred_element_type=jnp.float32)}
+    for name, weight in (("int8_matmul", (values, col_scale)), ("w8a8_matmul", (values, col_scale)),
+                         ("int4_matmul", (packed, group_scale))):
+        cases[f"{name} bf16 decode [{m},{k}]x[{k},{f}] fwd"] = (
+            getattr(pk, name), functools.partial(getattr(pk, name), impl="xla"), bf16_matmul, (x, *weight), False)
     n = 1 << (16 if dry_run else 28)
     cases[f"unscale_and_check fp32 {n / 1e6:.1f}M fwd"] = (
         lambda g, impl: pk.unscale_and_check(g, 1024.0, impl=impl)[0],

@@ -11,6 +11,7 @@ from pallas_kernels.attention import BlockSizes, attention_reference, flash_atte
 from pallas_kernels.cross_entropy import cross_entropy_reference, softmax_cross_entropy
 from pallas_kernels.dispatch import IMPLS, KERNEL_BACKENDS, resolve_impl, shard_over_batch
 from pallas_kernels.norms import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.quantized_matmul import (
     int4_matmul, int4_matmul_reference, int8_matmul, int8_matmul_reference, pack_int4, quantize_rows,
     unpack_int4, w8a8_matmul, w8a8_matmul_reference,
@@ -34,6 +35,8 @@ __all__ = [
     "layer_norm",
     "layer_norm_reference",
     "pack_int4",
+    "paged_attention",
+    "paged_attention_reference",
     "quantize_rows",
     "resolve_impl",
     "rms_norm",
