@@ -36,8 +36,9 @@ LAYERS = [
     ("zjax.errors", "pallas_kernels"),
     ("zjax.config",),
     ("zjax.parallel",),
-    ("zjax.layers", "zjax.models", "zjax.train"),
-    ("zjax.checkpoint", "zjax.export", "zjax.data", "zjax.distributed", "zjax.train.loop", "zjax.inference"),
+    ("zjax.layers", "zjax.models", "zjax.train", "zjax.compression"),
+    ("zjax.checkpoint", "zjax.export", "zjax.data", "zjax.distributed", "zjax.train.loop", "zjax.inference",
+     "zjax.compression.distill", "zjax.compression.clean"),
     ("zjax.analysis",),
     ("zjax.cli", "zjax.__main__", "zjax"),
 ]

@@ -108,6 +108,15 @@ def export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def compress_clean(args: argparse.Namespace) -> None:
+    from zjax.compression.clean import clean_checkpoint
+
+    result = clean_checkpoint(args.checkpoint, args.to, step=args.step, config=args.config)
+    model = result["model"]
+    print(f"wrote {Path(args.to) / 'model.safetensors'} and config.yaml: {result['before']:,} -> {result['after']:,} "
+          f"parameters (d_ff {model['d_ff']}, n_heads {model['n_heads']}, n_kv_heads {model['n_kv_heads']})")
+
+
 def plan(args: argparse.Namespace) -> None:
     import json
 
@@ -211,6 +220,7 @@ def _engine(args: argparse.Namespace):
     """The engine for SOURCE: a run's output_dir or checkpoints directory, a .safetensors
     export (its shape from --config), or a Hugging Face directory; quantized with --quantize."""
     from zjax.checkpoint import load_params
+    from zjax.compression.distill import student_params
     from zjax.config.schema import load_config
     from zjax.export import load_safetensors
     from zjax.inference.engine import Engine, _run_config
@@ -232,7 +242,9 @@ def _engine(args: argparse.Namespace):
     elif source.is_dir():
         checkpoints = source / "checkpoints" if (source / "checkpoints").is_dir() else source
         cfg = _run_config(checkpoints, args.config, args.step)
-        model_cfg, rules, params = cfg.model, cfg.logical_axis_rules, load_params(checkpoints, args.step)
+        # a distillation run's checkpoint holds the student and its teacher: serve the student
+        params = student_params(load_params(checkpoints, args.step))
+        model_cfg, rules = cfg.model, cfg.logical_axis_rules
         places = [source, checkpoints]
     else:
         raise ConfigError(f"SOURCE {source} is neither a directory nor a .safetensors file; give a run's "
@@ -278,6 +290,21 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--to", required=True, metavar="FILE", help="the .safetensors file to write")
     out.add_argument("--step", type=int, default=None, help="the step to export (default: newest intact)")
     out.set_defaults(command=export)
+
+    comp = commands.add_parser("compress", help="compression: make a pruned model physically smaller")
+    comp_commands = comp.add_subparsers(dest="compress_command", required=True, metavar="COMMAND")
+    clean = comp_commands.add_parser(
+        "clean", help="drop pruned feed-forward features and heads (redundancy_clean)",
+        description="Read a run trained with row/head pruning (compression.row_pruning, head_pruning), drop the "
+        "features and heads whose weights are zero, and write DIR/model.safetensors and DIR/config.yaml (smaller "
+        "d_ff, n_heads, n_kv_heads); `zjax generate DIR/model.safetensors --config DIR/config.yaml` serves it.",
+    )
+    clean.add_argument("checkpoint", metavar="CHECKPOINT", help="a run's output_dir or its checkpoints directory")
+    clean.add_argument("--to", required=True, metavar="DIR", help="the directory to write")
+    clean.add_argument("--step", type=int, default=None, help="the step to clean (default: newest intact)")
+    clean.add_argument("--config", default=None, metavar="CONFIG",
+                       help="the run's config (default: config.yaml beside the checkpoints, or the checkpoint's)")
+    clean.set_defaults(command=compress_clean)
 
     mem = commands.add_parser(
         "plan", help="per-device memory of every ZeRO stage, predicted and compiled", epilog=EPILOG,

@@ -360,11 +360,12 @@ def test_switched_off_features_are_accepted_silently():
 
 
 def test_switched_on_features_are_refused_in_one_error_naming_each():
+    # compression_training is mapped now (tests/config/test_deepspeed_compression.py)
     with pytest.raises(ConfigError) as err:
         load_config({**BATCH,
             "curriculum_learning": {"enabled": True}, "hybrid_engine": {"enabled": True},
-            "compression_training": {"layer_reduction": {"enabled": True}}})
-    for feature in ("curriculum learning", "the hybrid engine", "compression training"):
+            "progressive_layer_drop": {"enabled": True}})
+    for feature in ("curriculum learning", "the hybrid engine", "progressive layer drop"):
         assert feature in str(err.value)
 
 

@@ -4,8 +4,8 @@ A zjax config may use DeepSpeed's own words (``train_micro_batch_size_per_gpu``,
 ``zero_optimization.stage``, ``fp16.loss_scale_window``, ``scheduler: {type: WarmupLR}``)
 next to zjax keys. ``map_deepspeed`` rewrites them onto the zjax schema with DeepSpeed's
 meaning and defaults, read from DeepSpeed's source (``deepspeed/runtime/constants.py``,
-``zero/config.py``, ``lr_schedules.py``, ``fp16/loss_scaler.py``). Every DeepSpeed key
-gets one of four treatments, each a table or a handler below:
+``zero/config.py``, ``lr_schedules.py``, ``fp16/loss_scaler.py``, ``deepspeed/compression/``).
+Every DeepSpeed key gets one of four treatments, each a table or a handler below:
 
 - mapped onto a zjax key (``_HANDLERS``);
 - accepted and listed with the reason it does nothing here (``IGNORED``), silently when
@@ -149,7 +149,6 @@ def _false(value: Any) -> bool:
 UNSUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "curriculum_learning": ("curriculum learning", _block_off),
     "data_efficiency": ("data efficiency (data sampling, curriculum, random-LTD)", _block_off),
-    "compression_training": ("compression training (quantization, pruning, layer reduction)", _block_off),
     "quantize_training": ("MoQ quantize-aware training", _block_off),
     "weight_quantization": ("weight quantization", _block_off),
     "hybrid_engine": ("the hybrid engine (RLHF generation)", _block_off),
@@ -786,6 +785,395 @@ def _map_sparse_attention(key: str, block: Any, out: _Translation) -> None:
     out.set("model.sparse_attention", dict(block), key)
 
 
+# -- compression_training ------------------------------------------------------------------
+# DeepSpeed <= 0.19.6 (v0.19.5 and master 0.19.6 have the same files): the keys and defaults of
+# deepspeed/compression/constants.py and config.py (get_*_shared_parameters, get_*_different_groups),
+# what they do in basic_layer.py (LinearLayer_Compress), compress.py (get_compress_methods,
+# init_compression), scheduler.py (compression_scheduler) and runtime/quantize.py (Quantizer, MoQ).
+# The step each technique starts at is zjax.compression.schedule's business (see its docstring).
+_CT_TECHNIQUES = ("weight_quantization", "activation_quantization", "sparse_pruning", "row_pruning",
+                  "head_pruning", "channel_pruning", "layer_reduction")
+# shared_parameters each technique reads (config.py get_*_shared_parameters), with DeepSpeed's defaults.
+_CT_SHARED: dict[str, dict[str, Any]] = {
+    "weight_quantization": {"enabled": False, "quantizer_kernel": False, "schedule_offset": 0, "quantize_groups": 1,
+                            "quantize_verbose": False, "quantization_type": "symmetric",
+                            "quantize_weight_in_forward": False, "rounding": "nearest", "fp16_mixed_quantize": {}},
+    "activation_quantization": {"enabled": False, "quantization_type": "symmetric", "range_calibration": "dynamic",
+                                "schedule_offset": 1000},
+    # block_pattern, dense_ratio, schedule_offset_stride, excluded_modules and schedule_offset_end are read
+    # only with method snip_momentum
+    "sparse_pruning": {"enabled": False, "method": "l1", "schedule_offset": 1000, "block_pattern": "4x1",
+                       "dense_ratio": 0.1, "schedule_offset_stride": 1, "excluded_modules": [],
+                       "schedule_offset_end": None},
+    "row_pruning": {"enabled": False, "method": "l1", "schedule_offset": 1000},
+    "head_pruning": {"enabled": False, "method": "topk", "schedule_offset": 1000, "num_heads": None},
+    "channel_pruning": {"enabled": False, "method": "l1", "schedule_offset": 1000},
+}
+_CT_SNIP_ONLY = ("block_pattern", "dense_ratio", "schedule_offset_stride", "excluded_modules", "schedule_offset_end")
+# different_groups.<name>.params each technique reads (get_*_different_groups asserts the required ones).
+_CT_PARAMS = {
+    "weight_quantization": ("start_bits", "target_bits", "quantization_period"),
+    "activation_quantization": ("bits",),
+    "sparse_pruning": ("dense_ratio",),
+    "row_pruning": ("dense_ratio",),
+    "head_pruning": ("dense_ratio",),
+    "channel_pruning": ("dense_ratio",),
+}
+_CT_GROUP_KEYS = ("params", "modules", "related_modules")
+_CT_LAYER_REDUCTION = ("enabled", "keep_number_layer", "module_name_prefix", "teacher_layer", "other_module_name")
+_CT_MOQ_ONLY = "read only by DeepSpeed's MoQ quantizer (runtime/quantize.py), which quantize_weight_in_forward: true does not build"
+_CT_SHARED_WINS = ("DeepSpeed reads it from shared_parameters, whose value (given or default) replaces the group's "
+                   "(compress.py get_compress_methods: {**params, **shared_parameters})")
+_CT_LEARNED = ("DeepSpeed's topk learns a score per {unit} (a trained nn.Parameter, kaiming-initialized, through "
+               "TopKBinarizer; basic_layer.py enable_{name}) and keeps the top-scoring ones; zjax has no learned "
+               "scores and ranks by magnitude")
+
+
+def _map_compression_training(key: str, block: Any, out: _Translation) -> None:
+    """DeepSpeed's ``compression_training`` -> ``compression``: one zjax group per ``different_groups``
+    entry of each enabled technique, its ``params`` with the technique's ``shared_parameters``.
+
+    The ``modules`` (and ``related_modules``) strings are kept as given: DeepSpeed searches them
+    (``re.search``) in torch module names (``bert.encoder.layer.0.attention.self.query``), zjax in
+    parameter paths joined by ``/`` (``layers/attn/wq``), so a DeepSpeed regex must name zjax's
+    parameters to match them (its ``.`` matches ``/`` too). Switched-off techniques map to nothing.
+    """
+    _ct_names(key, block, _CT_TECHNIQUES)
+    for technique in _CT_TECHNIQUES[:-1]:
+        if technique in block:
+            groups = _ct_technique(f"{key}.{technique}", technique, block[technique], out)
+            if groups:
+                out.set(f"compression.{technique}", groups, f"{key}.{technique}")
+    if "layer_reduction" in block:
+        _ct_layer_reduction(f"{key}.layer_reduction", block["layer_reduction"], out)
+
+
+def _ct_names(block_key: str, block: Any, valid: Iterable[str]) -> None:
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{block_key}={block!r} must be a block of keys, e.g. {block_key}: {{...}}")
+    valid = list(valid)
+    for name in block:
+        if name not in valid:
+            raise ConfigError(f"unknown key {f'{block_key}.{name}'!r}; {suggest(name, valid, block_key)}")
+
+
+def _ct_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one DeepSpeed accepts either (config.py asserts it); "
+                          f"use one of {', '.join(choices)}")
+    return value
+
+
+def _ct_offset(skey: str, shared: Mapping[str, Any], default: int) -> int:
+    offset = _int(f"{skey}.schedule_offset", shared.get("schedule_offset", default))
+    if offset < 0:
+        raise ConfigError(f"{skey}.schedule_offset={offset}: give the step to start at, >= 0")
+    return offset
+
+
+def _ct_technique(tkey: str, technique: str, block: Any, out: _Translation) -> list[dict]:
+    """Check one technique's keys; its zjax groups when it is switched on."""
+    _ct_names(tkey, block, ("shared_parameters", "different_groups"))
+    skey = f"{tkey}.shared_parameters"
+    shared = block.get("shared_parameters", {})
+    _ct_names(skey, shared, _CT_SHARED[technique])
+    if isinstance(shared.get("fp16_mixed_quantize"), Mapping):
+        _ct_names(f"{skey}.fp16_mixed_quantize", shared["fp16_mixed_quantize"], ("enabled", "quantize_change_ratio"))
+    gkey = f"{tkey}.different_groups"
+    groups = block.get("different_groups")
+    if groups is not None:
+        if not isinstance(groups, Mapping):
+            raise ConfigError(f"{gkey}={groups!r} must be a block of named groups, e.g. {gkey}: "
+                              "{g1: {params: {...}, modules: [...]}}")
+        for name, group in groups.items():
+            _ct_names(f"{gkey}.{name}", group, _CT_GROUP_KEYS)
+            if "params" in group:
+                _ct_names(f"{gkey}.{name}.params", group["params"], (*_CT_PARAMS[technique], *_CT_SHARED[technique]))
+    if not _bool(f"{skey}.enabled", shared.get("enabled", False)):
+        return []
+    common, params_of = _CT_SHARED_MAPPERS[technique](skey, shared, out)
+    if groups is None:
+        raise ConfigError(f"{skey}.enabled=True without {gkey}: DeepSpeed refuses it too ({technique} is enabled, "
+                          f"different_groups must be specified); give the groups, e.g. {gkey}: "
+                          "{g1: {params: {...}, modules: ['layers/mlp']}}")
+    pairs_split = technique in ("row_pruning", "head_pruning", "channel_pruning")
+    zjax_groups = []
+    for name, group in groups.items():
+        key = f"{gkey}.{name}"
+        if "params" not in group:
+            raise ConfigError(f"{key} has no params; DeepSpeed reads {key}.params too (config.py); "
+                              f"give them, e.g. params: {{{_CT_PARAMS[technique][-1]}: ...}}")
+        params = group["params"]
+        for shared_name in _CT_SHARED[technique]:
+            if shared_name in params:
+                out.ignore(f"{key}.params.{shared_name}", params[shared_name], _CT_SHARED_WINS)
+        fields = {**common, **params_of(f"{key}.params", params)}
+        for modules, related in _ct_modules(key, group, pairs_split, out):
+            zjax_groups.append({"modules": modules, **({"related_modules": related} if pairs_split else {}), **fields})
+    return zjax_groups
+
+
+def _ct_modules(key: str, group: Mapping[str, Any], pairs_split: bool,
+                out: _Translation) -> list[tuple[list[str], list[str]]]:
+    """``(modules, related_modules)`` of the zjax groups one DeepSpeed group becomes.
+
+    DeepSpeed pairs ``modules[i]`` with the list ``related_modules[i]`` (compress.py zips them); a zjax
+    group has one flat ``related_modules`` list, so a pruning group with related modules becomes one
+    zjax group per pair."""
+    modules = group.get("modules")
+    if modules is None:
+        # DeepSpeed's default "*" (constants.py) is documented as every Linear/Conv2d layer
+        # (config-json.md); zjax's ['*'] is every matrix.
+        modules = ["*"]
+    if not isinstance(modules, list) or not modules or not all(isinstance(m, str) for m in modules):
+        raise ConfigError(f"{key}.modules={modules!r} must be a non-empty list of regular expressions, "
+                          "e.g. ['layers/mlp/w_up']")
+    related = group.get("related_modules")
+    if not related:  # None or empty: compress.py's `if method_parameters[related_modules]` is false
+        return [(list(modules), [])]
+    if (not isinstance(related, list) or
+            not all(isinstance(r, list) and all(isinstance(s, str) for s in r) for r in related)):
+        raise ConfigError(f"{key}.related_modules={related!r} must be a list of lists of regular expressions, "
+                          "one list per entry of modules, e.g. [['layers/mlp/w_down']]")
+    if len(related) != len(modules):
+        raise ConfigError(
+            f"{key}.related_modules has {len(related)} lists for {len(modules)} modules: DeepSpeed pairs them "
+            "(compress.py zips modules with related_modules) and drops what is unpaired; give one list per module")
+    if not pairs_split:
+        out.ignore(f"{key}.related_modules", related,
+                   "only row, head and channel pruning shrink related modules (compress.py redundancy_clean)")
+        return [(list(modules), [])]
+    return [([module], list(rel)) for module, rel in zip(modules, related)]
+
+
+def _ct_fp16(out: _Translation) -> bool:
+    return out.values.get("precision.compute_dtype", (None, ""))[0] == "float16"
+
+
+def _ct_weight_quantization(skey: str, shared: Mapping[str, Any], out: _Translation):
+    """Two modes. ``quantize_weight_in_forward: true``: LinearLayer_Compress.forward fake-quantizes
+    at ``target_bits`` from ``schedule_offset`` on (straight-through, SymQuantizer/AsymQuantizer).
+    ``false`` (DeepSpeed's default, MoQ, fp16 only): runtime/quantize.py's Quantizer overwrites the
+    16-bit weights with their quantized values after each optimizer step, from ``start_bits`` down
+    to ``target_bits`` -- the next forward sees them, the fp32 master weights get the gradient:
+    zjax's fake quantization, one step later (zjax.compression.schedule)."""
+    in_forward = _bool(f"{skey}.quantize_weight_in_forward", shared.get("quantize_weight_in_forward", False))
+    symmetric = _ct_choice(f"{skey}.quantization_type", shared.get("quantization_type", "symmetric"),
+                           ("symmetric", "asymmetric")) == "symmetric"
+    rounding = _ct_choice(f"{skey}.rounding", shared.get("rounding", "nearest"), ("nearest", "stochastic"))
+    kernel = _bool(f"{skey}.quantizer_kernel", shared.get("quantizer_kernel", False))
+    mixed = shared.get("fp16_mixed_quantize", {})
+    if not isinstance(mixed, Mapping):
+        raise ConfigError(f"{skey}.fp16_mixed_quantize={mixed!r} must be a block, e.g. {{enabled: false}}")
+    mixed_on = _bool(f"{skey}.fp16_mixed_quantize.enabled", mixed.get("enabled", False))
+    offset = _ct_offset(skey, shared, 0)
+    if in_forward:
+        if kernel:
+            out.ignore(f"{skey}.quantizer_kernel", kernel, _CT_MOQ_ONLY)
+        if rounding == "stochastic":
+            out.ignore(f"{skey}.rounding", rounding, f"{_CT_MOQ_ONLY}; the forward rounds to nearest")
+        if mixed_on:
+            out.ignore(f"{skey}.fp16_mixed_quantize", mixed, _CT_MOQ_ONLY)
+    else:
+        moq = f"{skey}.quantize_weight_in_forward=False (MoQ, DeepSpeed's default)"
+        if not _ct_fp16(out):
+            raise ConfigError(
+                f"{moq} without fp16.enabled: DeepSpeed refuses it too (engine.py: MoQ weight quantization is "
+                "only supported for FP16); enable fp16, or set quantize_weight_in_forward: true")
+        if kernel:
+            raise ConfigError(
+                f"{skey}.quantizer_kernel=True: DeepSpeed's CUDA quantizer rounds stochastically (runtime/quantize.py "
+                "passes sr=True unless rounding is 'nearest_neighbor', a value config.py rejects); zjax rounds to "
+                "nearest; set quantizer_kernel: false")
+        if rounding == "stochastic":
+            raise ConfigError(f"{skey}.rounding='stochastic': zjax's fake quantization rounds to nearest; "
+                              "set rounding: nearest")
+        if mixed_on:
+            raise ConfigError(
+                f"{skey}.fp16_mixed_quantize.enabled=True: blending the float and quantized weights (by "
+                "quantize_change_ratio per step) is not implemented in zjax; set enabled: false")
+    groups = shared.get("quantize_groups", 1)
+    groups_key = f"{skey}.quantize_groups" + ("" if "quantize_groups" in shared else " (DeepSpeed default 1)")
+    out.ignore(groups_key, _int(f"{skey}.quantize_groups", groups),
+               "zjax scales each output column of a matrix on its own (or each group_size block of it); "
+               "DeepSpeed's quantize_groups splits the flattened matrix into that many blocks of whole output "
+               "rows with one scale each (1: one scale per matrix)")
+    if shared.get("quantize_verbose"):
+        out.ignore(f"{skey}.quantize_verbose", shared["quantize_verbose"],
+                   "zjax logs no per-step quantization messages")
+    # MoQ quantizes after the optimizer step: a weight first quantized after step schedule_offset is
+    # first seen by the forward of step schedule_offset + 1 (offset 0: engine._forward_prologue
+    # quantizes before the first forward too).
+    zjax_offset = offset if in_forward or offset == 0 else offset + 1
+
+    def params_of(pkey: str, params: Mapping[str, Any]) -> dict:
+        for name in ("start_bits", "target_bits"):
+            if name not in params:
+                raise ConfigError(f"{pkey}.{name} is missing; DeepSpeed refuses it too ({name} must be specified "
+                                  "for weight quantization group); give it, e.g. 8")
+        start = _int(f"{pkey}.start_bits", params["start_bits"])
+        target = _int(f"{pkey}.target_bits", params["target_bits"])
+        period = _int(f"{pkey}.quantization_period", params.get("quantization_period", 1))
+        if target < 3:
+            raise ConfigError(
+                f"{pkey}.target_bits={target}: DeepSpeed quantizes 2 bits ternary and 1 bit binary "
+                "(TernaryQuantizer, BinaryQuantizer: a threshold and one scale); zjax quantizes uniformly from 3 "
+                "bits up; use target_bits >= 3")
+        if in_forward:
+            if start != target:
+                for name in ("start_bits", "quantization_period"):
+                    if name in params:
+                        out.ignore(f"{pkey}.{name}", params[name],
+                                   "quantize_weight_in_forward quantizes at target_bits from the first quantized "
+                                   "step (basic_layer.py LinearLayer_Compress.forward)")
+            return {"schedule_offset": zjax_offset, "start_bits": target, "target_bits": target,
+                    "symmetric": symmetric}
+        if start < target:
+            raise ConfigError(f"{pkey}.start_bits={start} is below target_bits={target}: DeepSpeed refuses it too "
+                              "(Quantization bit is lower than target precision bits!); use start_bits >= target_bits")
+        fields = {"schedule_offset": zjax_offset, "start_bits": start, "target_bits": target, "symmetric": symmetric}
+        if start != target:
+            if period < 1:
+                raise ConfigError(
+                    f"{pkey}.quantization_period={period} with start_bits={start} > target_bits={target}: DeepSpeed "
+                    "then drops a bit at every step (its period, shifted left, stays 0); zjax's MoQ period doubles "
+                    "from a period >= 1 as DeepSpeed's does; give quantization_period >= 1")
+            fields["quantization_period"] = period
+        return fields
+
+    return {}, params_of
+
+
+def _ct_activation_quantization(skey: str, shared: Mapping[str, Any], out: _Translation):
+    """LinearLayer_Compress.forward quantizes its input from ``schedule_offset`` on; with the dynamic
+    range (DeepSpeed's default) each token has its own range -- zjax's activation quantization."""
+    symmetric = _ct_choice(f"{skey}.quantization_type", shared.get("quantization_type", "symmetric"),
+                           ("symmetric", "asymmetric")) == "symmetric"
+    calibration = _ct_choice(f"{skey}.range_calibration", shared.get("range_calibration", "dynamic"),
+                             ("dynamic", "static"))
+    if calibration == "static":
+        raise ConfigError(
+            f"{skey}.range_calibration='static': one range for all tokens, a momentum average of the batches' "
+            "min/max (basic_layer.py QuantAct), is not implemented in zjax; set range_calibration: dynamic "
+            "(each token quantized with its own range)")
+    offset = _ct_offset(skey, shared, 1000)
+
+    def params_of(pkey: str, params: Mapping[str, Any]) -> dict:
+        if "bits" not in params:
+            raise ConfigError(f"{pkey}.bits is missing; DeepSpeed refuses it too (bits must be specified for "
+                              "activation quantization group); give it, e.g. bits: 8")
+        bits = _int(f"{pkey}.bits", params["bits"])
+        if bits not in (4, 8):
+            raise ConfigError(f"{pkey}.bits={bits}: DeepSpeed refuses it too (Only 4/8 bits activation "
+                              "quantization are supported); use 4 or 8")
+        return {"bits": bits}
+
+    return {"schedule_offset": offset, "symmetric": symmetric}, params_of
+
+
+def _ct_dense_ratio(pkey: str, params: Mapping[str, Any]) -> float:
+    if "dense_ratio" not in params:
+        raise ConfigError(f"{pkey}.dense_ratio is missing; DeepSpeed refuses it too (dense_ratio must be specified "
+                          "for the pruning group); give the fraction to keep, e.g. dense_ratio: 0.5")
+    ratio = _number(f"{pkey}.dense_ratio", params["dense_ratio"])
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"{pkey}.dense_ratio={ratio}: give the fraction of weights to keep, in (0, 1]")
+    return ratio
+
+
+def _ct_l1_pruning(skey: str, shared: Mapping[str, Any], out: _Translation, unit: str, name: str) -> dict:
+    """l1: basic_layer.py enable_{sparse,row}_pruning ranks |w| (a row's l1 norm) once, when
+    init_compression wraps the model, and keeps the top ceil(dense_ratio * n) from schedule_offset on."""
+    method = _ct_choice(f"{skey}.method", shared.get("method", "l1"),
+                        ("l1", "topk", "snip_momentum") if name == "sparse_pruning" else ("l1", "topk"))
+    if method == "topk":
+        raise ConfigError(f"{skey}.method='topk': {_CT_LEARNED.format(unit=unit, name=name)}; "
+                          "use method: l1 (DeepSpeed's magnitude ranking, which zjax implements)")
+    if method == "snip_momentum":
+        raise ConfigError(
+            f"{skey}.method='snip_momentum': DeepSpeed hands it to Intel Neural Compressor (compress.py "
+            "init_compression, whose `from nc import WeightPruningConfig` cannot import in DeepSpeed <= 0.19.6); "
+            "zjax has no SNIP-momentum scoring; use method: l1 with different_groups, or zjax's own "
+            "compression.sparse_pruning (pattern, schedule_offset_end, schedule_offset_stride: magnitude ranking)")
+    offset = _ct_offset(skey, shared, 1000)
+    if offset > 0:
+        # Not exact: listed so that it is seen (zjax.compression ranks at the group's schedule_offset).
+        out.ignored.append((f"{skey}.method", (
+            "DeepSpeed's l1 ranks the weights once, when init_compression wraps the model (before step 0), and "
+            "applies that mask from schedule_offset; zjax ranks them at schedule_offset (the same weights only "
+            "when schedule_offset is 0)")))
+    return {"schedule_offset": offset, "method": "l1"}
+
+
+def _ct_sparse_pruning(skey: str, shared: Mapping[str, Any], out: _Translation):
+    common = _ct_l1_pruning(skey, shared, out, "weight", "sparse_pruning")
+    for name in _CT_SNIP_ONLY:
+        if name in shared:
+            out.ignore(f"{skey}.{name}", shared[name],
+                       "DeepSpeed reads it only with method snip_momentum (config.py get_sparse_pruning_shared_parameters)")
+    return common, lambda pkey, params: {"dense_ratio": _ct_dense_ratio(pkey, params)}
+
+
+def _ct_row_pruning(skey: str, shared: Mapping[str, Any], out: _Translation):
+    common = _ct_l1_pruning(skey, shared, out, "row (output feature)", "row_pruning")
+    return common, lambda pkey, params: {"dense_ratio": _ct_dense_ratio(pkey, params)}
+
+
+def _ct_head_pruning(skey: str, shared: Mapping[str, Any], out: _Translation):
+    method = _ct_choice(f"{skey}.method", shared.get("method", "topk"), ("l1", "topk"))
+    if method == "l1":
+        raise ConfigError(f"{skey}.method='l1': DeepSpeed refuses it too (basic_layer.py enable_head_pruning raises "
+                          "NotImplementedError for anything but topk); DeepSpeed's head pruning is topk only")
+    raise ConfigError(f"{skey}.method='topk': {_CT_LEARNED.format(unit='head', name='head_pruning')} (the l1 norm "
+                      "of each head's rows of the output projection); DeepSpeed has no magnitude head pruning, so "
+                      "write zjax's own compression.head_pruning (num_heads, dense_ratio, modules) for it")
+
+
+def _ct_channel_pruning(skey: str, shared: Mapping[str, Any], out: _Translation):
+    raise ConfigError(
+        f"{skey}.enabled=True: DeepSpeed prunes output channels of Conv2d layers only (basic_layer.py "
+        "Conv2dLayer_Compress.enable_channel_pruning; its Linear layers have none) and zjax models have no "
+        "convolutions; prune a matmul's output features with row_pruning (method: l1), or write zjax's own "
+        "compression.channel_pruning (input features)")
+
+
+_CT_SHARED_MAPPERS = {
+    "weight_quantization": _ct_weight_quantization,
+    "activation_quantization": _ct_activation_quantization,
+    "sparse_pruning": _ct_sparse_pruning,
+    "row_pruning": _ct_row_pruning,
+    "head_pruning": _ct_head_pruning,
+    "channel_pruning": _ct_channel_pruning,
+}
+
+
+def _ct_layer_reduction(key: str, block: Any, out: _Translation) -> None:
+    """compress.py student_initialization: the student's layer i starts as the teacher's layer
+    ``teacher_layer[i]`` (0-based), the ``other_module_name`` modules are copied. DeepSpeed takes the
+    teacher from the script (init_compression's teacher_model), not from the config."""
+    _ct_names(key, block, _CT_LAYER_REDUCTION)
+    if not _bool(f"{key}.enabled", block.get("enabled", False)):
+        return
+    if "teacher_layer" not in block:
+        raise ConfigError(f"{key}.teacher_layer is missing; DeepSpeed needs it too (compress.py student_initialization); "
+                          "give the teacher layer each student layer starts from, e.g. teacher_layer: [1, 3, 5]")
+    layers = block["teacher_layer"]
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise ConfigError(f"{key}.teacher_layer={layers!r} must be a list of layer numbers (from 0), e.g. [1, 3, 5]")
+    out.set("compression.layer_reduction.enabled", True, f"{key}.enabled")
+    out.set("compression.layer_reduction.teacher_layer", list(layers), f"{key}.teacher_layer")
+    if "keep_number_layer" in block:
+        out.set("compression.layer_reduction.keep_number_layer",
+                _int(f"{key}.keep_number_layer", block["keep_number_layer"]), f"{key}.keep_number_layer")
+    if "module_name_prefix" in block:
+        out.ignore(f"{key}.module_name_prefix", block["module_name_prefix"],
+                   "zjax initializes the student's layer stack itself; it needs no module path")
+    if "other_module_name" in block:
+        out.ignore(f"{key}.other_module_name", block["other_module_name"],
+                   "zjax copies the teacher's embeddings, final norm and head whole (DeepSpeed copies the modules "
+                   "listed here)")
+
+
 def _ignore_top_level(key: str, value: Any, out: _Translation) -> None:
     if key in IGNORED:
         out.ignore(key, value)
@@ -810,6 +1198,8 @@ _HANDLERS: dict[str, Callable[[str, Any, _Translation], None]] = {
     "sequence_parallel_size": _map_sequence_parallel_size,
     "pipeline": _map_pipeline,
     "sparse_attention": _map_sparse_attention,
+    # after fp16: MoQ weight quantization needs it
+    "compression_training": _map_compression_training,
 }
 # Keys that are zjax keys too: mapped in a DeepSpeed layer, but alone they do not make one.
 _SHARED = ("gradient_clipping",)

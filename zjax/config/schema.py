@@ -650,6 +650,181 @@ class DataConfig(_Section):
         return self
 
 
+class _CompressionGroup(_Section):
+    """One group of a compression technique: the parameters it applies to and from which step.
+
+    ``modules``: regular expressions searched (``re.search``) in each parameter's path, its keys
+    joined by ``/`` (the reference GPT's ``layers/mlp/w_up``, a Linen ``params/Dense_0/kernel``);
+    every matched parameter must be a matrix (or a stack of them, ``layers`` first)."""
+
+    modules: list[str] = Field(default_factory=lambda: ["*"])
+    schedule_offset: int = Field(0, ge=0)
+
+    @field_validator("modules")
+    @classmethod
+    def _regexes(cls, modules: list[str]) -> list[str]:
+        import re
+
+        if not modules:
+            raise ValueError("an empty list matches no parameter; give at least one regular expression, or '*'")
+        for pattern in modules:
+            if pattern == "*":
+                continue
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a regular expression ({err}); e.g. 'mlp/w_up'") from None
+        return modules
+
+
+class SparsePruningGroup(_CompressionGroup):
+    """Unstructured (or block / N:M) pruning of individual weights (DeepSpeed's ``sparse_pruning``).
+
+    ``dense_ratio`` of each matrix's weights are kept, ranked by magnitude: ``l1`` keeps every
+    weight at or above the k-th largest magnitude, ``topk`` exactly k (ties by position; DeepSpeed's
+    ``topk`` learns scores instead, which its config mapping refuses). ``pattern: "4x1"`` ranks
+    blocks of 4 input rows by 1 output column by their l1 norm; ``pattern: "2:4"`` keeps the
+    largest 2 of every 4 consecutive weights along the input dimension (N:M; ``dense_ratio`` is
+    then unused). The mask takes effect at ``schedule_offset`` and, with ``schedule_offset_end``
+    (zjax's own gradual schedule, ``zjax.compression.schedule``), is narrowed again every
+    ``schedule_offset_stride`` steps while the kept fraction falls linearly from 1 to
+    ``dense_ratio``; pruned weights stay exactly zero after."""
+
+    dense_ratio: float = Field(0.5, gt=0, le=1)
+    method: Literal["l1", "topk"] = "l1"
+    pattern: str | None = None
+    schedule_offset_end: int | None = Field(None, ge=0)
+    schedule_offset_stride: int = Field(1, gt=0)
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, pattern: str | None) -> str | None:
+        import re
+
+        if pattern is None or re.fullmatch(r"[1-9]\d*x[1-9]\d*", pattern) or re.fullmatch(r"[1-9]\d*:[1-9]\d*", pattern):
+            if pattern and ":" in pattern and int(pattern.split(":")[0]) >= int(pattern.split(":")[1]):
+                raise ValueError(f"{pattern!r}: N:M keeps N of every M weights, so N < M; e.g. '2:4'")
+            return pattern
+        raise ValueError(f"{pattern!r} is neither a block 'RxC' (e.g. '4x1') nor an N:M pattern (e.g. '2:4')")
+
+    @model_validator(mode="after")
+    def _end(self) -> SparsePruningGroup:
+        if self.schedule_offset_end is not None and self.schedule_offset_end < self.schedule_offset:
+            raise ValueError(f"schedule_offset_end={self.schedule_offset_end} is before schedule_offset="
+                             f"{self.schedule_offset}; use an end at or after the start")
+        return self
+
+
+class StructuredPruningGroup(_CompressionGroup):
+    """Row, channel or head pruning: ``dense_ratio`` of each matrix's rows / channels / heads are
+    kept, ranked by l1 norm (``topk``: the same ranking here), from ``schedule_offset``.
+
+    Rows are output features (a matmul weight's last axis, torch's rows), channels input features
+    (its first axis), heads groups of ``num_heads`` input rows of an attention output projection.
+    ``related_modules`` (regexes) are the matrices that share the pruned dimension on their other
+    side (the MLP's down projection for row pruning of its up projection, the q/k/v projections
+    for head pruning): they are masked alike, so that ``zjax compress clean`` can drop both."""
+
+    dense_ratio: float = Field(0.5, gt=0, le=1)
+    method: Literal["l1", "topk"] = "l1"
+    related_modules: list[str] = Field(default_factory=list)
+    num_heads: int | None = Field(None, gt=0)
+    # zjax: grouped-query attention's KV heads; heads are then kept in equal numbers per KV group
+    num_kv_heads: int | None = Field(None, gt=0)
+
+
+class WeightQuantizationGroup(_CompressionGroup):
+    """Quantization-aware training of weights (DeepSpeed's ``weight_quantization``, MoQ): from
+    ``schedule_offset`` the forward pass sees the weights fake-quantized (straight-through
+    gradients to the float weights), at ``start_bits``, one bit fewer at the P-th, 2P-th, 4P-th, ...
+    quantized step (P = ``quantization_period``; MoQ's period doubles at every change) down to
+    ``target_bits``. ``symmetric``: ``absmax / (2^(b-1) - 1)`` scales, values in ``±(2^(b-1) - 1)``
+    (at 8 bits exactly ``zjax.inference.quant``'s int8, so training exports as served; DeepSpeed
+    divides by ``2^(b-1)``); ``symmetric: false``: scale and zero point over ``2^b - 1`` levels.
+    One scale per output column, or per ``group_size`` input rows of each column."""
+
+    start_bits: int = Field(8, ge=2, le=16)
+    target_bits: int = Field(8, ge=2, le=16)
+    quantization_period: int = Field(1, gt=0)
+    symmetric: bool = True
+    group_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bits(self) -> WeightQuantizationGroup:
+        if self.target_bits > self.start_bits:
+            raise ValueError(f"target_bits={self.target_bits} is above start_bits={self.start_bits}; training "
+                             "lowers the precision, so use target_bits <= start_bits")
+        return self
+
+
+class ActivationQuantizationGroup(_CompressionGroup):
+    """Token-wise fake quantization of the inputs of the matched matmuls (DeepSpeed's
+    ``activation_quantization`` with dynamic range), from ``schedule_offset``; straight-through
+    gradients. The reference GPT's projections read it; ``modules`` match their weights' paths."""
+
+    bits: int = Field(8, ge=2, le=16)
+    symmetric: bool = True
+
+
+class LayerReductionConfig(_Section):
+    """A student with ``keep_number_layer`` layers initialized from the teacher's layers
+    ``teacher_layer`` (0-based, in order; DeepSpeed's ``layer_reduction``); embeddings, final norm
+    and head are copied whole."""
+
+    enabled: bool = False
+    keep_number_layer: int | None = Field(None, gt=0)
+    teacher_layer: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _layers(self) -> LayerReductionConfig:
+        if not self.enabled:
+            return self
+        if not self.teacher_layer:
+            raise ValueError("enabled layer reduction needs teacher_layer, the teacher layers the student starts "
+                             "from, e.g. teacher_layer: [1, 3]")
+        if self.keep_number_layer is not None and self.keep_number_layer != len(self.teacher_layer):
+            raise ValueError(f"keep_number_layer={self.keep_number_layer} but teacher_layer has "
+                             f"{len(self.teacher_layer)} entries ({self.teacher_layer}); give one teacher layer per "
+                             "student layer")
+        if any(i < 0 for i in self.teacher_layer):
+            raise ValueError(f"teacher_layer={self.teacher_layer}: layers are numbered from 0")
+        return self
+
+
+class DistillationConfig(_Section):
+    """Knowledge distillation from a frozen teacher (``teacher``: a zjax checkpoint directory or a
+    safetensors file of the reference GPT; ``teacher_model``: its shape, default ``model``'s): the
+    loss is ``(1 - alpha) * task loss + alpha * T^2 * KL(teacher_T || student_T)`` over tokens,
+    plus ``hidden_weight`` times the mean squared difference of the final hidden states."""
+
+    teacher: str | None = None
+    teacher_model: dict[str, Any] | None = None
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+    hidden_weight: float = Field(0.0, ge=0)
+
+
+class CompressionConfig(_Section):
+    """Model compression during training (``zjax.compression``; DeepSpeed's ``compression_training``
+    maps onto it): pruning masks and fake quantization applied by the train step, layer reduction
+    and distillation for the reference GPT. Each technique is a list of groups."""
+
+    sparse_pruning: list[SparsePruningGroup] = Field(default_factory=list)
+    row_pruning: list[StructuredPruningGroup] = Field(default_factory=list)
+    channel_pruning: list[StructuredPruningGroup] = Field(default_factory=list)
+    head_pruning: list[StructuredPruningGroup] = Field(default_factory=list)
+    weight_quantization: list[WeightQuantizationGroup] = Field(default_factory=list)
+    activation_quantization: list[ActivationQuantizationGroup] = Field(default_factory=list)
+    layer_reduction: LayerReductionConfig = Field(default_factory=LayerReductionConfig)
+    distillation: DistillationConfig = Field(default_factory=DistillationConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sparse_pruning or self.row_pruning or self.channel_pruning or self.head_pruning
+                    or self.weight_quantization or self.activation_quantization or self.layer_reduction.enabled
+                    or self.distillation.teacher)
+
+
 class Config(_Section):
     """A whole zjax run. Build it with ``load_config``; ``Config()`` is all defaults."""
 
@@ -683,6 +858,7 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
     _ignored: tuple[tuple[str, str], ...] = PrivateAttr(default=())
     _mapped: tuple[tuple[str, str], ...] = PrivateAttr(default=())

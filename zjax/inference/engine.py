@@ -196,7 +196,9 @@ class Engine:
         cfg = _run_config(checkpoints, config, step)
         kw.setdefault("logical_axis_rules", cfg.logical_axis_rules)
         kw.setdefault("tokenizer", _tokenizer_in([directory, checkpoints], cfg.model.vocab_size))
-        return cls(load_params(checkpoints, step), cfg.model, **kw)
+        from zjax.compression.distill import student_params  # a distillation run: serve its student
+
+        return cls(student_params(load_params(checkpoints, step)), cfg.model, **kw)
 
     @classmethod
     def from_safetensors(cls, path, model_cfg: Any, **kw) -> Engine:

@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
 from pallas_kernels.dispatch import backend
+from zjax.compression.quantization import in_region, quantize_input, region_args
 from zjax.errors import ConfigError
 from zjax.config import remat
 from zjax.config.schema import check_rope_scaling
@@ -233,27 +234,34 @@ def gpt_loss(model: GPT, batch: dict) -> tuple[jax.Array, dict]:
       includes their auxiliary loss (``model.moe``'s coefficients) and the dict their
       ``moe_dropped_fraction`` (of token-to-expert assignments, over the layers).
     """
-    segment_ids = batch.get("segment_ids")
-    if "inputs" in batch:
-        inputs, targets = batch["inputs"], batch["targets"]
-        counted = jnp.ones(targets.shape, jnp.float32)
-        if "loss_mask" in batch:
-            counted = counted * (batch["loss_mask"] != 0)
-    else:
-        tokens = batch["tokens"]
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        counted = jnp.ones(targets.shape, jnp.float32)
-        if "loss_mask" in batch:
-            counted = counted * (batch["loss_mask"][:, 1:] != 0)
-        if segment_ids is not None:
-            counted = counted * (segment_ids[:, 1:] == segment_ids[:, :-1])
-            segment_ids = segment_ids[:, :-1]
+    inputs, targets, segment_ids, counted = shifted_batch(batch)
     nll, aux = model.token_nll_and_aux(inputs, targets, segment_ids)
     weight = counted.sum()
     loss = (nll * counted).sum() / jnp.maximum(weight, 1.0) + aux["loss"]
     if "dropped" in aux:  # reported by the train step as a metric
         return loss, {"weight": weight, "moe_dropped_fraction": aux["dropped"] / jnp.maximum(aux["assignments"], 1.0)}
     return loss, {"weight": weight}
+
+
+def shifted_batch(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """``(inputs, targets, segment_ids, counted)`` of a ``gpt_loss`` batch: ``counted`` (float32)
+    is 1 where a target counts (its ``loss_mask``, its input's document)."""
+    segment_ids = batch.get("segment_ids")
+    if "inputs" in batch:
+        inputs, targets = batch["inputs"], batch["targets"]
+        counted = jnp.ones(targets.shape, jnp.float32)
+        if "loss_mask" in batch:
+            counted = counted * (batch["loss_mask"] != 0)
+        return inputs, targets, segment_ids, counted
+    tokens = batch["tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    counted = jnp.ones(targets.shape, jnp.float32)
+    if "loss_mask" in batch:
+        counted = counted * (batch["loss_mask"][:, 1:] != 0)
+    if segment_ids is not None:
+        counted = counted * (segment_ids[:, 1:] == segment_ids[:, :-1])
+        segment_ids = segment_ids[:, :-1]
+    return inputs, targets, segment_ids, counted
 
 
 def make_gpt(cfg_model: Any, seed: int = 0, param_dtype=jnp.float32, kernels: str = "xla") -> GPT:
@@ -423,20 +431,26 @@ class Attention(nnx.Module):
             weight_axes += (("heads",), ("kv_heads",), ("kv_heads",))
             weights += (self.bq[...], self.bk[...], self.bv[...])
 
+        extra = region_args()  # activation quantization's step, when active
+
         def local(x, *args):
-            *weights, cos, sin, positions, segment_ids = args
-            return self._attend(x, *weights, cos=cos, sin=sin, positions=positions, segment_ids=segment_ids,
-                                kernels=kernels)
+            *weights, cos, sin, positions, segment_ids = args[:len(args) - len(extra)]
+            with in_region(args[len(args) - len(extra):]):
+                return self._attend(x, *weights, cos=cos, sin=sin, positions=positions, segment_ids=segment_ids,
+                                    kernels=kernels)
 
         return per_shard(local, (ACTIVATION_AXES, *weight_axes, ("length", None), ("length", None), ("length",),
-                                 TOKEN_AXES), ACTIVATION_AXES)(x, *weights, *rope, segment_ids)
+                                 TOKEN_AXES, *(None for _ in extra)), ACTIVATION_AXES)(x, *weights, *rope,
+                                                                                        segment_ids, *extra)
 
     def _attend(self, x, wq, wk, wv, wo, bq=None, bk=None, bv=None, *, cos, sin, positions, segment_ids, kernels):
         hd = self.head_dim
         tp = split_axis("heads")
         x = _gather_sequence(x)
         batch, seq_len, _ = x.shape
-        q, k, v = x @ wq, x @ wk, x @ wv
+        q = quantize_input(x, "blocks/attn/wq") @ wq
+        k = quantize_input(x, "blocks/attn/wk") @ wk
+        v = quantize_input(x, "blocks/attn/wv") @ wv
         if bq is not None:
             q, k, v = q + bq.astype(q.dtype), k + bk.astype(k.dtype), v + bv.astype(v.dtype)
         q = checkpoint_name(q, "q_proj")
@@ -468,7 +482,9 @@ class Attention(nnx.Module):
         else:
             out = self._sparse(q, k, v, segment_ids, tp, kernels)
         out = checkpoint_name(out.reshape(batch, seq_len, -1), "attn_out")
-        return _sum_shards(checkpoint_name(out @ wo, "attn_proj"), _split_over("heads", wo.shape[0], self.n_heads * hd))
+        split = _split_over("heads", wo.shape[0], self.n_heads * hd)
+        out = quantize_input(out, "blocks/attn/wo", axis_name=split)
+        return _sum_shards(checkpoint_name(out @ wo, "attn_proj"), split)
 
 
     def _sparse(self, q, k, v, segment_ids, tp, kernels):
@@ -499,9 +515,15 @@ class MLP(nnx.Module):
                              param_dtype)
 
     def __call__(self, x, kernels="xla"):
-        local = functools.partial(self._feed_forward, kernels=kernels)
-        return per_shard(local, (ACTIVATION_AXES, ("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed")),
-                         ACTIVATION_AXES)(x, self.w_gate[...], self.w_up[...], self.w_down[...])
+        extra = region_args()  # activation quantization's step, when active
+
+        def local(x, w_gate, w_up, w_down, *extra):
+            with in_region(extra):
+                return self._feed_forward(x, w_gate, w_up, w_down, kernels=kernels)
+
+        return per_shard(local, (ACTIVATION_AXES, ("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed"),
+                                 *(None for _ in extra)),
+                         ACTIVATION_AXES)(x, self.w_gate[...], self.w_up[...], self.w_down[...], *extra)
 
     def _feed_forward(self, x, w_gate, w_up, w_down, *, kernels):
         def feed_forward(weights, x):
@@ -511,10 +533,12 @@ class MLP(nnx.Module):
                 # can carry a checkpoint name.
                 hidden = pallas_kernels.swiglu(x, w_gate, w_up, impl=kernels)
             else:
-                gate = checkpoint_name(x @ w_gate, "mlp_gate")
-                up = checkpoint_name(x @ w_up, "mlp_up")
+                gate = checkpoint_name(quantize_input(x, "blocks/mlp/w_gate") @ w_gate, "mlp_gate")
+                up = checkpoint_name(quantize_input(x, "blocks/mlp/w_up") @ w_up, "mlp_up")
                 hidden = jax.nn.silu(gate) * up
-            return checkpoint_name(checkpoint_name(hidden, "mlp_hidden") @ w_down, "mlp_out")
+            hidden = quantize_input(checkpoint_name(hidden, "mlp_hidden"), "blocks/mlp/w_down",
+                                    axis_name=_split_over("mlp", w_down.shape[0], self.d_ff))
+            return checkpoint_name(hidden @ w_down, "mlp_out")
 
         # ALST: with tiling.mlp_tiles > 1 no [S, d_ff] activation exists whole
         out = tiled(feed_forward, tiles("mlp"), (w_gate, w_up, w_down), _gather_sequence(x),

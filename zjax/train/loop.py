@@ -32,7 +32,8 @@ from tqdm import tqdm
 from zjax.checkpoint import Checkpointer
 from zjax.config.schema import Config
 from zjax.errors import ConfigError
-from zjax.models.gpt import count_params, gpt_loss, make_gpt
+from zjax.compression.distill import gpt_setup
+from zjax.models.gpt import count_params, make_gpt
 from zjax.data.loader import make_loader, shift_tokens, token_datasets
 from zjax.train.step import METRICS, make_train_step
 
@@ -66,7 +67,10 @@ def _train(cfg: Config, stop: _StopSignal, signal_at: _SignalAt) -> dict:
         _make_output_dir(Path(cfg.output_dir))
     model = make_gpt(cfg.model, seed=cfg.seed, kernels=cfg.kernels)
     datasets = token_datasets(cfg.data, vocab_size=cfg.model.vocab_size, seed=cfg.seed, max_bytes=MAX_CORPUS_BYTES)
-    train = make_train_step(cfg, gpt_loss, model=model)
+    # compression: layer reduction starts from teacher layers; distillation trains beside a frozen teacher
+    setup = gpt_setup(cfg, model)
+    train = make_train_step(cfg, setup["loss_fn"], model=setup["model"], trainable=setup["trainable"],
+                            eval_loss_fn=setup["eval_loss_fn"])
     batch_size = train.global_batch_size
     tokens_per_step = batch_size * cfg.data.seq_len
     params = count_params(cfg.model)

@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
+from zjax import compression
 from zjax.train import adapters, loss_scale, onebit
 from zjax.parallel import zero
 from zjax.config.schema import Config, load_config
@@ -165,6 +166,7 @@ def make_train_step(
     logical_axes: Any = None,
     devices: Any = None,
     trainable: Any = None,
+    eval_loss_fn: Callable | None = None,
 ) -> "TrainStep":
     """Builds the training step for ``loss_fn`` from a zjax or DeepSpeed config.
 
@@ -187,6 +189,8 @@ def make_train_step(
         ``fn(path, leaf) -> bool`` with ``path`` a tuple of keys. Frozen parameters get
         no master copy, optimizer state or gradient, are kept in the compute dtype
         (split over ``data`` at ZeRO-3) and stay bit for bit as given.
+      eval_loss_fn: the loss ``evaluate`` reports, called like ``loss_fn`` (default ``loss_fn``):
+        e.g. a distilled student's own cross entropy while it trains on a distillation loss.
 
     Returns:
       A ``TrainStep``: ``train.init(params_or_fn, rng)`` then ``state, metrics = train(state, batch)``.
@@ -195,14 +199,14 @@ def make_train_step(
       >>> train = make_train_step("configs/tiny.yaml", loss_fn)  # doctest: +SKIP
     """
     return TrainStep(config, loss_fn, model=model, optimizer=optimizer, logical_axes=logical_axes, devices=devices,
-                     trainable=trainable)
+                     trainable=trainable, eval_loss_fn=eval_loss_fn)
 
 
 class TrainStep:
     """A jitted, donated ZeRO training step and the placement it implies."""
 
     def __init__(self, config, loss_fn, *, model=None, optimizer=None, logical_axes=None, devices=None,
-                 trainable=None):
+                 trainable=None, eval_loss_fn=None):
         self.config: Config = config if isinstance(config, Config) else load_config(config)
         cfg = self.config
         self.mesh = make_mesh(cfg.mesh, devices)
@@ -224,6 +228,7 @@ class TrainStep:
         self.zero = zero.ZeroStage(self.stage, self.data_size * self.sequence_size,
                                    self.dtypes.compute != self.dtypes.param)
         self.adapter = adapters.adapt(loss_fn, model, logical_axes)
+        self._eval_adapter = self.adapter if eval_loss_fn is None else adapters.adapt(eval_loss_fn, model, logical_axes)
         self.trainable = trainable
         self._user_optimizer = optimizer
         self.scaler = loss_scale.loss_scaler_from_config(cfg)
@@ -290,6 +295,15 @@ class TrainStep:
         else:
             mask = default_decay_mask(map_layouts(lambda lay: lay.layer_shape, layouts))
             self.tx = make_optimizer(self.config, decay_mask=None if self.config.optimizer.decay_norms_and_biases else mask)
+        # pruning masks (zjax.compression.prune) after the optimizer: pruned weights stay exactly zero
+        self._pruning = compression.pruning_groups(self.config.compression)
+        if self._pruning:
+            if isinstance(self.tx, onebit.DataParallelTransformation):
+                raise ConfigError("compression pruning runs after an optax optimizer; the communicating optimizer "
+                                  f"{self.config.optimizer.type!r} takes local gradients: use adam/adamw with pruning")
+            stacked = [compression.masks.path_name(path) for path, lay in
+                       jax.tree_util.tree_flatten_with_path(layouts, is_leaf=zero.is_layout)[0] if lay.stacked]
+            self.tx = optax.chain(self.tx, compression.prune(self._pruning, stacked=stacked))
         stored = map_layouts(lambda lay: jax.ShapeDtypeStruct(lay.stored_shape, self.dtypes.param), layouts)
         self._param_specs = map_layouts(lambda lay: lay.spec, layouts)
         # An optimizer that communicates over data itself (1-bit Adam, 0/1 Adam, 1-bit LAMB) takes
@@ -577,7 +591,7 @@ class TrainStep:
     def _global_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """The step on global arrays: gradients (in shard_map), the update, the gather."""
         state = self._to_device(state)
-        grads, loss, finite, grad_norm, extras, comm = self._grads(state, batch)
+        grads, loss, finite, grad_norm, extras, comm = self._grads(self._quantized_for_loss(state), batch)
         if self.keeps_master:
             master = state.master
         else:
@@ -618,6 +632,21 @@ class TrainStep:
         }
         return new_state, metrics
 
+    def _quantized_for_loss(self, state: TrainState) -> TrainState:
+        """``state`` with the parameters the loss reads fake-quantized (``compression.weight_quantization``:
+        the replicated copy, or ZeRO-3's master) on global arrays; the update still goes to the float
+        master, with the gradient taken at the quantized weights (straight through)."""
+        groups = self.config.compression.weight_quantization
+        if not groups:
+            return state
+        applied = state.step - state.loss_scale.skipped
+        if self.zero.gathers_for_loss:
+            return state.replace(master=self._constrain(
+                compression.quantize_weights(state.master, groups, applied), self._param_specs))
+        replicated = compression.quantize_weights(state.replicated, groups, applied)
+        return state.replace(replicated=self._constrain(replicated, map_layouts(lambda lay: lay.model_spec,
+                                                                                self.layouts)))
+
     def _local_grads(self, state: TrainState, batch: Any):
         """The per-device program (inside shard_map): this device's part of the reduced,
         unscaled and clipped gradients, the loss, whether every gradient is finite, and the
@@ -629,7 +658,9 @@ class TrainStep:
                 zero.quantized_gathers(self._quantization_block), \
                 zero.quantized_reductions(self._node_size, self.config.zero.quantization_block,
                                           self.config.zero.loco_err_beta), \
-                zero.secondary_partition(self.config.zero.hpz_partition_size):
+                zero.secondary_partition(self.config.zero.hpz_partition_size), \
+                compression.activation_quantization(self.config.compression.activation_quantization,
+                                                    state.step - state.loss_scale.skipped):
             grads, loss, weight, extras, comm = self._accumulate(state, batch)
         if not calls and self.config.remat.policy != "none":
             logger.warning(
@@ -781,11 +812,11 @@ class TrainStep:
                     self.stage)
         return self._compute_params(state)
 
-    def _weighted_loss(self, params, batch, key):
+    def _weighted_loss(self, params, batch, key, adapter=None):
         """(loss * weight, weight, {name: value * weight}) of one micro-batch, in float32: the
         loss's aux dict may hold a ``weight`` and any other scalars (metrics the step reports as
         their weighted mean, e.g. an MoE's dropped-token fraction)."""
-        loss, aux = self.adapter.loss_fn(params, batch, key)
+        loss, aux = (adapter or self.adapter).loss_fn(params, batch, key)
         aux = aux if isinstance(aux, dict) else {}
         weight = lax.stop_gradient(jnp.asarray(aux.get("weight", 1.0), jnp.float32))
         extras = {name: lax.stop_gradient(jnp.asarray(value, jnp.float32)) * weight for name, value in aux.items()
@@ -801,18 +832,22 @@ class TrainStep:
                 with layer_context("none", sharded_params=self.zero.reduces_in_backward, gathered={}), \
                         axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
                         tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
-                        zero.quantized_gathers(self._quantization_block):
+                        zero.quantized_gathers(self._quantization_block), \
+                        compression.activation_quantization(self.config.compression.activation_quantization,
+                                                            state.step - state.loss_scale.skipped):
                     diff, extra, to_params = self._params_for_loss(state, batch, key)
                     if self.schedule_table is None:
-                        lw, w, _ = self._weighted_loss(to_params(diff, extra), batch, key)
+                        lw, w, _ = self._weighted_loss(to_params(diff, extra), batch, key, self._eval_adapter)
                     else:
                         lw, w, _ = pipeline.pipeline_loss(
-                            lambda d, e, mb, k: self._weighted_loss(to_params(d, e), mb, k), diff, extra, batch,
+                            lambda d, e, mb, k: self._weighted_loss(to_params(d, e), mb, k, self._eval_adapter),
+                            diff, extra, batch,
                             key, schedule=self.schedule_table, **self._stage_specs())
                 return lax.psum(lw, BATCH_AXES) / lax.psum(w, BATCH_AXES)
 
             local_eval = self._manual(local, in_specs=(self.state_specs, P(BATCH_AXES)), out_specs=P())
-            self._eval = jax.jit(lambda state, batch: local_eval(self._to_device(state), batch))
+            self._eval = jax.jit(lambda state, batch: local_eval(self._quantized_for_loss(self._to_device(state)),
+                                                                 batch))
         return self._eval(state, self.shard_batch(batch))
 
     def _accumulate(self, state: TrainState, batch: Any):
