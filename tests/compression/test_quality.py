@@ -1,7 +1,8 @@
 """The issue's quality bars on a small character model trained on the standard library's source,
-measured by benchmarks/compression_quality.py (run here in a subprocess on one device at XLA's
-default optimization, where these few hundred steps run ~3x faster than under the suite's
-level-0 flags): 50% unstructured sparsity recovers to within 1% of the dense model's held-out
+measured by benchmarks/compression_quality.py (run here in a subprocess on one device with XLA:CPU's
+backend at optimization level 1 and its classic emitters: these few hundred steps then run ~2.5x
+faster than under the suite's level-0 flags, and each step compiles in ~8 s rather than ~18 s at
+the default flags): 50% unstructured sparsity recovers to within 1% of the dense model's held-out
 loss, and knowledge distillation beats the same student trained from scratch on two seeds."""
 import json
 import os
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_sparse_recovery_and_distillation_bars(tmp_path):
     out = tmp_path / "quality.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "compression_quality.py"), "--size", "small", "--no-speed",
          "--dense-steps", "200", "--recovery-steps", "100", "--student-steps", "60", "--eval-batches", "8",
