@@ -151,6 +151,23 @@ def test_row_and_head_pruning_clean_to_an_exactly_smaller_model_that_computes_th
                                logits(jax.tree.map(jnp.asarray, pruned), cfg, tokens), rtol=1e-5, atol=1e-5)
 
 
+def test_channel_pruning_of_the_down_projection_cleans_like_row_pruning():
+    """Channel pruning masks input features (w_down's rows; its related w_up's columns)."""
+    groups = "compression.channel_pruning=[{modules: [mlp/w_down], related_modules: [mlp/w_up], dense_ratio: 0.25}]"
+    train, _, _, params = _run(groups, "zero.stage=2", steps=2)
+    cfg = train.config.model
+    down = np.asarray(params[-1]["blocks"]["mlp"]["w_down"])
+    assert ((down != 0).any(-1).sum(-1) == round(cfg.d_ff * 0.25)).all()
+    small, small_cfg = clean.redundancy_clean(params[-1], cfg)
+    assert small_cfg["d_ff"] == round(cfg.d_ff * 0.25) and small_cfg["n_heads"] == cfg.n_heads
+    from zjax.inference.model import logits
+
+    shrunk = zjax.load_config({"model": small_cfg, "data": {"seq_len": 32}}).model
+    tokens = jnp.asarray(token_batches(1, 2, 32, split="val")[0]["tokens"][:, :-1])
+    np.testing.assert_allclose(logits(jax.tree.map(jnp.asarray, small), shrunk, tokens),
+                               logits(jax.tree.map(jnp.asarray, params[-1]), cfg, tokens), rtol=1e-5, atol=1e-5)
+
+
 # --- quantization-aware training ---------------------------------------------------------------
 
 
@@ -253,6 +270,13 @@ def test_distillation_trains_only_the_student_with_the_teacher_frozen_and_sharde
     after = jax.device_get(state.params)
     np.testing.assert_array_equal(after["teacher"]["blocks"]["mlp"]["w_up"], teacher_before["blocks"]["mlp"]["w_up"])
     assert np.isfinite(float(metrics["kd"])) and float(metrics["kd"]) > 0
+    # hidden-state matching adds hidden_weight x the mean squared difference of the final hidden states
+    batch = {k: jnp.asarray(v) for k, v in token_batches(1, 2, 32)[0].items()}
+    base, aux = distill.distillation_loss(model, batch, alpha=0.5)
+    with_hidden, _ = distill.distillation_loss(model, batch, alpha=0.5, hidden_weight=3.0)
+    tokens = batch["tokens"][:, :-1]
+    mse = float(jnp.mean(jnp.square(model.student.hidden(tokens) - model.teacher.hidden(tokens))))
+    np.testing.assert_allclose(float(with_hidden), float(base) + 3.0 * mse, rtol=1e-5)
     # kd_loss is T^2 KL(teacher || student): zero against itself, positive otherwise
     logits = jax.random.normal(KEY, (2, 3, 11))
     assert float(jnp.abs(distill.kd_loss(logits, logits, 2.0)).max()) < 1e-6
