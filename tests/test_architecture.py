@@ -38,7 +38,7 @@ LAYERS = [
     ("zjax.parallel",),
     ("zjax.layers", "zjax.models", "zjax.train", "zjax.compression"),
     ("zjax.checkpoint", "zjax.export", "zjax.data", "zjax.distributed", "zjax.train.loop", "zjax.inference",
-     "zjax.compression.distill", "zjax.compression.clean"),
+     "zjax.compression.distill", "zjax.compression.clean", "zjax.rlhf"),
     ("zjax.analysis",),
     ("zjax.cli", "zjax.__main__", "zjax"),
 ]

@@ -140,7 +140,8 @@ class Engine:
 
         self.mesh = _tensor_mesh(tensor, devices)
         rules = dict(DEFAULT_LOGICAL_AXIS_RULES if logical_axis_rules is None else logical_axis_rules)
-        self.params = _place_params(params, model_cfg, self.mesh, rules, _DTYPES[dtype])
+        self._rules, self._dtype = rules, _DTYPES[dtype]
+        self.params = _place_params(params, model_cfg, self.mesh, rules, self._dtype)
         kv_split = tensor > 1 and model_cfg.n_kv_heads % tensor == 0
         self._cache_sharding = NamedSharding(self.mesh, P(None, None, None, "tensor", None) if kv_split else P())
         self.cache = init_cache(model_cfg.n_layers, num_pages, page_size, model_cfg.n_kv_heads,
@@ -223,6 +224,21 @@ class Engine:
         cfg, params = load_hf(path, kw.get("dtype", "float32"), max_seq_len=max_seq_len)
         kw.setdefault("tokenizer", _tokenizer_in([Path(path)], cfg.vocab_size))
         return cls(params, cfg, **kw)
+
+    def load_params(self, params: dict) -> None:
+        """Serve new weights of the same shapes (RLHF's hybrid engine: the actor's parameters after
+        each update, re-laid out from the training layout onto this engine's mesh); the compiled
+        pass is reused. The engine must be idle."""
+        if self.has_unfinished():
+            raise ValueError("load_params() needs an idle engine: requests are in flight; step() until "
+                             "has_unfinished() is False, or abort them")
+        old = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), self.params)
+        placed = _place_params(params, self.cfg, self.mesh, self._rules, self._dtype)
+        new = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), placed)
+        if old != new:
+            raise ValueError("load_params() takes params of the shapes the engine was built with; build a new "
+                             "Engine for another model")
+        self.params = placed
 
     # -- requests -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ one is), so every tree keeps the user's structure.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any, Callable, NamedTuple
@@ -239,6 +240,7 @@ class TrainStep:
         self.frozen_layouts = None
         self.abstract_state = None
         self._eval = None
+        self._per_example: dict = {}
         # Whether the model's 'layers' stacks reach the loss gathered whole (it does not pass them
         # through zjax.scan_layers: a Linen nn.scan or NNX nnx.scan stack); None until traced.
         self._whole_stacks: bool | None = None
@@ -459,7 +461,10 @@ class TrainStep:
                 return jax.device_put(x, sharding.with_memory_kind("device"))
             return x
 
-        return jax.tree.map(fetch, state, self.state_sharding)
+        shardings = self.state_sharding
+        if state.opt_state is None:  # a frozen copy (per_example): parameters only
+            shardings = shardings.replace(opt_state=None)
+        return jax.tree.map(fetch, state, shardings)
 
     # -- init -------------------------------------------------------------------------
 
@@ -783,7 +788,7 @@ class TrainStep:
         # Marked varying so that the gradient stays local until we reduce it.
         return jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), compute), None, lambda d, _, errors=None: d
 
-    def _params_for_loss(self, state: TrainState, sample: Any, key: Any):
+    def _params_for_loss(self, state: TrainState, sample: Any, key: Any, probe: Callable | None = None):
         """``_compute_params``, after finding out once, by tracing the loss on ``sample`` (one
         micro-batch), whether the model passes its ``layers`` stacks through ``zjax.scan_layers``.
         A model that scans them itself (Linen ``nn.scan``, NNX ``nnx.scan``) cannot take the
@@ -794,7 +799,8 @@ class TrainStep:
 
             def trace(state):
                 diff, extra, to_params = self._compute_params(state)
-                jax.eval_shape(lambda d, e: self._weighted_loss(to_params(d, e), sample, key), diff, extra)
+                run = probe or (lambda params, batch, k: self._weighted_loss(params, batch, k))
+                jax.eval_shape(lambda d, e: run(to_params(d, e), sample, key), diff, extra)
 
             try:
                 trace(state)
@@ -823,18 +829,25 @@ class TrainStep:
                   if name != "weight" and name not in METRICS and jnp.ndim(value) == 0}
         return loss.astype(jnp.float32) * weight, weight, extras
 
+    @contextlib.contextmanager
+    def _forward_context(self, state: TrainState):
+        """What the model's forward reads while traced outside the step (evaluate, per_example):
+        no remat, the placement rules, sequence parallelism, tiling, qwZ, activation quantization."""
+        with layer_context("none", sharded_params=self.zero.reduces_in_backward, gathered={}), \
+                axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
+                tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
+                zero.quantized_gathers(self._quantization_block), \
+                compression.activation_quantization(self.config.compression.activation_quantization,
+                                                    state.step - state.loss_scale.skipped):
+            yield
+
     def evaluate(self, state: TrainState, batch: Any) -> jax.Array:
         """The (weighted) mean loss on a global batch, without updating anything."""
         if self._eval is None:
             def local(state, batch):
                 key = jax.random.fold_in(state.rng, 2**31 - 1)
                 state = state.replace(opt_state=None)  # the (consensus) parameters, not a device's own
-                with layer_context("none", sharded_params=self.zero.reduces_in_backward, gathered={}), \
-                        axis_rules(self.config.logical_axis_rules), sequence_parallel(self.config.sequence_parallel), \
-                        tiling(mlp=self.config.tiling.mlp_tiles, loss=self.config.tiling.loss_tiles), \
-                        zero.quantized_gathers(self._quantization_block), \
-                        compression.activation_quantization(self.config.compression.activation_quantization,
-                                                            state.step - state.loss_scale.skipped):
+                with self._forward_context(state):
                     diff, extra, to_params = self._params_for_loss(state, batch, key)
                     if self.schedule_table is None:
                         lw, w, _ = self._weighted_loss(to_params(diff, extra), batch, key, self._eval_adapter)
@@ -849,6 +862,33 @@ class TrainStep:
             self._eval = jax.jit(lambda state, batch: local_eval(self._quantized_for_loss(self._to_device(state)),
                                                                  batch))
         return self._eval(state, self.shard_batch(batch))
+
+    def per_example(self, state: TrainState, batch: Any, fn: Callable) -> Any:
+        """``fn(params_or_module, batch)`` on the sharded state, without updating anything: its
+        output (arrays with the batch as their leading axis, e.g. per-token log-probs or values)
+        comes back as global arrays split over the batch axes.
+
+        The params reach ``fn`` as they reach the loss (gathered a layer at a time at ZeRO-3),
+        so frozen copies of a model (RLHF's reference and reward models) are a ``TrainState``
+        whose ``opt_state`` is None, run here. ``fn`` is traced once per function object.
+        """
+        if self.schedule_table is not None:
+            raise ConfigError("per_example runs the model on each data-parallel device; with mesh.stage > 1 the "
+                              "model is split into pipeline stages: use mesh.stage: 1 for this model")
+        state = state.replace(opt_state=None)
+        if fn not in self._per_example:
+            def local(state, batch):
+                key = jax.random.fold_in(state.rng, 2**31 - 2)
+                with self._forward_context(state):
+                    diff, extra, to_params = self._params_for_loss(
+                        state, batch, key, probe=lambda params, b, _: fn(self.adapter.to_user(params), b))
+                    return fn(self.adapter.to_user(to_params(diff, extra)), batch)
+
+            specs = self.state_specs.replace(opt_state=None)
+            run = self._manual(local, in_specs=(specs, P(BATCH_AXES)), out_specs=P(BATCH_AXES))
+            self._per_example[fn] = jax.jit(lambda state, batch: run(self._quantized_for_loss(self._to_device(state)),
+                                                                     batch))
+        return self._per_example[fn](state, self.shard_batch(batch))
 
     def _accumulate(self, state: TrainState, batch: Any):
         """Scans micro-batches; returns summed (weighted, scaled) grads, mean loss, total weight."""
