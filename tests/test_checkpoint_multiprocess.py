@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import zjax
-from gpt_helpers import token_batches
+from gpt_helpers import token_batches, xla_flags
 from zjax.distributed import free_local_port
 from zjax.models import gpt_loss, make_gpt
 
@@ -42,7 +42,7 @@ ckpt.close()
 
 
 def test_two_process_save_restores_on_one_process(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"}
     address = f"127.0.0.1:{free_local_port()}"
     procs = [
         subprocess.Popen([sys.executable, "-c", WORKER, address, str(i), str(tmp_path)], cwd=ROOT, env=env,

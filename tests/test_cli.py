@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpt_helpers import xla_flags
 from zjax.cli import main, simulate_cpu_devices
 
 TINY = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
@@ -15,7 +16,7 @@ STEP_KEYS = ["step", "loss", "grad_norm", "lr", "loss_scale", "skipped", "tokens
 
 
 def _zjax(*args, timeout=300):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "zjax", *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import zjax
+from gpt_helpers import xla_flags
 from zjax.distributed import _supervise, initialize
 from zjax.errors import ConfigError
 from zjax.train.loop import train_run
@@ -26,7 +27,7 @@ def losses(run_dir):
 
 
 def cli_env():
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
 
 
 def test_two_processes_train_like_one_and_resume_on_one(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from gpt_helpers import xla_flags
 from zjax.errors import ConfigError
 from zjax.analysis.hlo import collective_schedule, matmul_flops
 from zjax.analysis.profile import profile, write_png
@@ -139,7 +140,7 @@ def test_bad_steps_is_a_config_error():
 
 
 def test_cli_writes_json_and_png(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-m", "zjax", "profile", TINY, "--steps", "2", "--no-compare",
          "--json", str(tmp_path / "out.json"), "--png", str(tmp_path / "out.png")],

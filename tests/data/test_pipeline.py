@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import zjax.data.loader
+from gpt_helpers import xla_flags
 from zjax.config.schema import load_config
 from zjax.data.corpus import TextCorpus
 from zjax.distributed import free_local_port
@@ -256,7 +257,7 @@ print("RESULT", json.dumps({"local": loader.local_batch_size, "rows": rows, "sta
 
 
 def test_two_real_processes_assemble_the_one_process_batches():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4), "JAX_PLATFORMS": "cpu"}
     address = f"127.0.0.1:{free_local_port()}"
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, address, str(i)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

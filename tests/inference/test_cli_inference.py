@@ -18,6 +18,7 @@ from flax import nnx
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import zjax
+from gpt_helpers import xla_flags
 from zjax.checkpoint import Checkpointer
 from zjax.cli import main
 from zjax.export import export_safetensors
@@ -135,7 +136,7 @@ def test_bad_sources_and_options_are_clean_errors(capsys, run, args, says):
 
 def test_serve_answers_and_exits_0_on_sigterm(run):
     out, exported, _ = run
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
     server = subprocess.Popen(
         [sys.executable, "-m", "zjax", "serve", str(exported), "--config", str(out / "config.yaml"), "--port", "0",
          "--max-seqs", "2", "--model-name", "tiny"],

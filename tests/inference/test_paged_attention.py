@@ -1,5 +1,7 @@
 """Paged attention: the Pallas kernel (interpret mode) and the XLA path equal dense causal
 attention over each sequence's keys, for decode blocks, prefill chunks and a mix of both, GQA and MQA."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,15 +29,22 @@ def scatter_into_pages(keys, values, page_tables, num_pages, layers=1):
     return jnp.asarray(k_pages), jnp.asarray(v_pages)
 
 
+_causal_reference = jax.jit(functools.partial(attention_reference, causal=True))
+
+
 def dense_expected(q_rows, k, v, positions):
-    """Each query row ``[heads, d]`` at ``positions[i]`` attending over ``k[:pos + 1]`` (dense, causal)."""
-    out = []
-    for row, pos in zip(q_rows, positions):
-        if pos < 0:
-            out.append(jnp.zeros_like(row))
-            continue
-        out.append(attention_reference(row[None, None], k[None, :pos + 1], v[None, :pos + 1])[0, 0])
-    return jnp.stack(out)
+    """Each query row ``[heads, d]`` at ``positions[i]`` attending over ``k[:pos + 1]`` (dense, causal).
+
+    One causal attention over the whole sequence ``k``, the rows placed at their positions: row
+    ``pos`` of a causal mask is ``k[:pos + 1]`` (one program per sequence length, where a call per
+    row compiled one per prefix)."""
+    rows = np.asarray(q_rows)
+    placed = np.zeros((k.shape[0],) + rows.shape[1:], rows.dtype)
+    for row, pos in zip(rows, positions):
+        if pos >= 0:
+            placed[pos] = row
+    full = np.asarray(_causal_reference(jnp.asarray(placed)[None], k[None], v[None])[0])
+    return jnp.asarray(np.stack([full[pos] if pos >= 0 else np.zeros_like(row) for row, pos in zip(rows, positions)]))
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 1), (2, 2)])

@@ -21,7 +21,7 @@ import optax
 import pytest
 from flax import nnx
 
-from gpt_helpers import tiny_config, token_batches
+from gpt_helpers import MANY_STEPS_OPTIONS, tiny_config, token_batches
 from pallas_kernels import (int4_matmul, int4_matmul_reference, int8_matmul, int8_matmul_reference,
                             pack_int4, quantize_rows, unpack_int4, w8a8_matmul,
                             w8a8_matmul_reference)
@@ -191,7 +191,7 @@ def trained():
     graphdef, state = nnx.split(make_gpt(cfg.model, seed=0), nnx.Param)
     opt = optax.adamw(3e-3, weight_decay=0.0)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=MANY_STEPS_OPTIONS)  # 150 steps: code optimized
     def step(state, opt_state, tokens):
         loss, grads = jax.value_and_grad(lambda s: gpt_loss(nnx.merge(graphdef, s), {"tokens": tokens})[0])(state)
         updates, opt_state = opt.update(grads, opt_state, state)

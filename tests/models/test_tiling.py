@@ -1,4 +1,6 @@
 """ALST tiling (``tiling.mlp_tiles``, ``tiling.loss_tiles``): the same training, less memory."""
+import functools
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,10 @@ WIDE = ("precision.compute_dtype=float32", "data.seq_len=256", "model.max_seq_le
         "model.vocab_size=2048", "batch.global_batch_size=8")
 
 
+@functools.lru_cache(maxsize=None)
 def run(*overrides, steps=2):
+    """(losses, compiled temp bytes) of ``steps`` steps; once per module for each setting (the
+    untiled ZeRO-3 run is two tests' reference)."""
     train, state = gpt_train(*WIDE, *overrides)
     batches = token_batches(steps, 8, 256)
     temp = train.lower(state, batches[0]).compile().memory_analysis().temp_size_in_bytes

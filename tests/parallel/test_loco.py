@@ -6,6 +6,8 @@ gathers take it as an input whose cotangent is the new buffer. Both must compute
 thing, whatever model seam carries the gather (scan_layers, a zjax.layer Python loop, a whole
 leaf), and the feedback must bring a coarsely quantized run closer to the exact one.
 """
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -42,13 +44,28 @@ def agree(a, b):
     return float(np.mean(np.abs(a - b) <= 1e-4 * np.max(np.abs(b))))
 
 
+@functools.lru_cache(maxsize=None)
+def _two_hops_error(lay):
+    """qgZ's two hops (node_size 4, block 64) from zero buffers on 8 devices, jitted once per
+    layout (each layer of a stack, and the leaves both stages split alike, share it): x [8
+    devices, ...] -> every device's error."""
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from zjax.parallel import zero
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    f = lambda g: zero._two_hop_scatter(g[0], lay=lay, node_size=4, block=64,  # noqa: E731
+                                        error=jnp.zeros_like(g[0]))[1][None]
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False))
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_loco_buffers_are_what_each_devices_quantizers_lost(stage):
     """One step from zero buffers: each device's buffer is what qgZ's two hops lost on its own
     gradient: the whole leaf after the backward pass (ZeRO-1), each layer's slice inside it
     (ZeRO-3: the buffers' cotangents through scan_layers' per-layer gathers)."""
     from flax import nnx
-    from jax.sharding import PartitionSpec as P
 
     from gpt_helpers import gpt_params, tiny_config
     from zjax.models.gpt import gpt_loss
@@ -68,14 +85,12 @@ def test_loco_buffers_are_what_each_devices_quantizers_lost(stage):
         return loss * aux["weight"]
 
     rows = [{k: v[2 * d:2 * d + 2] for k, v in batch.items()} for d in range(8)]
-    local = [jax.grad(token_sum)(params, r) for r in rows]
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    # one compiled gradient for the 8 devices' rows (op by op, each call re-traced the layers' scan)
+    local_grad = jax.jit(jax.grad(token_sum))
+    local = [local_grad(params, r) for r in rows]
 
     def lost(lay, x):  # x [8 devices, ...]: every device's error after the two hops
-        f = lambda g: zero._two_hop_scatter(g[0], lay=lay, node_size=4, block=64,  # noqa: E731
-                                            error=jnp.zeros_like(g[0]))[1][None]
-        return np.asarray(jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
-                                                check_vma=False))(x))
+        return np.asarray(_two_hops_error(lay)(x))
 
     import jax.numpy as jnp
 

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 import zjax
-from gpt_helpers import gpt_train, token_batches
+from gpt_helpers import gpt_train, rel_norm, token_batches
 from zjax.analysis import hlo
 from zjax.layers import scan_layers
 from zjax.parallel.pipeline import bubble_fraction, make_schedule, pipeline_grads, pipeline_loss, stage_specs
@@ -142,8 +142,8 @@ def test_the_executor_equals_the_layers_in_order_with_gradients(name, microbatch
     grads = stage_order(layouts, grads, inverse=True)  # back to the layers' order
     # the mean over micro-batches of the loss, and its gradient (the tied embedding's from both ends)
     micro = jax.tree.map(lambda x: x.reshape((microbatches, -1) + x.shape[1:]), batch)
-    want_loss, want = jax.value_and_grad(
-        lambda p: jnp.mean(jax.vmap(lambda mb: toy_loss(p, mb))(micro)))(toy_params())
+    want_loss, want = jax.jit(jax.value_and_grad(
+        lambda p: jnp.mean(jax.vmap(lambda mb: toy_loss(p, mb))(micro))))(toy_params())
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     assert float(tokens) == batch["tokens"].size
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
@@ -244,7 +244,7 @@ def test_pipelines_train_like_data_parallelism(data8, stages, schedule, zero_sta
                                f"pipeline.repeats={repeats}")
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
-        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5
+        assert rel_norm(a, b) < 1e-5
     # each stage holds its chunk of the layer stacks (and at ZeRO-1+ its data shard of it) ...
     wq = (state.master if state.master is not None else state.replicated)["blocks"]["attn"]["wq"]
     assert wq.sharding.spec[0] == "stage"
@@ -348,20 +348,20 @@ def test_pipelines_compose_with_tensor_replica_remat_and_frozen_params(pipe, res
     """The embedding frozen (trainable=), remat on, with tensor or replica beside stage: the same run as data=8."""
     def go(*overrides):
         train, state = gpt_train(*GPT, *rest, *overrides, trainable=blocks_only)
+        initial = np.asarray(state.params["embedding"])
         losses = []
         for batch in token_batches(3, 16, 32):
             state, metrics = train(state, batch)
             losses.append(float(metrics["loss"]))
-        return np.array(losses), state
+        return np.array(losses), state, initial
 
-    ref_losses, ref = go()
-    losses, state = go(*pipe)
+    ref_losses, ref, initial = go()
+    losses, state, _ = go(*pipe)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
-        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-5
-    # the frozen embedding did not move
-    np.testing.assert_array_equal(np.asarray(state.params["embedding"]),
-                                  np.asarray(gpt_train(*GPT, *rest)[1].params["embedding"]))
+        assert rel_norm(a, b) < 1e-5
+    # the frozen embedding did not move (from the model's initial one, as data=8 held it before its steps)
+    np.testing.assert_array_equal(np.asarray(state.params["embedding"]), initial)
 
 
 def test_a_pipeline_in_bf16_trains_like_data_parallelism_in_bf16():

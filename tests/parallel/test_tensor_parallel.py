@@ -2,17 +2,17 @@
 Megatron collectives and nothing else over tensor, state split T ways, and checkpoints that
 move between meshes bit for bit."""
 import collections
+import functools
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 import zjax
-from gpt_helpers import device0_bytes, gpt_train, token_batches
+from gpt_helpers import device0_bytes, gpt_train, rel_norm, tiny_config, token_batches
 from zjax.analysis import hlo
 from zjax.checkpoint import to_portable
 from zjax.parallel import zero
@@ -28,11 +28,6 @@ def run(*overrides, steps=STEPS):
         state, metrics = train(state, batch)
         losses.append(float(metrics["loss"]))
     return np.array(losses), state
-
-
-def rel(a, b):
-    return float(jnp.linalg.norm(jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32))
-                 / jnp.linalg.norm(jnp.asarray(b, jnp.float32)))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +49,7 @@ def test_tensor_parallel_trains_like_data_parallel(data8, tensor, stage, accum):
     # sums over tensor shards add in another order; five Adam steps amplify that to ~1e-5 (measured
     # at most 1.3e-5, on the down projection at tensor 4 with accumulation)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(ref.params)):
-        assert rel(a, b) < 3e-5, (jax.tree_util.keystr(path), rel(a, b))
+        assert rel_norm(a, b) < 3e-5, (jax.tree_util.keystr(path), rel_norm(a, b))
     # a weight split over tensor stays split in the state (never replicated over tensor)
     wq = (state.master if state.master is not None else state.replicated)["blocks"]["attn"]["wq"]
     assert "tensor" in wq.sharding.spec
@@ -70,11 +65,13 @@ def test_tensor_parallel_bf16_and_megatron_sequence_parallel(data8):
     np.testing.assert_allclose(fp32, data8[1][0], rtol=1e-5)
 
 
-def test_kernels_run_on_each_tensor_shard():
+def test_kernels_run_on_each_tensor_shard(data8):
     """The Pallas kernels (interpret mode here) see each shard's heads and columns and give
     the same losses as XLA's math; fewer KV heads than shards (2 on 4) takes the KV head
     of each query head's group."""
-    ref, _ = run("precision.compute_dtype=float32", "kernels=xla", steps=2)
+    # the reference: data8's run without accumulation (kernels: xla is the default), its first 2 steps
+    assert tiny_config(*COMMON, "precision.compute_dtype=float32").kernels == "xla"
+    ref = data8[1][0][:2]
     for tensor in (2, 4):
         losses, _ = run("precision.compute_dtype=float32", "kernels=interpret", f"mesh.tensor={tensor}", steps=2)
         np.testing.assert_allclose(losses, ref, rtol=1e-5)
@@ -112,7 +109,10 @@ def test_tensor_parallelism_composes(extra):
 # --- the collectives, from the compiled HLO -----------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def compiled(*overrides):
+    """(train, state, collectives) of the step compiled for ``overrides``; built once per
+    module (the tests below only read them)."""
     train, state = gpt_train("precision.compute_dtype=float32", *overrides)
     text = train.lower(state, token_batches(1, 16, 32)[0]).compile().as_text()
     return train, state, hlo.collectives(text, 8, dict(train.mesh.shape))
@@ -222,7 +222,7 @@ def test_an_nnx_model_with_logical_axes_trains_the_same_under_tensor_parallelism
     losses, state = train_run("mesh.tensor=2")
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ref.params)):
-        assert rel(a, b) < 1e-5
+        assert rel_norm(a, b) < 1e-5
     up = (state.master if state.master is not None else state.replicated)["up"][0]
     assert "tensor" in up.sharding.spec
 

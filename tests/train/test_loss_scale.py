@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt_helpers import xla_flags
 from zjax.errors import ConfigError
 from zjax.train.loss_scale import (
     LossScaleState,
@@ -292,6 +293,6 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
 
 
 def test_works_inside_shard_map_with_the_overflow_on_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

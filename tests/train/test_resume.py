@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import jax
 
+from gpt_helpers import xla_flags
 from zjax.checkpoint import Checkpointer, load_params
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, "-m", "zjax", "train", "configs/tiny.yaml", "log_every=1", "checkpoints.every_steps=4"]
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ENV = {**os.environ, "XLA_FLAGS": xla_flags(8)}
 
 
 def run(*args, timeout=300):
