@@ -108,6 +108,20 @@ def export(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def rlhf(args: argparse.Namespace) -> None:
+    from zjax.config.schema import load_config
+    from zjax.distributed import initialize
+
+    cfg = load_config(args.config, args.overrides)
+    initialize()
+    from zjax.rlhf.run import rlhf_run
+
+    summary = rlhf_run(args.mode, cfg)
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()
+             if k in ("steps", "loss", "eval_loss", "eval_accuracy", "score", "kl", "response_length")}
+    print(f"rlhf {args.mode}: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+
+
 def compress_clean(args: argparse.Namespace) -> None:
     from zjax.compression.clean import clean_checkpoint
 
@@ -254,8 +268,9 @@ def _engine(args: argparse.Namespace):
     try:
         if args.quantize != "none":
             from zjax.inference.quant import quantize_params
+            from zjax.models.gpt import fuse_lora
 
-            params = quantize_params(params, args.quantize, group_size=args.group_size)
+            params = quantize_params(fuse_lora(params, model_cfg), args.quantize, group_size=args.group_size)
         return Engine.from_params(params, model_cfg, tensor=args.tensor, dtype=args.dtype,
                                   max_seq_len=args.max_seq_len, max_seqs=args.max_seqs, token_budget=args.token_budget,
                                   logical_axis_rules=rules,
@@ -290,6 +305,17 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--to", required=True, metavar="FILE", help="the .safetensors file to write")
     out.add_argument("--step", type=int, default=None, help="the step to export (default: newest intact)")
     out.set_defaults(command=export)
+
+    post = commands.add_parser(
+        "rlhf", help="post-training: sft, reward model, ppo, dpo, grpo", epilog=EPILOG,
+        description="DeepSpeed-Chat's steps and DPO/GRPO on JSONL data (rlhf.data): sft ({prompt, response}), "
+        "reward and dpo ({prompt, chosen, rejected}), ppo and grpo ({prompt}; scored by rlhf.reward_model or "
+        "rlhf.reward_fn). Each run's output_dir is the next one's rlhf.actor / rlhf.reward_model.",
+    )
+    post.add_argument("mode", choices=("sft", "reward", "ppo", "dpo", "grpo"), metavar="MODE",
+                      help="sft | reward | ppo | dpo | grpo")
+    _add_config_args(post)
+    post.set_defaults(command=rlhf)
 
     comp = commands.add_parser("compress", help="compression: make a pruned model physically smaller")
     comp_commands = comp.add_subparsers(dest="compress_command", required=True, metavar="COMMAND")

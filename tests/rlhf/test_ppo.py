@@ -35,8 +35,8 @@ def steps(cfg, devices, settings):
     """The actor (a GPT whose untied head starts at zero: a uniform policy) and the critic."""
     actor_model = GPT(cfg.model, rngs=nnx.Rngs(0))
     actor_model.lm_head[...] = jnp.zeros_like(actor_model.lm_head[...])
-    actor = zjax.make_train_step(cfg, ppo.actor_loss(1, settings), model=actor_model, devices=devices)
-    critic = zjax.make_train_step(cfg, ppo.critic_loss(1, settings), model=ppo.ValueModel(cfg.model, rngs=nnx.Rngs(1)),
+    actor = zjax.make_train_step(cfg, ppo.actor_loss(settings), model=actor_model, devices=devices)
+    critic = zjax.make_train_step(cfg, ppo.critic_loss(settings), model=ppo.ValueModel(cfg.model, rngs=nnx.Rngs(1)),
                                   devices=devices)
     return actor, critic
 
@@ -50,7 +50,7 @@ def one_device():
 def run(beta, iterations, engine=None):
     cfg, actor, critic = one_device()
     trainer = ppo.PPOTrainer(actor, actor.init(), critic, critic.init(), score, cfg.model,
-                             ppo.PPOSettings(kl_coef=beta, max_new_tokens=T), prompt_len=1, engine=engine)
+                             ppo.PPOSettings(kl_coef=beta, max_new_tokens=T), max_prompt_len=1, engine=engine)
     history = [trainer.iteration(PROMPTS) for _ in range(iterations)]
     return trainer, history
 
@@ -85,8 +85,15 @@ def test_the_first_update_starts_at_ratio_one(overrides):
     cfg = config(*overrides)
     actor, critic = steps(cfg, jax.devices(), ppo.PPOSettings(max_new_tokens=T))
     trainer = ppo.PPOTrainer(actor, actor.init(), critic, critic.init(), score, cfg.model,
-                             ppo.PPOSettings(max_new_tokens=T), prompt_len=1)
-    metrics = trainer.iteration(PROMPTS)
+                             ppo.PPOSettings(max_new_tokens=T), max_prompt_len=4)
+    # prompts of 1 to 4 tokens: each row is prompt, response, padding; the mask is over the targets
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, V, rng.integers(1, 5)).tolist() for _ in range(B)]
+    batch, metrics = trainer.rollout(prompts, seed=0)
+    for row, prompt, mask in zip(batch["tokens"], prompts, batch["mask"]):
+        assert row[:len(prompt)].tolist() == prompt and mask[:len(prompt) - 1].sum() == 0
+        assert mask[len(prompt) - 1:len(prompt) - 1 + T].sum() == T  # no stop token: T tokens each
+    metrics.update(trainer.update(batch))
     assert metrics["sample_logp_rel_gap"] <= 1e-5
     assert metrics["actor_clip_fraction"] == 0.0 and abs(metrics["actor_approx_kl"]) <= 1e-10
     assert metrics["relayout_s"] > 0 and metrics["generate_s"] > 0 and metrics["train_s"] > 0
@@ -95,7 +102,7 @@ def test_the_first_update_starts_at_ratio_one(overrides):
 def test_one_ppo_iteration_is_the_same_on_one_device_and_under_every_zero_stage():
     cfg, actor, critic = one_device()
     reference = ppo.PPOTrainer(actor, actor.init(), critic, critic.init(), score, cfg.model,
-                               ppo.PPOSettings(max_new_tokens=T), prompt_len=1)
+                               ppo.PPOSettings(max_new_tokens=T), max_prompt_len=1)
     tokens_1, _ = reference.rollout(PROMPTS, seed=7)
     reference.update(tokens_1)
     expected = jax.device_get(reference.actor_state.params)
@@ -103,7 +110,7 @@ def test_one_ppo_iteration_is_the_same_on_one_device_and_under_every_zero_stage(
         cfg_s = config(f"zero.stage={stage}")
         actor_s, critic_s = steps(cfg_s, jax.devices(), ppo.PPOSettings(max_new_tokens=T))
         trainer = ppo.PPOTrainer(actor_s, actor_s.init(), critic_s, critic_s.init(), score, cfg_s.model,
-                                 ppo.PPOSettings(max_new_tokens=T), prompt_len=1, engine=reference.engine)
+                                 ppo.PPOSettings(max_new_tokens=T), max_prompt_len=1, engine=reference.engine)
         batch, _ = trainer.rollout(PROMPTS, seed=7)
         # sampling from ZeRO-3 shards draws the single-device tokens (the same seeds)
         np.testing.assert_array_equal(batch["tokens"], tokens_1["tokens"])
@@ -123,8 +130,8 @@ def test_grpo_reward_rises_to_the_closed_form_optimum():
         settings = ppo.GRPOSettings(group_size=8, kl_coef=beta, kl_kind="k2", advantage="rloo", max_new_tokens=T)
         model = GPT(cfg.model, rngs=nnx.Rngs(0))
         model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
-        actor = zjax.make_train_step(cfg, ppo.grpo_actor_loss(1, settings), model=model, devices=jax.devices()[:1])
-        trainer = ppo.GRPOTrainer(actor, actor.init(), score, cfg.model, settings, prompt_len=1, engine=engine)
+        actor = zjax.make_train_step(cfg, ppo.grpo_actor_loss(settings), model=model, devices=jax.devices()[:1])
+        trainer = ppo.GRPOTrainer(actor, actor.init(), score, cfg.model, settings, max_prompt_len=1, engine=engine)
         engine = trainer.engine
         history = [trainer.iteration(PROMPTS) for _ in range(iterations)]
         found[beta] = (np.mean([h["score"] for h in history[-20:]]), np.mean([h["kl"] for h in history[-20:]]))
@@ -132,3 +139,37 @@ def test_grpo_reward_rises_to_the_closed_form_optimum():
         assert abs(found[beta][0] - optimum(beta)) <= 0.05, (beta, found[beta], optimum(beta))
     assert found[0.05][1] > found[0.1][1] > 0
     assert found[0.0][0] >= 0.95
+
+
+def test_ema_and_ptx():
+    """The EMA follows ema <- d * ema + (1 - d) * params after every update; PPO-ptx's LM term on a
+    pretraining batch pulls the policy toward that batch (its loss falls faster than without)."""
+    cfg, _, critic = one_device()
+    pretraining = np.full((B, 9), 5, np.int32)  # the "pretraining text": the token 5 throughout
+    ptx = {"tokens": pretraining, "mask": np.ones((B, 8), np.float32)}
+
+    def lm(trainer):
+        return float(jnp.mean(trainer.actor.per_example(trainer.actor_state, {"tokens": pretraining},
+                                                        ppo.target_logprobs)))
+
+    found, engine = {}, None
+    for coef in (0.0, 1.0):
+        settings = ppo.PPOSettings(max_new_tokens=T, ema_decay=0.5, ptx_coef=coef)
+        model = GPT(cfg.model, rngs=nnx.Rngs(0))
+        model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
+        ptx_actor = zjax.make_train_step(cfg, ppo.actor_loss(settings), model=model, devices=jax.devices()[:1])
+        trainer = ppo.PPOTrainer(ptx_actor, ptx_actor.init(), critic, critic.init(), score, cfg.model, settings,
+                                 max_prompt_len=1, engine=engine)
+        engine = trainer.engine
+        before = lm(trainer)
+        params = [jax.device_get(trainer.actor_state.params)]
+        for _ in range(2):
+            metrics = trainer.iteration(PROMPTS, ptx=ptx)
+            params.append(jax.device_get(trainer.actor_state.params))
+        found[coef] = lm(trainer) - before
+        expected = jax.tree.map(lambda p0, p1, p2: 0.5 * (0.5 * p0 + 0.5 * p1) + 0.5 * p2, *params)
+        for a, b in zip(jax.tree.leaves(jax.device_get(trainer.ema_state().params)), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert "actor_ptx_loss" in metrics
+    assert found[1.0] > found[0.0] + 0.05, found  # the log-likelihood of the pretraining batch rose more
+

@@ -52,7 +52,7 @@ def reward_model():
 def test_the_reward_model_ranks_held_out_pairs():
     step, state = reward_model()
     held_out = pairs(B, seed=10_000)
-    scores = preference.sequence_scores(1)
+    scores = preference.sequence_scores
     chosen = step.per_example(state, {"tokens": held_out["chosen"], "mask": held_out["chosen_mask"]}, scores)
     rejected = step.per_example(state, {"tokens": held_out["rejected"], "mask": held_out["rejected_mask"]}, scores)
     assert float(jnp.mean(chosen > rejected)) >= 0.95
@@ -60,7 +60,7 @@ def test_the_reward_model_ranks_held_out_pairs():
 
 def test_ppo_against_the_learned_reward_raises_the_preferred_behaviour():
     rm_step, rm_state = reward_model()
-    scores = preference.sequence_scores(1)
+    scores = preference.sequence_scores
 
     def reward_fn(tokens, mask):
         return rm_step.per_example(rm_state, {"tokens": tokens, "mask": mask}, scores)
@@ -69,10 +69,10 @@ def test_ppo_against_the_learned_reward_raises_the_preferred_behaviour():
     settings = ppo.PPOSettings(kl_coef=0.05, max_new_tokens=T)
     model = GPT(cfg.model, rngs=nnx.Rngs(0))
     model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
-    actor = zjax.make_train_step(cfg, ppo.actor_loss(1, settings), model=model, devices=jax.devices()[:1])
-    critic = zjax.make_train_step(cfg, ppo.critic_loss(1, settings), model=ppo.ValueModel(cfg.model, rngs=nnx.Rngs(1)),
+    actor = zjax.make_train_step(cfg, ppo.actor_loss(settings), model=model, devices=jax.devices()[:1])
+    critic = zjax.make_train_step(cfg, ppo.critic_loss(settings), model=ppo.ValueModel(cfg.model, rngs=nnx.Rngs(1)),
                                   devices=jax.devices()[:1])
-    trainer = ppo.PPOTrainer(actor, actor.init(), critic, critic.init(), reward_fn, cfg.model, settings, prompt_len=1)
+    trainer = ppo.PPOTrainer(actor, actor.init(), critic, critic.init(), reward_fn, cfg.model, settings, max_prompt_len=1)
     prompts = np.zeros((B, 1), np.int32)
     fraction = []
     for _ in range(100):
@@ -102,3 +102,28 @@ def test_dpo_starts_at_ln2_and_prefers_the_chosen():
     # the policy moved toward the chosen answers and away from the rejected ones, relative to the reference
     assert (after[:, 0] - before[:, 0]).mean() > (after[:, 1] - before[:, 1]).mean()
     assert float(metrics["reward_accuracy"]) > 0.8 and float(metrics["loss"]) < math.log(2)
+
+
+def test_sft_learns_the_responses_only():
+    """SFT's loss is the responses' cross entropy: ln V for the uniform policy at the start, and the
+    prompts' tokens (varied lengths, masked out) are not learned."""
+    cfg = config(lr=1e-2, batch=32)
+    model = GPT(cfg.model, rngs=nnx.Rngs(0))
+    model.lm_head[...] = jnp.zeros_like(model.lm_head[...])
+    step = zjax.make_train_step(cfg, preference.sft_loss, model=model, devices=jax.devices()[:1])
+    state = step.init()
+    rng = np.random.default_rng(0)
+
+    def batch():
+        prompts = [[9] * int(rng.integers(1, 5)) for _ in range(32)]  # prompts of the token 9 only
+        return preference.sequence_batch(prompts, [[TARGET] * 4] * 32, length=10)
+
+    first = batch()
+    assert abs(float(step.evaluate(state, first)) - math.log(V)) <= 1e-5  # float32 logsumexp
+    for _ in range(20):
+        state, metrics = step(state, batch())
+    assert float(metrics["loss"]) < 0.5
+    logp = np.asarray(step.per_example(state, first, ppo.target_logprobs))
+    prompt_targets = (first["tokens"][:, 1:] == 9) & (first["mask"] == 0)
+    # the prompt's own continuation (9 after 9) stayed near uniform; the response's became likely
+    assert logp[prompt_targets].mean() < math.log(0.5) < logp[first["mask"] > 0].mean()

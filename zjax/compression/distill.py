@@ -159,7 +159,9 @@ def gpt_setup(cfg: Any, model: nnx.Module) -> dict:
 
     comp = cfg.compression
     reduction, kd = comp.layer_reduction, comp.distillation
-    out = {"model": model, "loss_fn": gpt_loss, "eval_loss_fn": None, "trainable": None}
+    lora = cfg.model.lora  # only the LoRA adapters train (DeepSpeed-Chat's only_optimize_lora)
+    out = {"model": model, "loss_fn": gpt_loss, "eval_loss_fn": None,
+           "trainable": nnx.LoRAParam if lora.rank > 0 and lora.only_optimize else None}
     if not (reduction.enabled or kd.teacher):
         return out
     if kd.teacher is None:
@@ -167,7 +169,9 @@ def gpt_setup(cfg: Any, model: nnx.Module) -> dict:
                           "compression.distillation.teacher (a run's output_dir, checkpoints or a .safetensors file)")
     teacher_params = load_teacher(kd.teacher)
     stack = jax.tree.leaves(teacher_params["blocks"])[0].shape[0] if "blocks" in teacher_params else None
-    fields = {**cfg.model.model_dump(), **({"n_layers": stack} if stack else {}), **(kd.teacher_model or {})}
+    # the teacher is a plain GPT (the student's LoRA adapters are the student's)
+    fields = {**cfg.model.model_dump(exclude={"lora"}), **({"n_layers": stack} if stack else {}),
+              **(kd.teacher_model or {})}
     try:
         teacher_cfg = ModelConfig.model_validate(fields)
     except Exception as err:  # noqa: BLE001 - pydantic's error, re-raised naming the key
@@ -188,7 +192,8 @@ def gpt_setup(cfg: Any, model: nnx.Module) -> dict:
         loss_fn=lambda m, batch: distillation_loss(m, batch, temperature=kd.temperature, alpha=kd.alpha,
                                                    hidden_weight=kd.hidden_weight),
         eval_loss_fn=lambda m, batch: gpt_loss(m.student, batch),
-        trainable=nnx.PathContains("student"),
+        trainable=nnx.PathContains("student") if out["trainable"] is None
+        else nnx.All(nnx.PathContains("student"), out["trainable"]),
     )
     return out
 

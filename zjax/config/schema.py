@@ -505,6 +505,49 @@ class MoEConfig(_Section):
         return self
 
 
+# The reference GPT's projections LoRA adapters can target (model.lora.targets), as "<module>/<weight>"
+LORA_PROJECTIONS = ("attn/wq", "attn/wk", "attn/wv", "attn/wo", "mlp/w_gate", "mlp/w_up", "mlp/w_down")
+
+
+class LoRAConfig(_Section):
+    """Low-rank adapters on the reference GPT's projections (DeepSpeed-Chat's LoRA).
+
+    ``rank`` > 0 gives every targeted weight ``W [d_in, d_out]`` of every layer two adapters
+    (``nnx.LoRAParam``), ``<name>_lora_a [d_in, rank]`` (uniform in ``±1/sqrt(rank)``, as DeepSpeed-Chat) and
+    ``<name>_lora_b [rank, d_out]`` (zeros), and the layer reads ``W + alpha / rank x A @ B``.
+    ``targets``: regular expressions searched (``re.search``) in the projection names
+    ``attn/wq attn/wk attn/wv attn/wo mlp/w_gate mlp/w_up mlp/w_down``; each must match one.
+    DeepSpeed-Chat's ``--lora_dim`` is ``rank``, ``--lora_module_name`` ``targets`` (``alpha: 1``
+    gives its ``lora_scaling / lora_dim``) and ``--only_optimize_lora`` is ``only_optimize`` (in
+    ``zjax train`` and ``zjax rlhf``; in Python ``make_train_step(..., trainable=nnx.LoRAParam)``);
+    ``zjax.models.gpt.fuse_lora`` folds the adapters into the weights (generation and export do it
+    themselves)."""
+
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(1.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: [".*"])
+    only_optimize: bool = True
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, targets: list[str]) -> list[str]:
+        import re
+
+        valid = ", ".join(LORA_PROJECTIONS)
+        if not targets:
+            raise ValueError(f"an empty list targets no projection; give regular expressions searched in {valid} "
+                             "(e.g. ['attn/'] or ['.*'])")
+        for pattern in targets:
+            try:
+                matched = any(re.search(pattern, name) for name in LORA_PROJECTIONS)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a regular expression ({err}); e.g. 'attn/w[qv]'") from None
+            if not matched:
+                raise ValueError(f"{pattern!r} matches none of the projections {valid}; use a regular expression "
+                                 "that re.search finds in one of them, e.g. 'attn/w[qv]' or 'mlp/'")
+        return targets
+
+
 # transformers' rope_scaling types zjax's rotary embeddings implement, and the keys each reads
 ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
     "default": (),
@@ -568,6 +611,8 @@ class ModelConfig(_Section):
     qkv_bias: bool = False
     rope_scaling: dict[str, Any] | None = None
     moe: MoEConfig = Field(default_factory=MoEConfig)
+    # LoRA adapters (rank 0 = none): DeepSpeed-Chat's lora_dim, lora_module_name
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     # DeepSpeed's sparse_attention block (mode, block, ...; zjax.models.sparse_attention): the
     # attention of every layer runs over that block-sparse layout (causal); None = dense
     sparse_attention: dict[str, Any] | None = None
@@ -587,6 +632,17 @@ class ModelConfig(_Section):
                 raise ValueError(f"model.sparse_attention.block={sparsity.block} does not divide model.max_seq_len="
                                  f"{self.max_seq_len}; the sequence is cut into whole blocks")
             make_layout(sparsity, self.max_seq_len, num_heads=self.n_heads)  # fails here, naming the key
+        return self
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> ModelConfig:
+        import re
+
+        mlp = [name for name in LORA_PROJECTIONS[4:] if any(re.search(p, name) for p in self.lora.targets)]
+        if self.lora.rank and self.moe.num_experts and mlp:
+            raise ValueError(f"model.lora.targets={self.lora.targets} adapts the MLP projections {', '.join(mlp)}, "
+                             f"but model.moe.num_experts={self.moe.num_experts}: LoRA does not adapt MoE experts; "
+                             "target the attention only (model.lora.targets: ['attn/'])")
         return self
 
     @model_validator(mode="after")
@@ -825,6 +881,84 @@ class CompressionConfig(_Section):
                     or self.distillation.teacher)
 
 
+class PPOConfig(_Section):
+    """``zjax rlhf ppo``: ``zjax.rlhf.ppo.PPOSettings`` (DeepSpeed-Chat's defaults)."""
+
+    kl_coef: float = 0.1  # DeepSpeed-Chat's kl_ctl
+    clip_reward_value: float = Field(5.0, gt=0)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    ppo_epochs: int = Field(1, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    whiten_advantages: bool = False
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # DeepSpeed-Chat's enable_ema: 0.992
+    ptx_coef: float = Field(0.0, ge=0)  # PPO-ptx on data: (the pretraining text); DeepSpeed-Chat's unsup_coef
+
+
+class GRPOConfig(_Section):
+    """``zjax rlhf grpo``: ``zjax.rlhf.ppo.GRPOSettings``."""
+
+    group_size: int = Field(8, gt=1)
+    kl_coef: float = Field(0.04, ge=0)
+    kl_kind: Literal["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl"] = "k3"
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_high: float | None = Field(None, gt=0)
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    ppo_epochs: int = Field(1, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+
+
+class DPOConfig(_Section):
+    """``zjax rlhf dpo``: ``zjax.rlhf.losses.dpo_loss``'s settings."""
+
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    kind: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+
+
+class RLHFConfig(_Section):
+    """``zjax rlhf sft|reward|ppo|dpo|grpo`` (``zjax.rlhf.run``): the JSONL data, the models each
+    stage starts from, and each algorithm's settings. ``steps`` counts optimizer steps (sft,
+    reward, dpo) or rollout iterations (ppo, grpo); ``batch.global_batch_size`` is the batch of
+    rows (pairs for reward and dpo, prompts for ppo, prompts x group_size for grpo)."""
+
+    # JSONL: {"prompt", "response"} (sft; "chosen" also works), {"prompt", "chosen", "rejected"}
+    # (reward, dpo), {"prompt"} (ppo, grpo)
+    data: str | None = None
+    eval_data: str | None = None  # the same format, for held-out metrics
+    tokenizer: str | None = None  # a directory with tokenizer.json; null = UTF-8 bytes (vocab 256)
+    max_prompt_len: int = Field(64, gt=0)  # prompts are cut to their last max_prompt_len tokens
+    max_len: int = Field(128, gt=1)  # sft, reward, dpo: prompt + response rows, cut to this
+    completion_only: bool = True  # sft: the loss on the response only (DeepSpeed-Chat: every token)
+    actor: str | None = None  # a run to start the policy from (e.g. the sft run); null = a new model
+    reward_model: str | None = None  # ppo/grpo: a `zjax rlhf reward` run that scores responses
+    reward_fn: str | None = None  # ppo/grpo: "module:function", fn(prompts, responses) -> scores (strings)
+    critic: str | None = None  # ppo: a run to start the critic from; null = the reward model (DeepSpeed-Chat)
+    critic_overrides: list[str] = Field(default_factory=list)  # ppo: the critic's key=value config changes
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+
+    @model_validator(mode="after")
+    def _check_rewards(self) -> RLHFConfig:
+        if self.reward_model is not None and self.reward_fn is not None:
+            raise ValueError(f"reward_model={self.reward_model!r} and reward_fn={self.reward_fn!r} both score "
+                             "responses; set one of them to null")
+        if self.reward_fn is not None and ":" not in self.reward_fn:
+            raise ValueError(f"reward_fn={self.reward_fn!r}: give 'module:function' (an importable module and a "
+                             "function(prompts, responses) -> scores in it)")
+        for item in self.critic_overrides:
+            if "=" not in item:
+                raise ValueError(f"critic_overrides has {item!r}; give key=value strings, e.g. zero.stage=3")
+        return self
+
+
 class Config(_Section):
     """A whole zjax run. Build it with ``load_config``; ``Config()`` is all defaults."""
 
@@ -859,6 +993,7 @@ class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    rlhf: RLHFConfig = Field(default_factory=RLHFConfig)
 
     _ignored: tuple[tuple[str, str], ...] = PrivateAttr(default=())
     _mapped: tuple[tuple[str, str], ...] = PrivateAttr(default=())

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -32,14 +31,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zjax.checkpoint import load_params
-from zjax.config.schema import DEFAULT_LOGICAL_AXIS_RULES, Config, MeshConfig, load_config
+from zjax.config.schema import DEFAULT_LOGICAL_AXIS_RULES, MeshConfig
 from zjax.export import load_safetensors
+from zjax.export import run_config as _run_config  # zjax.cli and compression.clean read it here too
 from zjax.inference import model as model_lib
 from zjax.inference.hf import load_hf
 from zjax.inference.kv_cache import KVCache, PageAllocator, init_cache
 from zjax.inference.sampling import SamplingParams, SamplingRows, _sample, rows_of
 from zjax.inference.tokenizer import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer
-from zjax.models.gpt import GPT, logical_axes
+from zjax.models.gpt import GPT, fuse_lora, logical_axes
 from zjax.parallel.mesh import make_mesh
 from zjax.parallel.zero import model_axes_of
 
@@ -167,7 +167,8 @@ class Engine:
     def from_params(cls, params: dict, model_cfg: Any, **kw) -> Engine:
         """An engine for the GPT with these params (``nnx.to_pure_dict(nnx.state(model, nnx.Param))``,
         host or device arrays; a quantized weight, a pytree with a ``dot`` method, is replicated
-        under tensor parallelism) and model config (``Config.model`` or alike).
+        under tensor parallelism) and model config (``Config.model`` or alike). LoRA params
+        (``model.lora.rank`` > 0) are served with their adapters fused (``gpt.fuse_lora``).
 
         Keyword arguments: ``tensor`` (tensor-parallel devices), ``devices``, ``dtype`` of the
         weights and activations, ``kv_dtype`` of the cache (default ``dtype``), ``page_size``,
@@ -474,7 +475,9 @@ def _tensor_mesh(tensor: int, devices) -> jax.sharding.Mesh:
 
 def _place_params(params: dict, cfg: Any, mesh, rules, dtype) -> dict:
     """The params on ``mesh``, each split by its logical axes' rules (the training layout),
-    floating-point arrays cast to ``dtype``; a quantized weight (not an array) is replicated."""
+    floating-point arrays cast to ``dtype``; a quantized weight (not an array) is replicated.
+    LoRA adapters (``model.lora``) are fused into their weights first (``gpt.fuse_lora``)."""
+    params = fuse_lora(params, cfg)
     axes = _param_axes(cfg)
     replicated = NamedSharding(mesh, P())
 
@@ -512,22 +515,3 @@ def _tokenizer_in(directories, vocab_size: int) -> Tokenizer | None:
         if (Path(directory) / TOKENIZER_FILE).is_file():
             return load_tokenizer(directory, vocab_size)
     return ByteTokenizer() if vocab_size >= ByteTokenizer.vocab_size else None
-
-
-def _run_config(checkpoints: Path, config: Any, step: int | None) -> Config:
-    """The run's config: ``config`` when given, else ``config.yaml`` beside the checkpoints, else
-    the snapshot in the checkpoint."""
-    if config is not None:
-        return config if isinstance(config, Config) else load_config(config)
-    beside = checkpoints.parent / "config.yaml"
-    if beside.is_file():
-        return load_config(beside)
-    from zjax.checkpoint import intact_step
-
-    meta = checkpoints / str(intact_step(checkpoints, step)) / "meta" / "metadata"  # Orbax's JsonSave
-    snapshot = json.loads(meta.read_text()).get("config") if meta.is_file() else None
-    if snapshot is None:
-        raise ValueError(f"no config for the checkpoint in {checkpoints}: no config.yaml beside it and no config "
-                         "saved in it; pass config= (the run's config file or Config)")
-    return load_config(snapshot)
-

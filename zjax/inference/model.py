@@ -14,8 +14,9 @@ flat indices of up to ``block_q`` tokens of one sequence (``token_budget`` pads 
 of ``n`` prompt tokens fills ``ceil(n / block_q)`` blocks.
 
 Params are ``nnx.to_pure_dict(nnx.state(gpt, nnx.Param))``; the layers' leaves are stacked
-(leading ``n_layers`` axis) and run under ``lax.scan``. Every weight matmul goes through
-``dot``, so a weight may be a quantized pytree with a ``dot(x)`` method.
+(leading ``n_layers`` axis) and run under ``lax.scan``. LoRA adapters (``model.lora``) are fused
+into their weights (``gpt.fuse_lora``; the engine fuses once, when it places the params). Every
+weight matmul goes through ``dot``, so a weight may be a quantized pytree with a ``dot(x)`` method.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from pallas_kernels.attention import attention_reference
 from pallas_kernels.norms import rms_norm_reference
 from pallas_kernels.paged_attention import paged_attention, paged_attention_impl
 from zjax.inference.kv_cache import KVCache
-from zjax.models.gpt import apply_rotary, rotary_angles
+from zjax.models.gpt import apply_rotary, fuse_lora, rotary_angles
 from zjax.parallel.sharding import shard
 
 
@@ -84,6 +85,7 @@ def logits(params: dict, cfg: Any, tokens: jax.Array) -> jax.Array:
       (1, 4, 64)
     """
     check_supported(cfg)
+    params = fuse_lora(params, cfg)
     batch, length = tokens.shape
     x = jnp.take(params["embedding"], tokens, axis=0)
     cos, sin = rope_table(cfg)
@@ -111,6 +113,7 @@ def forward(params: dict, cfg: Any, cache: KVCache, batch: Batch, *, impl: str =
       impl: ``pallas_kernels.paged_attention``'s implementation.
     """
     check_supported(cfg)
+    params = fuse_lora(params, cfg)
     page_size = cache.page_size
     valid = batch.positions >= 0
     positions = jnp.where(valid, batch.positions, 0)

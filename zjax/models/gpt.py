@@ -10,11 +10,22 @@ the parameters it is given; norm statistics, softmax, logits and the loss are fl
 Parameters carry logical axis names in the flax ``out_sharding`` metadata, stored with
 ``eager_sharding=False`` so that creating a model never needs a mesh; sharding rules map
 the names to mesh axes later.
+
+LoRA (``model.lora``, DeepSpeed-Chat's ``lora_dim``/``lora_module_name``): with ``rank`` > 0 every
+targeted projection ``W`` gets two ``nnx.LoRAParam`` adapters ``<name>_lora_a [d_in, r]`` and
+``<name>_lora_b [r, d_out]`` and the layer reads ``W + alpha / r x A @ B`` (summed in float32,
+in ``W``'s dtype), formed before the tensor-parallel region, so tensor parallelism and ZeRO-3's
+per-layer gathers treat the adapters like any layer parameter. Train only them with
+``make_train_step(..., trainable=nnx.LoRAParam)`` (DeepSpeed-Chat's ``only_optimize_lora``);
+``fuse_lora`` folds them into plain GPT params (the inference engine does it itself). Under a
+bfloat16 compute dtype the fused weight is rounded to bfloat16, so an update below half a
+bfloat16 step of ``W`` does not show in the forward pass (the frozen ``W`` is bfloat16 then anyway).
 """
 from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any
 
 import jax
@@ -28,7 +39,7 @@ from pallas_kernels.dispatch import backend
 from zjax.compression.quantization import in_region, quantize_input, region_args
 from zjax.errors import ConfigError
 from zjax.config import remat
-from zjax.config.schema import check_rope_scaling
+from zjax.config.schema import LORA_PROJECTIONS, check_rope_scaling
 from zjax.layers import scan_layers, tiled, tiles
 from zjax.models import moe as moe_lib
 from zjax.models import sparse_attention as sparse_lib
@@ -60,8 +71,9 @@ class GPT(nnx.Module):
     Args:
       cfg: an object with ``vocab_size, d_model, n_layers, n_heads, n_kv_heads, d_ff,
         max_seq_len, rope_theta, tie_embeddings, norm_eps``; optionally ``head_dim`` (None:
-        ``d_model // n_heads``), ``qkv_bias`` (biases ``bq, bk, bv`` on the q/k/v projections)
-        and ``rope_scaling`` (transformers' ``linear`` or ``llama3``), as ``model`` of the config.
+        ``d_model // n_heads``), ``qkv_bias`` (biases ``bq, bk, bv`` on the q/k/v projections),
+        ``rope_scaling`` (transformers' ``linear`` or ``llama3``) and ``lora`` (``rank``,
+        ``alpha``, ``targets``: LoRA adapters, see the module docstring), as ``model`` of the config.
       rngs: initialisation randomness.
       param_dtype: dtype the parameters are created in.
       kernels: ``xla`` (plain XLA), or ``auto``/``pallas``/``interpret``: RMSNorm,
@@ -333,10 +345,20 @@ def count_params(cfg: Any) -> int:
         moe_mlp += (3 * cfg.d_model * width + 2 * cfg.d_model) if moe.use_residual else 0
         moe_mlp += 3 * cfg.d_model * width * moe.shared_experts
         moe_layers = cfg.n_layers // moe.every
-    block = attention + 2 * cfg.d_model
+    block = attention + 2 * cfg.d_model + _lora_count(cfg, head_dim)
     embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     layers = cfg.n_layers * block + (cfg.n_layers - moe_layers) * mlp + moe_layers * moe_mlp
     return embeddings + layers + cfg.d_model
+
+
+def _lora_count(cfg: Any, head_dim: int) -> int:
+    """The LoRA adapters' parameters in one layer: ``rank x (d_in + d_out)`` per targeted projection."""
+    targets = lora_targets(cfg)
+    q, kv = cfg.n_heads * head_dim, cfg.n_kv_heads * head_dim
+    widths = {"attn/wq": cfg.d_model + q, "attn/wk": cfg.d_model + kv, "attn/wv": cfg.d_model + kv,
+              "attn/wo": q + cfg.d_model, "mlp/w_gate": cfg.d_model + cfg.d_ff, "mlp/w_up": cfg.d_model + cfg.d_ff,
+              "mlp/w_down": cfg.d_ff + cfg.d_model}
+    return sum(_lora_config(cfg).rank * widths[t] for t in targets)
 
 
 class BlockGroup(nnx.Module):
@@ -413,6 +435,7 @@ class Attention(nnx.Module):
             self.bq = _zeros((q_width,), ("heads",), param_dtype)
             self.bk = _zeros((kv_width,), ("kv_heads",), param_dtype)
             self.bv = _zeros((kv_width,), ("kv_heads",), param_dtype)
+        _add_lora(self, cfg, "attn", rngs, param_dtype)
         block = getattr(cfg, "sparse_attention", None)
         self.sparsity = nnx.static(None if block is None else sparse_lib.map_deepspeed_sparse_attention(
             dict(block), num_heads=cfg.n_heads))
@@ -426,7 +449,7 @@ class Attention(nnx.Module):
         ``zjax.parallel.sequence.attention`` combines the parts.
         """
         weight_axes = (("embed", "heads"), ("embed", "kv_heads"), ("embed", "kv_heads"), ("heads", "embed"))
-        weights = (self.wq[...], self.wk[...], self.wv[...], self.wo[...])
+        weights = tuple(_adapted(self, name) for name in ("wq", "wk", "wv", "wo"))
         if self.qkv_bias:
             weight_axes += (("heads",), ("kv_heads",), ("kv_heads",))
             weights += (self.bq[...], self.bk[...], self.bv[...])
@@ -513,6 +536,7 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, (cfg.d_model, cfg.d_ff), ("embed", "mlp"), INIT_STD, param_dtype)
         self.w_down = _param(rngs, (cfg.d_ff, cfg.d_model), ("mlp", "embed"), out_std,
                              param_dtype)
+        _add_lora(self, cfg, "mlp", rngs, param_dtype)
 
     def __call__(self, x, kernels="xla"):
         extra = region_args()  # activation quantization's step, when active
@@ -523,7 +547,7 @@ class MLP(nnx.Module):
 
         return per_shard(local, (ACTIVATION_AXES, ("embed", "mlp"), ("embed", "mlp"), ("mlp", "embed"),
                                  *(None for _ in extra)),
-                         ACTIVATION_AXES)(x, self.w_gate[...], self.w_up[...], self.w_down[...], *extra)
+                         ACTIVATION_AXES)(x, *(_adapted(self, name) for name in ("w_gate", "w_up", "w_down")), *extra)
 
     def _feed_forward(self, x, w_gate, w_up, w_down, *, kernels):
         def feed_forward(weights, x):
@@ -690,6 +714,111 @@ def _zeros(shape, names, dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype), out_sharding=names, eager_sharding=False)
 
 
+# --- LoRA (model.lora) ----------------------------------------------------------------------------
+
+LORA_SUFFIXES = ("_lora_a", "_lora_b")
+# folded into a layer's key for its adapters' draws, so that they leave the base weights' draws as
+# they are without LoRA (nnx's streams fold in their counts 0, 1, 2, ...)
+_LORA_FOLD = 0x7FFFFFFF
+
+
+def _lora_config(cfg: Any):
+    """``cfg.lora`` when it asks for adapters (``rank`` > 0), else None."""
+    lora = getattr(cfg, "lora", None)
+    return lora if lora is not None and lora.rank > 0 else None
+
+
+def lora_targets(cfg: Any) -> tuple[str, ...]:
+    """The projections (``LORA_PROJECTIONS`` names, ``attn/wq`` ...) ``cfg.lora`` adapts; () without LoRA."""
+    lora = _lora_config(cfg)
+    if lora is None:
+        return ()
+    return tuple(name for name in LORA_PROJECTIONS if any(re.search(p, name) for p in lora.targets))
+
+
+def _add_lora(module: nnx.Module, cfg: Any, prefix: str, rngs: nnx.Rngs, dtype) -> None:
+    """Gives ``module``'s targeted weights ``W [d_in, d_out]`` (``prefix/name``) their adapters:
+    ``<name>_lora_a [d_in, r]`` uniform in ``±1/sqrt(r)`` (DeepSpeed-Chat's ``kaiming_uniform_(a=√5)``
+    of its ``[d_in, r]`` right weight, whose fan-in torch takes as ``r``) and ``<name>_lora_b
+    [r, d_out]`` zeros, with ``W``'s logical axes on their outer dimensions. The draws come from
+    the ``params`` stream's key without advancing it: the base weights stay those of the same
+    seed without LoRA."""
+    names = [t.split("/")[1] for t in lora_targets(cfg) if t.startswith(prefix + "/")]
+    if not names:
+        return
+    rank = _lora_config(cfg).rank
+    stream = rngs.params
+    key = jax.random.fold_in(jax.random.fold_in(stream.key[...], _LORA_FOLD), stream.count[...])
+    bound = 1 / math.sqrt(rank)
+    for name in names:
+        weight = getattr(module, name)
+        (d_in, d_out), (in_axis, out_axis) = weight.get_value().shape, weight.get_metadata()["out_sharding"]
+        a = jax.random.uniform(jax.random.fold_in(key, LORA_PROJECTIONS.index(f"{prefix}/{name}")),
+                               (d_in, rank), dtype, -bound, bound)
+        setattr(module, name + "_lora_a", nnx.LoRAParam(a, out_sharding=(in_axis, None), eager_sharding=False))
+        setattr(module, name + "_lora_b", nnx.LoRAParam(jnp.zeros((rank, d_out), dtype), out_sharding=(None, out_axis),
+                                                        eager_sharding=False))
+    module.lora_scale = float(_lora_config(cfg).alpha) / rank
+
+
+def _adapted(module: nnx.Module, name: str) -> jax.Array:
+    """The weight ``name`` of ``module`` as the layer reads it: with adapters ``W + scale x A @ B``."""
+    weight = getattr(module, name)[...]
+    a = getattr(module, name + "_lora_a", None)
+    if a is None:
+        return weight
+    return lora_fused(weight, a[...], getattr(module, name + "_lora_b")[...], module.lora_scale)
+
+
+def lora_fused(weight, a, b, scale: float) -> jax.Array:
+    """``weight + scale x a @ b`` in ``weight``'s dtype, summed in float32; batched over leading
+    (``layers``) axes."""
+    delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return (jnp.asarray(weight).astype(jnp.float32) + scale * delta).astype(weight.dtype)
+
+
+def fuse_lora(params: dict, cfg: Any) -> dict:
+    """Plain GPT params from LoRA ones: every weight with adapters ``<name>_lora_a/_lora_b`` becomes
+    ``W + alpha / rank x A @ B`` (``lora_fused``, per layer of a stack) and the adapters are dropped.
+
+    Args:
+      params: the GPT's ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (stacked or not; host
+        or device arrays); params without adapters come back as they are.
+      cfg: the model config the params were made with (``model.lora`` gives the scaling).
+
+    Returns:
+      Params a GPT of the same config with ``lora.rank`` 0 takes, computing what the LoRA model does.
+    """
+    lora = _lora_config(cfg)
+
+    def walk(node, path):
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if isinstance(key, str) and key.endswith(LORA_SUFFIXES):
+                continue
+            where = "/".join((*path, str(key)))
+            a, b = node.get(f"{key}_lora_a"), node.get(f"{key}_lora_b")
+            if a is None and b is None:
+                out[key] = walk(value, (*path, str(key)))
+                continue
+            if lora is None:
+                raise ConfigError(f"params {where} has LoRA adapters but the model config's lora.rank is 0; give "
+                                  "the config the params were trained with (its model.lora)")
+            if a is None or b is None or np.shape(a)[-1] != lora.rank or np.shape(b)[-2] != lora.rank:
+                raise ConfigError(f"params {where}: its adapters {key}_lora_a {np.shape(a)} and {key}_lora_b "
+                                  f"{np.shape(b)} do not have model.lora.rank={lora.rank}; give the config the "
+                                  "params were trained with")
+            if not isinstance(value, (jax.Array, np.ndarray)):
+                raise ConfigError(f"params {where} is not an array ({type(value).__name__}): fuse the LoRA adapters "
+                                  "(zjax.models.gpt.fuse_lora) before quantizing")
+            out[key] = lora_fused(value, a, b, float(lora.alpha) / lora.rank)
+        return out
+
+    return walk(params, ())
+
+
 def _check_config(cfg: Any) -> None:
     head_dim = getattr(cfg, "head_dim", None)
     if head_dim is None and cfg.d_model % cfg.n_heads:
@@ -704,3 +833,20 @@ def _check_config(cfg: Any) -> None:
         raise ConfigError(f"rotary embeddings need an even head dim; model.d_model="
                           f"{cfg.d_model} / model.n_heads={cfg.n_heads} is odd")
     _rope_scaling(getattr(cfg, "rope_scaling", None))
+    _check_lora(cfg)
+
+
+def _check_lora(cfg: Any) -> None:
+    """``model.lora`` as the schema checks it, for configs that are not a ``ModelConfig``."""
+    lora = _lora_config(cfg)
+    if lora is None:
+        return
+    for pattern in lora.targets:
+        if not any(re.search(pattern, name) for name in LORA_PROJECTIONS):
+            raise ConfigError(f"model.lora.targets: {pattern!r} matches none of the projections "
+                              f"{', '.join(LORA_PROJECTIONS)}; use a regular expression that re.search finds in one")
+    mlp = [t for t in lora_targets(cfg) if t.startswith("mlp/")]
+    if mlp and _moe_config(cfg) is not None:
+        raise ConfigError(f"model.lora.targets={list(lora.targets)} adapts the MLP projections {', '.join(mlp)}, but "
+                          "the model has MoE layers: LoRA does not adapt MoE experts; target the attention only "
+                          "(model.lora.targets: ['attn/'])")

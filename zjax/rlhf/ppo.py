@@ -23,8 +23,19 @@ One iteration (``PPOTrainer.iteration``):
    (clipped value loss, ``cliprange_value``) on the whole rollout.
 
 Defaults are DeepSpeed-Chat's (``kl_ctl`` 0.1, ``clip_reward_value`` 5, ``cliprange`` 0.2,
-``cliprange_value`` 0.2, ``gamma`` 1, ``lam`` 0.95). Prompts have one length per rollout
-(left-pad them yourselves, e.g. with a BOS token).
+``cliprange_value`` 0.2, ``gamma`` 1, ``lam`` 0.95).
+
+The rollout layout (shared with ``zjax.rlhf.preference``): prompts may have any lengths up to
+``max_prompt_len``; each row of ``tokens [B, L]`` (``L = max_prompt_len + max_new_tokens``) is
+its prompt, its response and padding, and every per-token array (``mask``, log-probs, values,
+rewards, advantages) is ``[B, L - 1]`` over the *targets* ``tokens[:, 1:]``: ``mask`` is 1 where
+the target is a response token. The model reads ``tokens[:, :-1]`` (causal, so the right padding
+changes nothing before it); no prompt is padded on the left.
+
+Beyond DeepSpeed-Chat's loop: an exponential moving average of the actor (``ema_decay``, its
+``enable_ema``), PPO-ptx (``ptx_coef``: InstructGPT's pretraining term ``ptx_coef * LM loss`` on a
+batch of pretraining tokens, added to the actor's loss in the same step, where DeepSpeed-Chat
+takes a second optimizer step with ``unsup_coef``), and advantage whitening as an option.
 """
 from __future__ import annotations
 
@@ -43,7 +54,7 @@ from zjax.rlhf import losses
 
 @dataclasses.dataclass(frozen=True)
 class PPOSettings:
-    """DeepSpeed-Chat's PPO settings and their defaults."""
+    """DeepSpeed-Chat's PPO settings and their defaults, plus EMA and PPO-ptx (off by default)."""
 
     kl_coef: float = 0.1
     clip_reward_value: float = 5.0
@@ -56,6 +67,8 @@ class PPOSettings:
     temperature: float = 1.0
     stop_tokens: tuple[int, ...] = ()
     whiten_advantages: bool = False
+    ema_decay: float | None = None  # DeepSpeed-Chat's enable_ema uses 0.992
+    ptx_coef: float = 0.0  # DeepSpeed-Chat's unsup_coef (27.8 there, with its own step)
 
 
 class ValueModel(nnx.Module):
@@ -74,49 +87,46 @@ class ValueModel(nnx.Module):
         return jnp.einsum("btd,d->bt", hidden, self.value_head[...], preferred_element_type=jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
-def response_logprobs(prompt_len: int) -> Callable:
-    """``fn(model, batch) -> [B, T]``: the GPT's log-probs of the response tokens of
-    ``batch["tokens"] [B, prompt_len + T]``."""
-    def fn(model, batch):
-        tokens = batch["tokens"]
-        logits = model(tokens[:, :-1])[:, prompt_len - 1:]
-        return losses.token_logprobs(logits, tokens[:, prompt_len:])
-
-    return fn
+def target_logprobs(model, batch: dict) -> jax.Array:
+    """The GPT's log-probs ``[B, L-1]`` of ``batch["tokens"][:, 1:]`` (every target; the mask
+    picks the response's)."""
+    tokens = batch["tokens"]
+    return losses.token_logprobs(model(tokens[:, :-1]), tokens[:, 1:])
 
 
-@functools.lru_cache(maxsize=None)
-def response_values(prompt_len: int) -> Callable:
-    """``fn(model, batch) -> [B, T]``: a ``ValueModel``'s value of the state before each response
-    token (DeepSpeed-Chat's ``values[:, start:]`` with ``start = prompt_len - 1``)."""
-    def fn(model, batch):
-        return model(batch["tokens"][:, :-1])[:, prompt_len - 1:]
-
-    return fn
+def target_values(model, batch: dict) -> jax.Array:
+    """A ``ValueModel``'s values ``[B, L-1]``: of the state before each target token
+    (DeepSpeed-Chat's ``values[:, start:]``, ``start = prompt_len - 1``)."""
+    return model(batch["tokens"][:, :-1])
 
 
-def actor_loss(prompt_len: int, settings: PPOSettings) -> Callable:
-    """The actor's train-step loss on a rollout batch (``tokens``, ``old_logp``,
-    ``advantages``, ``mask``): the clipped surrogate as a token mean, weighted by the tokens."""
-    logprobs = response_logprobs(prompt_len)
+def lm_loss(model, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """The token mean of ``-log p(tokens[:, 1:])`` where ``mask [B, L-1]`` is 1 (SFT, PPO-ptx)."""
+    logp = losses.token_logprobs(model(tokens[:, :-1]), tokens[:, 1:])
+    return -losses.masked_mean(logp, mask)
 
+
+def actor_loss(settings: PPOSettings) -> Callable:
+    """The actor's train-step loss on a rollout batch (``tokens``, ``old_logp``, ``advantages``,
+    ``mask``; with ``ptx_coef`` also ``ptx_tokens`` and ``ptx_mask``): the clipped surrogate as a
+    token mean (plus ``ptx_coef`` times the pretraining batch's LM loss), weighted by the tokens."""
     def loss_fn(model, batch):
-        logp = logprobs(model, batch)
-        loss, metrics = losses.ppo_policy_loss(logp, batch["old_logp"], batch["advantages"], batch["mask"],
-                                               clip_eps=settings.cliprange)
+        loss, metrics = losses.ppo_policy_loss(target_logprobs(model, batch), batch["old_logp"],
+                                               batch["advantages"], batch["mask"], clip_eps=settings.cliprange)
+        if settings.ptx_coef and "ptx_tokens" in batch:
+            ptx = lm_loss(model, batch["ptx_tokens"], batch["ptx_mask"])
+            loss = loss + settings.ptx_coef * ptx
+            metrics = {**metrics, "ptx_loss": ptx}
         return loss, {"weight": jnp.sum(batch["mask"].astype(jnp.float32)), **metrics}
 
     return loss_fn
 
 
-def critic_loss(prompt_len: int, settings: PPOSettings) -> Callable:
+def critic_loss(settings: PPOSettings) -> Callable:
     """The critic's train-step loss on a rollout batch (``tokens``, ``old_values``, ``returns``,
     ``mask``): the clipped value loss as a token mean, weighted by the tokens."""
-    values_of = response_values(prompt_len)
-
     def loss_fn(model, batch):
-        loss, metrics = losses.value_loss(values_of(model, batch), batch["old_values"], batch["returns"],
+        loss, metrics = losses.value_loss(target_values(model, batch), batch["old_values"], batch["returns"],
                                           batch["mask"], clip_range=settings.cliprange_value)
         return loss, {"weight": jnp.sum(batch["mask"].astype(jnp.float32)),
                       **{f"value_{k}": v for k, v in metrics.items()}}
@@ -130,72 +140,101 @@ def frozen(state):
     return jax.tree.map(jnp.copy, state.replace(opt_state=None))
 
 
-class _Trainer:
-    """What PPO and GRPO share: the hybrid engine and the iteration (a rollout, then updates)."""
+@functools.partial(jax.jit, donate_argnums=0)
+def _ema_update(ema, current, decay):
+    return jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype), ema, current)
 
-    def _engine(self, actor, actor_state, model_cfg, settings, prompt_len, engine_kw, engine):
+
+def _trained_fields(state) -> dict:
+    """The fields of a train state that hold trained values (the master and the replicated copy;
+    frozen params never change)."""
+    return {"master": state.master, "replicated": state.replicated}
+
+
+class _Trainer:
+    """What PPO and GRPO share: the hybrid engine, the iteration (a rollout, then updates), EMA."""
+
+    def _setup(self, actor, actor_state, model_cfg, settings, max_prompt_len, engine_kw, engine, ref_state):
         from zjax.inference.engine import Engine
 
-        if engine is not None:
-            return engine
-        kw = dict(max_seqs=actor.global_batch_size, max_seq_len=prompt_len + settings.max_new_tokens)
-        kw["token_budget"] = max(kw["max_seqs"], 64)
-        kw.update(engine_kw or {})
-        return Engine.from_params(jax.device_get(actor_state.params), model_cfg, **kw)
+        if max_prompt_len + settings.max_new_tokens > model_cfg.max_seq_len:
+            raise ValueError(f"max_prompt_len={max_prompt_len} + max_new_tokens={settings.max_new_tokens} is above "
+                             f"model.max_seq_len={model_cfg.max_seq_len}; shorten one of them")
+        self.actor, self.actor_state, self.settings = actor, actor_state, settings
+        self.max_prompt_len = max_prompt_len
+        self.ref_state = frozen(actor_state) if ref_state is None else ref_state
+        self.iterations = 0
+        # the actor's EMA in its training layout (sharded like the master)
+        self.ema = None if settings.ema_decay is None else jax.tree.map(jnp.copy, _trained_fields(actor_state))
+        if engine is None:
+            kw = dict(max_seqs=actor.global_batch_size, max_seq_len=max_prompt_len + settings.max_new_tokens)
+            kw["token_budget"] = max(kw["max_seqs"], 64)
+            kw.update(engine_kw or {})
+            engine = Engine.from_params(jax.device_get(actor_state.params), model_cfg, **kw)
+        self.engine = engine
 
-    def iteration(self, prompts, seed: int | None = None) -> dict:
+    def _track_ema(self) -> None:
+        if self.ema is not None:
+            self.ema = _ema_update(self.ema, _trained_fields(self.actor_state), jnp.float32(self.settings.ema_decay))
+
+    def ema_state(self):
+        """The actor's state with the EMA's parameters (``ema_decay``; None without it): its
+        ``params``, a checkpoint of it, or ``Engine.load_params(ema_state().params)``."""
+        return None if self.ema is None else self.actor_state.replace(**self.ema)
+
+    def iteration(self, prompts, seed: int | None = None, ptx: dict | None = None) -> dict:
         """One rollout (sampling seeds from ``seed``, default the iteration number) and its
-        updates; the metrics."""
+        updates; the metrics. ``ptx``: a pretraining batch (``tokens`` and ``mask``) for PPO-ptx."""
         seed = self.iterations if seed is None else seed
         batch, metrics = self.rollout(prompts, seed)
+        if ptx is not None:
+            batch = {**batch, "ptx_tokens": np.asarray(ptx["tokens"]), "ptx_mask": np.asarray(ptx["mask"])}
         metrics.update(self.update(batch))
         self.iterations += 1
         return metrics
+
+    def _generate(self, prompts, seed: int) -> tuple:
+        prompts = _as_rows(prompts, self.max_prompt_len)
+        if len(prompts) != self.actor.global_batch_size:
+            raise ValueError(f"{len(prompts)} prompts; the rollout is the actor's global batch, "
+                             f"{self.actor.global_batch_size}")
+        return prompts, generate(self.engine, self.actor_state, prompts, seed, self.settings, self.max_prompt_len)
 
 
 class PPOTrainer(_Trainer):
     """DeepSpeed-Chat's PPO loop over zjax train steps (see the module docstring).
 
     Args:
-      actor, critic: ``TrainStep``s made with ``actor_loss(P, settings)`` / ``critic_loss(P,
-        settings)`` and models ``GPT`` / ``ValueModel``; their global batch is the rollout size.
+      actor, critic: ``TrainStep``s made with ``actor_loss(settings)`` / ``critic_loss(settings)``
+        and models ``GPT`` / ``ValueModel``; their global batch is the rollout size.
       actor_state, critic_state: their initial states; the reference is ``frozen(actor_state)``
         unless ``ref_state`` is given.
-      reward_fn: ``reward_fn(tokens [B, P+T], mask [B, T]) -> [B]`` scores (numpy or jax).
+      reward_fn: ``reward_fn(tokens [B, L], mask [B, L-1]) -> [B]`` scores (numpy or jax), e.g. a
+        reward model's ``preference.sequence_scores`` through ``per_example``.
       model_cfg: the actor's model config (the engine's).
       settings: ``PPOSettings``.
+      max_prompt_len: the longest prompt a rollout may hold.
       engine_kw: keyword arguments of the hybrid engine (``zjax.inference.Engine``).
       engine: an existing engine for this model to reuse (its compiled pass; e.g. a second
         trainer of the same shapes); it gets the actor's weights at every rollout.
     """
 
     def __init__(self, actor, actor_state, critic, critic_state, reward_fn, model_cfg, settings: PPOSettings,
-                 prompt_len: int, *, ref_state=None, engine_kw: dict | None = None, engine=None):
-        self.actor, self.critic = actor, critic
-        self.actor_state, self.critic_state = actor_state, critic_state
-        self.ref_state = frozen(actor_state) if ref_state is None else ref_state
+                 max_prompt_len: int, *, ref_state=None, engine_kw: dict | None = None, engine=None):
+        self._setup(actor, actor_state, model_cfg, settings, max_prompt_len, engine_kw, engine, ref_state)
+        self.critic, self.critic_state = critic, critic_state
         self.reward_fn = reward_fn
-        self.settings = settings
-        self.prompt_len = prompt_len
-        self._logp = response_logprobs(prompt_len)
-        self._values = response_values(prompt_len)
-        self.engine = self._engine(actor, actor_state, model_cfg, settings, prompt_len, engine_kw, engine)
-        self.iterations = 0
 
     def rollout(self, prompts, seed: int) -> tuple[dict, dict]:
-        """Generates, scores and computes advantages for ``prompts [B, P]``; returns the batch for
-        the updates and the rollout's metrics (times included)."""
+        """Generates, scores and computes advantages for ``prompts`` (token lists, or a ``[B, P]``
+        array); returns the batch for the updates and the rollout's metrics (times included)."""
         s = self.settings
-        prompts = np.asarray(prompts, np.int32)
-        batch_size, prompt_len = prompts.shape
-        if prompt_len != self.prompt_len:
-            raise ValueError(f"prompts have length {prompt_len}; this trainer was built for {self.prompt_len}")
-        tokens, mask, sample_logp, times = generate(self.engine, self.actor_state, prompts, seed, s)
+        _, (tokens, mask, sample_logp, times) = self._generate(prompts, seed)
         t2 = time.perf_counter()
         batch = {"tokens": tokens}
-        old_logp = self.actor.per_example(self.actor_state, batch, self._logp)
-        ref_logp = self.actor.per_example(self.ref_state, batch, self._logp)
-        values = self.critic.per_example(self.critic_state, batch, self._values)
+        old_logp = self.actor.per_example(self.actor_state, batch, target_logprobs)
+        ref_logp = self.actor.per_example(self.ref_state, batch, target_logprobs)
+        values = self.critic.per_example(self.critic_state, batch, target_values)
         score = jnp.asarray(self.reward_fn(tokens, mask), jnp.float32)
         rewards, advantages, returns = _advantages(old_logp, ref_logp, score, jnp.asarray(mask), values,
                                                    s.kl_coef, s.clip_reward_value, s.gamma, s.lam,
@@ -212,9 +251,11 @@ class PPOTrainer(_Trainer):
         """``ppo_epochs`` actor and critic steps on one rollout; their last metrics."""
         out = {}
         t0 = time.perf_counter()
+        critic_batch = {k: v for k, v in batch.items() if not k.startswith("ptx_")}
         for _ in range(self.settings.ppo_epochs):
             self.actor_state, actor_metrics = self.actor(self.actor_state, batch)
-            self.critic_state, critic_metrics = self.critic(self.critic_state, batch)
+            self.critic_state, critic_metrics = self.critic(self.critic_state, critic_batch)
+        self._track_ema()
         host = jax.device_get((actor_metrics, critic_metrics))
         out.update({f"actor_{k}": float(v) for k, v in host[0].items()})
         out.update({f"critic_{k}": float(v) for k, v in host[1].items()})
@@ -222,30 +263,39 @@ class PPOTrainer(_Trainer):
         return out
 
 
+def _as_rows(prompts, max_prompt_len: int) -> list[list[int]]:
+    rows = [[int(t) for t in p] for p in (prompts.tolist() if isinstance(prompts, np.ndarray) else prompts)]
+    for i, row in enumerate(rows):
+        if not 0 < len(row) <= max_prompt_len:
+            raise ValueError(f"prompt {i} has {len(row)} tokens; prompts hold 1 to max_prompt_len={max_prompt_len}")
+    return rows
 
-def generate(engine, actor_state, prompts: np.ndarray, seed: int, s) -> tuple:
+
+def generate(engine, actor_state, prompts: list, seed: int, s, max_prompt_len: int) -> tuple:
     """The hybrid engine's rollout: the actor's weights re-laid out onto ``engine``, then one
     sampled response per prompt (request ``i`` seeded ``seed * B + i``). Returns ``(tokens
-    [B, P + T], mask [B, T], sampling log-probs [B, T], times)``."""
+    [B, L], mask [B, L-1], sampling log-probs [B, L-1], times)`` in the rollout layout (module
+    docstring), ``L = max_prompt_len + max_new_tokens``."""
     from zjax.inference.sampling import SamplingParams
 
-    batch_size = prompts.shape[0]
+    batch_size = len(prompts)
     t0 = time.perf_counter()
     engine.load_params(actor_state.params)  # training layout -> the engine's
     jax.block_until_ready(engine.params)
     t1 = time.perf_counter()
     sampling = [SamplingParams(temperature=s.temperature, max_tokens=s.max_new_tokens, seed=seed * batch_size + i,
                                stop_token_ids=tuple(s.stop_tokens), logprobs=True) for i in range(batch_size)]
-    completions = engine.generate([list(p) for p in prompts], sampling)
+    completions = engine.generate(prompts, sampling)
     t2 = time.perf_counter()
-    response = np.zeros((batch_size, s.max_new_tokens), np.int32)
-    mask = np.zeros((batch_size, s.max_new_tokens), np.float32)
-    sample_logp = np.zeros((batch_size, s.max_new_tokens), np.float32)
-    for i, c in enumerate(completions):
-        n = len(c.token_ids)
-        response[i, :n], mask[i, :n], sample_logp[i, :n] = c.token_ids, 1.0, c.logprobs
-    return (np.concatenate([prompts, response], axis=1), mask, sample_logp,
-            {"relayout_s": t1 - t0, "generate_s": t2 - t1})
+    length = max_prompt_len + s.max_new_tokens
+    tokens = np.zeros((batch_size, length), np.int32)
+    mask = np.zeros((batch_size, length - 1), np.float32)
+    sample_logp = np.zeros((batch_size, length - 1), np.float32)
+    for i, (prompt, c) in enumerate(zip(prompts, completions)):
+        p, n = len(prompt), len(c.token_ids)
+        tokens[i, :p], tokens[i, p:p + n] = prompt, c.token_ids
+        mask[i, p - 1:p - 1 + n], sample_logp[i, p - 1:p - 1 + n] = 1.0, c.logprobs
+    return tokens, mask, sample_logp, {"relayout_s": t1 - t0, "generate_s": t2 - t1}
 
 
 def _rollout_metrics(host: dict, mask: np.ndarray, sample_logp: np.ndarray, kl_coef: float) -> dict:
@@ -286,15 +336,14 @@ class GRPOSettings:
     max_new_tokens: int = 32
     temperature: float = 1.0
     stop_tokens: tuple[int, ...] = ()
+    ema_decay: float | None = None
 
 
-def grpo_actor_loss(prompt_len: int, settings: GRPOSettings) -> Callable:
+def grpo_actor_loss(settings: GRPOSettings) -> Callable:
     """The policy's train-step loss on a GRPO rollout (``tokens``, ``old_logp``, ``ref_logp``,
     ``advantages [B]``, ``mask``), weighted by the tokens."""
-    logprobs = response_logprobs(prompt_len)
-
     def loss_fn(model, batch):
-        loss, metrics = losses.grpo_loss(logprobs(model, batch), batch["old_logp"], batch["ref_logp"],
+        loss, metrics = losses.grpo_loss(target_logprobs(model, batch), batch["old_logp"], batch["ref_logp"],
                                          batch["advantages"], batch["mask"], clip_eps=settings.cliprange,
                                          clip_eps_high=settings.cliprange_high, kl_coef=settings.kl_coef,
                                          kl_kind=settings.kl_kind, agg=settings.agg)
@@ -309,36 +358,31 @@ class GRPOTrainer(_Trainer):
     are every token's advantage; the reference is a frozen state run through ``per_example``;
     generation goes through the hybrid engine as in ``PPOTrainer``."""
 
-    def __init__(self, actor, actor_state, reward_fn, model_cfg, settings: GRPOSettings, prompt_len: int, *,
+    def __init__(self, actor, actor_state, reward_fn, model_cfg, settings: GRPOSettings, max_prompt_len: int, *,
                  ref_state=None, engine_kw: dict | None = None, engine=None):
+        if settings.advantage not in ("grpo", "dr_grpo", "rloo"):
+            raise ValueError(f"advantage={settings.advantage!r}: use grpo, dr_grpo or rloo")
         if actor.global_batch_size % settings.group_size:
             raise ValueError(f"group_size={settings.group_size} does not divide the rollout (the actor's global "
                              f"batch, {actor.global_batch_size})")
-        self.actor, self.actor_state = actor, actor_state
-        self.ref_state = frozen(actor_state) if ref_state is None else ref_state
-        self.reward_fn, self.settings, self.prompt_len = reward_fn, settings, prompt_len
-        self._logp = response_logprobs(prompt_len)
-        self.engine = self._engine(actor, actor_state, model_cfg, settings, prompt_len, engine_kw, engine)
-        self.iterations = 0
+        self._setup(actor, actor_state, model_cfg, settings, max_prompt_len, engine_kw, engine, ref_state)
+        self.reward_fn = reward_fn
 
     def rollout(self, prompts, seed: int) -> tuple[dict, dict]:
         s = self.settings
-        prompts = np.asarray(prompts, np.int32)
-        grouped = prompts.reshape(-1, s.group_size, prompts.shape[1])
-        if not (grouped == grouped[:, :1]).all():
+        rows, (tokens, mask, sample_logp, times) = self._generate(prompts, seed)
+        groups = [rows[i:i + s.group_size] for i in range(0, len(rows), s.group_size)]
+        if any(row != group[0] for group in groups for row in group):
             raise ValueError(f"GRPO's prompts come in groups of group_size={s.group_size} equal rows")
-        tokens, mask, sample_logp, times = generate(self.engine, self.actor_state, prompts, seed, s)
         t2 = time.perf_counter()
         batch = {"tokens": tokens}
-        old_logp = self.actor.per_example(self.actor_state, batch, self._logp)
-        ref_logp = self.actor.per_example(self.ref_state, batch, self._logp)
+        old_logp = self.actor.per_example(self.actor_state, batch, target_logprobs)
+        ref_logp = self.actor.per_example(self.ref_state, batch, target_logprobs)
         score = jnp.asarray(self.reward_fn(tokens, mask), jnp.float32)
         if s.advantage == "rloo":
             advantages = losses.rloo_advantages(score, s.group_size)
-        elif s.advantage in ("grpo", "dr_grpo"):
-            advantages = losses.grpo_advantages(score, s.group_size, normalize_std=s.advantage == "grpo")
         else:
-            raise ValueError(f"advantage={s.advantage!r}: use grpo, dr_grpo or rloo")
+            advantages = losses.grpo_advantages(score, s.group_size, normalize_std=s.advantage == "grpo")
         host = jax.device_get({"old_logp": old_logp, "ref_logp": ref_logp, "score": score, "advantages": advantages})
         metrics = {**_rollout_metrics(host, mask, sample_logp, 0.0), **times, "score_s": time.perf_counter() - t2}
         return {"tokens": tokens, "mask": mask, "old_logp": host["old_logp"], "ref_logp": host["ref_logp"],
@@ -348,6 +392,7 @@ class GRPOTrainer(_Trainer):
         t0 = time.perf_counter()
         for _ in range(self.settings.ppo_epochs):
             self.actor_state, metrics = self.actor(self.actor_state, batch)
+        self._track_ema()
         out = {f"actor_{k}": float(v) for k, v in jax.device_get(metrics).items()}
         out["train_s"] = time.perf_counter() - t0
         return out

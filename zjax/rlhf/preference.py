@@ -1,4 +1,5 @@
-"""Training on preference pairs: a reward model (Bradley-Terry) and DPO, each a train-step loss.
+"""Training on demonstrations and preference pairs: SFT, a reward model (Bradley-Terry) and DPO,
+each a train-step loss.
 
 A pair batch holds, for B prompts, the chosen and the rejected sequence (prompt + response,
 right-padded to one length L) and their response masks over the target positions (``[B, L-1]``:
@@ -8,6 +9,8 @@ right-padded to one length L) and their response masks over the target positions
   ``-log sigmoid(r_chosen - r_rejected)`` (DeepSpeed-Chat's reward model, InstructGPT's), its
   ``accuracy`` the fraction of pairs ranked right. ``sequence_scores`` reads the scores (for
   PPO's ``reward_fn`` through ``TrainStep.per_example``).
+- ``sft_loss``: supervised fine-tuning on prompt + response rows (``sequence_batch``), the
+  response tokens' cross entropy.
 - ``dpo_loss_fn``: DPO on the policy's sequence log-probs against the reference's, which
   ``reference_logps`` computes once per batch from a frozen state (``ppo.frozen``) through
   ``per_example``; at the start (policy = reference) the loss is exactly ln 2.
@@ -22,6 +25,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from zjax.rlhf import losses
+from zjax.rlhf.ppo import lm_loss
+
+
+def sequence_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], length: int,
+                   pad: int = 0, what: str = "response") -> dict:
+    """``{"tokens" [B, length], "mask" [B, length - 1]}``: each row its prompt, its response and
+    ``pad``; the mask is 1 on the targets (``tokens[:, 1:]``) that are response tokens."""
+    tokens = np.full((len(prompts), length), pad, np.int32)
+    mask = np.zeros((len(prompts), length - 1), np.float32)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        row = list(prompt) + list(response)
+        if len(row) > length or len(response) == 0 or len(prompt) == 0:
+            raise ValueError(f"row {i}: prompt + {what} has {len(row)} tokens (length {length}), or an empty prompt "
+                             f"or {what}; raise the length or shorten it")
+        tokens[i, :len(row)] = row
+        mask[i, len(prompt) - 1:len(row) - 1] = 1.0
+    return {"tokens": tokens, "mask": mask}
 
 
 def pair_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]],
@@ -30,16 +50,8 @@ def pair_batch(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[int]]
     "rejected_mask"}`` ``[B, length - 1]`` (1 on the targets that are response tokens)."""
     out = {}
     for name, responses in (("chosen", chosen), ("rejected", rejected)):
-        tokens = np.full((len(prompts), length), pad, np.int32)
-        mask = np.zeros((len(prompts), length - 1), np.float32)
-        for i, (prompt, response) in enumerate(zip(prompts, responses)):
-            row = list(prompt) + list(response)
-            if len(row) > length or len(response) == 0:
-                raise ValueError(f"pair {i}: prompt + {name} response has {len(row)} tokens (length {length}) or "
-                                 "an empty response; raise length or shorten it")
-            tokens[i, :len(row)] = row
-            mask[i, len(prompt) - 1:len(row) - 1] = 1.0
-        out[name], out[f"{name}_mask"] = tokens, mask
+        rows = sequence_batch(prompts, responses, length, pad, what=f"{name} response")
+        out[name], out[f"{name}_mask"] = rows["tokens"], rows["mask"]
     return out
 
 
@@ -95,13 +107,16 @@ def reward_loss(model, batch):
         "chosen_score": jnp.mean(chosen), "rejected_score": jnp.mean(rejected)}
 
 
-@functools.lru_cache(maxsize=None)
-def sequence_scores(prompt_len: int) -> Callable:
-    """``fn(model, batch) -> [B]``: a reward model's score of ``batch["tokens"]`` (prompt of
-    ``prompt_len`` + response) at its last token (``batch["mask"]`` over the response)."""
-    def fn(model, batch):
-        tokens, mask = batch["tokens"], batch["mask"]
-        full = jnp.concatenate([jnp.zeros((mask.shape[0], prompt_len - 1), mask.dtype), mask], axis=1)
-        return _last_scores(model, tokens, full)
+def sequence_scores(model, batch: dict) -> jax.Array:
+    """A reward model's scores ``[B]`` of ``batch["tokens"] [B, L]`` at the last response token
+    (``batch["mask"] [B, L-1]`` over the targets: the rollout layout of ``zjax.rlhf.ppo``); a
+    ``per_example`` function, e.g. PPO's ``reward_fn``."""
+    return _last_scores(model, batch["tokens"], batch["mask"])
 
-    return fn
+
+def sft_loss(model, batch: dict):
+    """Supervised fine-tuning's train-step loss on a ``sequence_batch``: the token mean of the
+    response tokens' negative log-likelihood (weight = the tokens). For DeepSpeed-Chat's step 1,
+    which trains on every token of prompt + answer, build the batch with ``mask`` all ones up to
+    the padding."""
+    return lm_loss(model, batch["tokens"], batch["mask"]), {"weight": jnp.sum(batch["mask"].astype(jnp.float32))}
