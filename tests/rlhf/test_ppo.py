@@ -2,6 +2,8 @@
 gives, the first update's importance ratio is exactly 1 under ZeRO-3 and tensor parallelism, and
 one PPO iteration is the same on one device and under every ZeRO stage."""
 import functools
+import gc
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +97,17 @@ def test_the_first_update_starts_at_ratio_one(overrides):
         assert mask[len(prompt) - 1:len(prompt) - 1 + T].sum() == T  # no stop token: T tokens each
     metrics.update(trainer.update(batch))
     assert metrics["sample_logp_rel_gap"] <= 1e-5
+    # release_memory: the engine's weights and KV cache leave the devices after the rollout
+    released = ppo.PPOSettings(max_new_tokens=T, release_memory=True)
+    trainer.settings = released
+    cache = [weakref.ref(x) for x in jax.tree.leaves(trainer.engine.cache)]
+    trainer.engine.release()
+    gc.collect()
+    assert all(ref() is None for ref in cache)  # the KV cache's buffers are gone
+    first, _ = trainer.rollout(prompts, seed=1)
+    assert trainer.engine.params is None and trainer.engine.cache is None
+    again, _ = trainer.rollout(prompts, seed=1)  # load_params brings them back: the same samples
+    np.testing.assert_array_equal(again["tokens"], first["tokens"])
     assert metrics["actor_clip_fraction"] == 0.0 and abs(metrics["actor_approx_kl"]) <= 1e-10
     assert metrics["relayout_s"] > 0 and metrics["generate_s"] > 0 and metrics["train_s"] > 0
 

@@ -895,6 +895,7 @@ class PPOConfig(_Section):
     temperature: float = Field(1.0, gt=0)
     whiten_advantages: bool = False
     ema_decay: float | None = Field(None, gt=0, lt=1)  # DeepSpeed-Chat's enable_ema: 0.992
+    release_memory: bool = False  # free the engine's weights and KV cache after each rollout
     ptx_coef: float = Field(0.0, ge=0)  # PPO-ptx on data: (the pretraining text); DeepSpeed-Chat's unsup_coef
 
 
@@ -912,6 +913,7 @@ class GRPOConfig(_Section):
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0)
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    release_memory: bool = False
 
 
 class DPOConfig(_Section):

@@ -144,8 +144,10 @@ class Engine:
         self.params = _place_params(params, model_cfg, self.mesh, rules, self._dtype)
         kv_split = tensor > 1 and model_cfg.n_kv_heads % tensor == 0
         self._cache_sharding = NamedSharding(self.mesh, P(None, None, None, "tensor", None) if kv_split else P())
-        self.cache = init_cache(model_cfg.n_layers, num_pages, page_size, model_cfg.n_kv_heads,
-                                model_lib.head_dim_of(model_cfg), _DTYPES[kv_dtype or dtype], self._cache_sharding)
+        self._cache_args = (model_cfg.n_layers, num_pages, page_size, model_cfg.n_kv_heads,
+                            model_lib.head_dim_of(model_cfg), _DTYPES[kv_dtype or dtype], self._cache_sharding)
+        self.cache = init_cache(*self._cache_args)
+        self._param_shapes = _shapes(self.params)
         self.pages = PageAllocator(num_pages)
         self._page_table = np.zeros((max_seqs, self.pages_per_seq), np.int32)
         self._free_slots = list(range(max_seqs - 1, -1, -1))
@@ -233,13 +235,23 @@ class Engine:
         if self.has_unfinished():
             raise ValueError("load_params() needs an idle engine: requests are in flight; step() until "
                              "has_unfinished() is False, or abort them")
-        old = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), self.params)
         placed = _place_params(params, self.cfg, self.mesh, self._rules, self._dtype)
-        new = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), placed)
-        if old != new:
+        if _shapes(placed) != self._param_shapes:
             raise ValueError("load_params() takes params of the shapes the engine was built with; build a new "
                              "Engine for another model")
         self.params = placed
+        if self.cache is None:  # after release(): a fresh, empty cache
+            self.cache = init_cache(*self._cache_args)
+
+    def release(self) -> None:
+        """Frees the weights and the KV cache on the devices (RLHF's hybrid engine between rollouts,
+        DeepSpeed-Chat's ``release_inference_cache``); ``load_params`` brings both back (the
+        compiled pass is kept). The engine must be idle."""
+        if self.has_unfinished():
+            raise ValueError("release() needs an idle engine: requests are in flight; step() until "
+                             "has_unfinished() is False, or abort them")
+        # dropped, not deleted: a weight placed without a copy is still its source's (the actor's) buffer
+        self.params = self.cache = None
 
     # -- requests -------------------------------------------------------------------------
 
@@ -304,6 +316,8 @@ class Engine:
         ``sampling``: one ``SamplingParams`` for all, or one per prompt. The engine must have
         no other requests in flight (their outputs would go unreported).
         """
+        if self.params is None:
+            raise ValueError("this engine was released (release()); give it weights with load_params() first")
         if self.has_unfinished():
             raise ValueError("generate() needs an idle engine, but requests added with add_request() are in "
                              "flight; step() until has_unfinished() is False, or abort them")
@@ -471,6 +485,10 @@ def _tensor_mesh(tensor: int, devices) -> jax.sharding.Mesh:
         raise ValueError(f"tensor={tensor} needs {tensor} devices but {len(devices)} are given; "
                          f"use tensor <= {len(devices)}")
     return make_mesh(MeshConfig(data=1, tensor=tensor), devices[:tensor])
+
+
+def _shapes(params: dict) -> Any:
+    return jax.tree.map(lambda x: (tuple(x.shape), x.dtype), params)
 
 
 def _place_params(params: dict, cfg: Any, mesh, rules, dtype) -> dict:

@@ -7,7 +7,8 @@ sharded layout (no optimizer state, gathered a layer at a time under ZeRO-3). Th
 is one ``zjax.inference.Engine``: before each rollout the actor's parameters are re-laid out
 from the training layout onto the engine's mesh (``Engine.load_params``; under ZeRO-3 that
 gathers them once per rollout), the prompts are generated with the paged KV cache and continuous
-batching, and the engine keeps only those weights and its cache between rollouts.
+batching, and the engine keeps only those weights and its cache between rollouts (or frees both,
+``release_memory``: DeepSpeed-Chat's ``release_inference_cache``).
 
 One iteration (``PPOTrainer.iteration``):
 
@@ -68,6 +69,7 @@ class PPOSettings:
     stop_tokens: tuple[int, ...] = ()
     whiten_advantages: bool = False
     ema_decay: float | None = None  # DeepSpeed-Chat's enable_ema uses 0.992
+    release_memory: bool = False  # DeepSpeed-Chat's release_inference_cache
     ptx_coef: float = 0.0  # DeepSpeed-Chat's unsup_coef (27.8 there, with its own step)
 
 
@@ -286,6 +288,8 @@ def generate(engine, actor_state, prompts: list, seed: int, s, max_prompt_len: i
     sampling = [SamplingParams(temperature=s.temperature, max_tokens=s.max_new_tokens, seed=seed * batch_size + i,
                                stop_token_ids=tuple(s.stop_tokens), logprobs=True) for i in range(batch_size)]
     completions = engine.generate(prompts, sampling)
+    if s.release_memory:  # the engine's weights and KV cache leave the devices until the next rollout
+        engine.release()
     t2 = time.perf_counter()
     length = max_prompt_len + s.max_new_tokens
     tokens = np.zeros((batch_size, length), np.int32)
@@ -337,6 +341,7 @@ class GRPOSettings:
     temperature: float = 1.0
     stop_tokens: tuple[int, ...] = ()
     ema_decay: float | None = None
+    release_memory: bool = False  # DeepSpeed-Chat's release_inference_cache
 
 
 def grpo_actor_loss(settings: GRPOSettings) -> Callable:

@@ -295,7 +295,7 @@ class _RolloutRun(_Run):
         s = cfg.rlhf.ppo if mode == "ppo" else cfg.rlhf.grpo
         stop = tuple(self.tok.eos_token_ids or ())
         common = dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, stop_tokens=stop,
-                      ema_decay=s.ema_decay, ppo_epochs=s.ppo_epochs)
+                      ema_decay=s.ema_decay, ppo_epochs=s.ppo_epochs, release_memory=s.release_memory)
         if mode == "ppo":
             self.settings = ppo.PPOSettings(
                 kl_coef=s.kl_coef, clip_reward_value=s.clip_reward_value, cliprange=s.cliprange,
