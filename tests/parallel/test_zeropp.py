@@ -124,15 +124,21 @@ def test_qgz_settings():
         train(state, token_batches(1, 16, 32)[0])
 
 
-def test_hpz_is_bit_identical_to_zero3_and_its_backward_gathers_stay_in_the_node():
+@pytest.mark.parametrize("qwz", [False, True], ids=["exact", "qwz"])
+def test_hpz_is_bit_identical_to_zero3_and_its_backward_gathers_stay_in_the_node(qwz):
     """zero.hpz_partition_size=4 (8 devices, 2 nodes of 4), remat full: 20 steps give ZeRO-3's losses
     and params bit for bit; in the layer loops each stacked parameter is gathered across nodes once
     (the forward's first hop, whose result the remat policy keeps) and inside the node twice (the
-    forward's second hop and the backward's recomputation): the backward never leaves the node."""
+    forward's second hop and the backward's recomputation): the backward never leaves the node.
+    With qwZ too, the cross-node hop moves int8 blocks and their scales (two gathers) and the run is
+    qwZ's bit for bit."""
     from collections import Counter
 
+    quantized = ("zero.quantized_weights=true", "zero.quantization_block=64") if qwz else ()
+
     def run(*over):
-        train, state = gpt_train("precision.compute_dtype=float32", "zero.stage=3", "remat.policy=full", *over)
+        train, state = gpt_train("precision.compute_dtype=float32", "zero.stage=3", "remat.policy=full", *quantized,
+                                 *over)
         # XLA:CPU's fusion emitters (off in the suite, conftest.py) fuse both programs alike: without
         # them the two fused their float sums differently, a last-bit difference after 20 steps
         step = train.lower(state, token_batches(1, 16, 32)[0]).compile(
@@ -151,8 +157,9 @@ def test_hpz_is_bit_identical_to_zero3_and_its_backward_gathers_stay_in_the_node
     for a, b in zip(jax.tree.leaves(hpz_params), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, b)
     layers = 2  # the loops' trip count
-    stacked = gathers[8, layers] // 2  # ZeRO-3 gathers each stacked parameter in the forward and again in the backward
-    assert hpz_gathers[2, layers] == stacked and hpz_gathers[4, layers] == 2 * stacked
+    per_gather = 2 if qwz else 1  # qwZ gathers the int8 values and the float32 scales
+    stacked = gathers[8, layers] // (2 * per_gather)  # ZeRO-3 gathers each stacked parameter forward and backward
+    assert hpz_gathers[2, layers] == per_gather * stacked and hpz_gathers[4, layers] == 2 * stacked
     assert not any(group == 8 for group, _ in hpz_gathers)
 
 

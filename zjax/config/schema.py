@@ -297,9 +297,6 @@ class ZeroConfig(_Section):
         if self.hpz_partition_size > 1 and self.stage != 3:
             raise ValueError(f"hpz_partition_size={self.hpz_partition_size} keeps a secondary partition of ZeRO-3's "
                              f"parameters; got stage={self.stage}: use zero.stage: 3 or hpz_partition_size: 1")
-        if self.hpz_partition_size > 1 and self.quantized_weights:
-            raise ValueError("hpz_partition_size > 1 with quantized_weights=true is not built yet (the secondary "
-                             "partition is gathered exactly); use one of them")
         return self
 
     @model_validator(mode="after")

@@ -712,9 +712,9 @@ def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_
         return _gather_error_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(
             shard, error)
     hpz = _HPZ.get()
-    if hpz is not None and lay.sharded and not lay.group and _QUANTIZED_GATHERS.get() is None:
+    if hpz is not None and lay.sharded and not lay.group:
         cast = jnp.dtype(compute_dtype)
-        secondary = _hpz_cross_op(lay, hpz, cast)(shard)
+        secondary = _hpz_cross_op(lay, hpz, cast, _QUANTIZED_GATHERS.get())(shard)
         return _hpz_intra_op(lay, hpz, cast, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(secondary, shard)
     return _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype),
                       _QUANTIZED_GATHERS.get())(shard)
@@ -732,11 +732,17 @@ def _hpz_groups(size: int) -> tuple[list[list[int]], list[list[int]]]:
 
 
 @functools.lru_cache(maxsize=None)
-def _hpz_cross_op(lay: LeafLayout, size: int, compute_dtype):
+def _hpz_cross_op(lay: LeafLayout, size: int, compute_dtype, quantization_block: int | None = None):
     """hpZ's first hop: this device's secondary partition (its node position's shards from every
     node, in node order). Saved by the remat policy (``is_hpz_secondary``); its own gradient is
-    zero (the second hop hands the shard its reduced gradient directly)."""
+    zero (the second hop hands the shard its reduced gradient directly). With qwZ
+    (``quantization_block``) this cross-node hop moves int8 blocks (the secondary partition holds
+    each shard's own quantize-dequantize, in the compute dtype), so the gathered parameter is qwZ's
+    bit for bit; the intra-node hop moves it exactly."""
     def cross(shard):
+        if quantization_block is not None:
+            return quantized_all_gather(shard, DATA, bits=8, block=quantization_block, axis=lay.axis, tiled=True,
+                                        groups=_hpz_groups(size)[0]).astype(compute_dtype)
         return lax.all_gather(shard.astype(compute_dtype), DATA, axis=lay.axis, tiled=True,
                               axis_index_groups=_hpz_groups(size)[0])
 
