@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist worksteal --doctest-modules tests zjax pallas_kernels
 
-BENCHMARKS := zero tensor long_context pipeline moe comm_compression remat kernels checkpoint data inference quantization compression_quality
+BENCHMARKS := zero tensor long_context pipeline moe comm_compression remat kernels checkpoint data inference quantization compression_quality rlhf
 
 # Runs every benchmark and writes what they print, with date and machine, to benchmarks/RESULTS.md.
 bench: $(VENV)/.installed

@@ -27,8 +27,8 @@ names a count), float32. The engine serves on one device (``tensor=1``), the tra
 spans all 8.
 
 Usage:
-  .venv/bin/python benchmarks/rlhf.py [--sizes small,large] [--batch 16] [--prompt-len 16]
-      [--new-tokens 48] [--iterations 4] [--repeats 3] [--json FILE]
+  .venv/bin/python benchmarks/rlhf.py [--sizes small,large] [--batch 32] [--prompt-len 16]
+      [--new-tokens 64] [--iterations 6] [--repeats 5] [--json FILE]
 """
 from __future__ import annotations
 
@@ -192,11 +192,11 @@ def bench_size(size: str, args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--sizes", default="small,large")
-    parser.add_argument("--batch", type=int, default=16, help="rollout size (the actor's global batch)")
+    parser.add_argument("--batch", type=int, default=32, help="rollout size (the actor's global batch)")
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--iterations", type=int, default=4, help="PPO iterations, the first a warm-up")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved generation repeats")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--iterations", type=int, default=6, help="PPO iterations, the first a warm-up")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved generation repeats")
     parser.add_argument("--check-tokens", type=int, default=4)
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)

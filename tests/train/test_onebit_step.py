@@ -41,8 +41,8 @@ def batches(n=STEPS):
     return out
 
 
-def config(optimizer, lr=1e-2, **extra):
-    return {"mesh": {"data": N}, "batch": {"global_batch_size": 16}, "zero": {"stage": 0},
+def config(optimizer, lr=1e-2, stage=0, **extra):
+    return {"mesh": {"data": N}, "batch": {"global_batch_size": 16}, "zero": {"stage": stage},
             "optimizer": {"type": optimizer, "lr": lr, **extra}, "gradient_clipping": 0.0,
             "precision": {"param_dtype": "float32", "compute_dtype": "float32"}}
 
@@ -152,9 +152,10 @@ def test_zero_one_adam_consensus_plus_offset_is_each_devices_params():
     assert local_steps >= 2  # the devices really ran apart between syncs
 
 
-def test_a_checkpoint_keeps_the_error_buffers(tmp_path):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_checkpoint_keeps_the_error_buffers(tmp_path, stage):
     data = batches()
-    cfg = config("onebit_adam", freeze_step=2)
+    cfg = config("onebit_adam", freeze_step=2, stage=stage)
     _, straight = train(cfg, data)
     _, resumed = train(cfg, data, checkpoint_at=4, tmp_path=tmp_path)
     errors = np.asarray(straight[-1][0].opt_state.worker_error["w1"])
@@ -183,10 +184,57 @@ def test_deepspeed_onebit_blocks_map_and_train():
     assert (lamb.type, lamb.freeze_step, lamb.max_coeff) == ("onebit_lamb", 9, 0.3)
 
 
-@pytest.mark.parametrize("change, key", [({"zero": {"stage": 1}}, "zero.stage"),
-                                         ({"mesh": {"data": 4, "tensor": 2}}, "mesh.tensor")])
-def test_where_it_cannot_run_the_error_says_so(change, key):
-    cfg = {**config("onebit_adam", freeze_step=3), **change}
+@pytest.mark.parametrize("optimizer, change, key", [
+    ("onebit_adam", {"zero": {"stage": 3}}, "ZeRO-3 reduce-scatters"),
+    ("zero_one_adam", {"zero": {"stage": 1}}, "zero.stage 0 only"),
+    ("onebit_lamb", {"zero": {"stage": 2}}, "zero.stage 0 only"),
+    ("onebit_adam", {"mesh": {"data": 4, "tensor": 2}}, "mesh.tensor")])
+def test_where_it_cannot_run_the_error_says_so(optimizer, change, key):
+    extra = {"var_freeze_step": 3} if optimizer == "zero_one_adam" else {"freeze_step": 3}
+    cfg = {**config(optimizer, **extra), **change}
     train_ = make_train_step(cfg, loss_fn)
     with pytest.raises(ConfigError, match=key):
         train_.init(init_params())
+
+
+def by_hand_on_shards(tx, params, axes, data):
+    """``by_hand`` for a resharded optimizer: the params split over data along ``axes``."""
+    mesh = jax.make_mesh((N,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    specs = jax.tree.map(lambda a: P() if a < 0 else P(*(None,) * a, "data"), axes)
+
+    def step(shards, state, batch):
+        whole = jax.tree.map(lambda x, a: x if a < 0 else jax.lax.all_gather(x, "data", axis=a, tiled=True),
+                             shards, axes)
+        grads = jax.grad(loss_fn)(whole, batch)
+        updates, state = tx.update(grads, jax.tree.map(lambda x: x[0], state), shards)
+        return jax.tree.map(jnp.add, shards, updates), jax.tree.map(lambda x: x[None], state)
+
+    run = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(specs, P("data"), P("data")),
+                                out_specs=(specs, P("data")), check_vma=False))
+    state = jax.jit(jax.shard_map(lambda p: jax.tree.map(lambda x: x[None], tx.init(p)), mesh=mesh,
+                                  in_specs=(specs,), out_specs=P("data"), check_vma=False))(params)
+    history = []
+    for batch in data:
+        params, state = run(params, state, batch)
+        history.append(params)
+    return history
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_onebit_adam_under_zero_1_and_2_keeps_shards_and_equals_it_by_hand(stage):
+    """At ZeRO-1 and ZeRO-2 the step hands 1-bit Adam whole local gradients and this device's
+    parameter shards (``reshard``: its moments are shards too, its worker error whole); across the
+    freeze, the params equal the resharded optimizer applied by hand to each device's gradient."""
+    data = batches()
+    step, out = train(config("onebit_adam", freeze_step=3, stage=stage), data)
+    axes = jax.tree.map(lambda lay: lay.axis if lay.sharded else -1, step.layouts,
+                        is_leaf=lambda x: hasattr(x, "sharded"))
+    assert sorted(jax.tree.leaves(axes)) == [0, 0, 1]  # w1 along its 32 columns, b1 and w2 along their first axis
+    mu = out[-1][0].opt_state.mu
+    assert mu["w1"].shape == (N, 12, 32 // N) and mu["w2"].shape == (N, 32 // N, 4)  # a shard per device
+    tx = onebit.onebit_adam(1e-2, freeze_step=3, axis_name="data").reshard(axes)
+    ref = by_hand_on_shards(tx, init_params(), axes, data)
+    for t, ((state, _), want) in enumerate(zip(out, ref)):
+        for name in ("w1", "b1", "w2"):
+            assert rel(state.params[name], want[name]) < 2e-5, (t, name)
+    assert out[-1][1] < out[0][1]

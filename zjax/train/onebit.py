@@ -173,9 +173,19 @@ def compressed_allreduce(
         )
     if p == 0:
         return x, worker_error, server_error
-    chunk = p // n
     buf = jnp.pad(x.reshape(-1).astype(jnp.float32), (0, p - size)) + worker_error
-    worker_scale = jnp.linalg.norm(buf) / np.float32(np.sqrt(p))
+    new_worker_error, _, new_server_error, gathered, server_scales = _exchange(buf, server_error, axis_name, n, pack)
+    all_signs = _plus_minus_one(_unpack(gathered) if pack else gathered.astype(bool))
+    out = (all_signs * server_scales[:, None]).reshape(-1)[:size]
+    return out.reshape(x.shape).astype(x.dtype), new_worker_error, new_server_error
+
+
+def _exchange(buf: jax.Array, server_error: jax.Array, axis_name: str, n: int, pack: bool) -> tuple:
+    """Both phases of the 1-bit all-reduce on this device's padded buffer ``buf`` (``x + w``, ``n``
+    chunks): ``(new_worker_error, server_values (mine, compressed), new_server_error, every
+    server's signs [n, chunk / 8], every server's scale [n])``."""
+    chunk = buf.size // n
+    worker_scale = jnp.linalg.norm(buf) / np.float32(np.sqrt(buf.size))
     worker_positive = buf >= 0
     new_worker_error = buf - worker_scale * _plus_minus_one(worker_positive)
 
@@ -187,14 +197,12 @@ def compressed_allreduce(
     server = jnp.sum(signs * (worker_scales * np.float32(1.0 / n))[:, None], axis=0) + server_error
     server_scale = jnp.linalg.norm(server) / np.float32(np.sqrt(chunk))
     server_positive = server >= 0
-    new_server_error = server - server_scale * _plus_minus_one(server_positive)
+    compressed = server_scale * _plus_minus_one(server_positive)
 
     mine = _pack(server_positive) if pack else server_positive.astype(jnp.uint8)
     gathered = lax.all_gather(mine, axis_name)  # (n, chunk / 8): every device's chunk signs
     server_scales = lax.all_gather(server_scale, axis_name)
-    all_signs = _plus_minus_one(_unpack(gathered) if pack else gathered.astype(bool))
-    out = (all_signs * server_scales[:, None]).reshape(-1)[:size]
-    return out.reshape(x.shape).astype(x.dtype), new_worker_error, new_server_error
+    return new_worker_error, compressed, server - compressed, gathered, server_scales
 
 
 def _allreduce_tree(tree: Any, worker: Any, server: Any, axis_name: str, pack: bool) -> tuple[Any, Any, Any]:
@@ -205,6 +213,77 @@ def _allreduce_tree(tree: Any, worker: Any, server: Any, axis_name: str, pack: b
         for x, w, s in zip(leaves, treedef.flatten_up_to(worker), treedef.flatten_up_to(server))
     ]
     return tuple(treedef.unflatten([d[k] for d in done]) for k in range(3))
+
+
+def _shard_rows(x: jax.Array, axis: int, n: int) -> jax.Array:
+    """``x`` (a whole local array) as ``[n, width]`` float32 rows: row ``k`` is the ZeRO shard ``k``
+    of ``x`` along ``axis`` (``x``'s ``k``-th block of that axis), flattened and zero-padded to
+    ``width``, a multiple of 8 (whole bytes of packed signs)."""
+    rows = jnp.moveaxis(x, axis, 0)
+    size = rows.size // n
+    width = -(-size // 8) * 8
+    return jnp.pad(rows.reshape(n, size).astype(jnp.float32), ((0, 0), (0, width - size)))
+
+
+def _rows_to_array(rows: jax.Array, shape: tuple, axis: int) -> jax.Array:
+    """Inverse of ``_shard_rows`` for ``rows [k, width]`` holding ``k`` shards of an array whose
+    shards have ``shape``... put together along ``axis`` (``k = 1``: one shard)."""
+    moved = (shape[axis] * rows.shape[0],) + tuple(d for i, d in enumerate(shape) if i != axis)
+    size = int(np.prod(shape))
+    return jnp.moveaxis(rows[:, :size].reshape(moved), 0, axis)
+
+
+def sharded_compressed_allreduce(
+    x: jax.Array, worker_error: jax.Array, server_error: jax.Array, axis_name: str, axis: int, *, pack: bool = True
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """:func:`compressed_allreduce` whose server chunks are ZeRO's shards: device ``k`` serves shard
+    ``k`` of ``x`` along ``axis`` and keeps its own part of the estimated mean.
+
+    The same two phases (worker: signs and one scale of ``x_i + w_i``, all-to-all; server:
+    ``c_k = mean of its chunk + s_k``, signs and a scale, all-gathered), with each shard padded to
+    whole bytes on its own (``_shard_rows``), so chunk ``k`` is exactly shard ``k``. Where no
+    padding is needed (the shard's size a multiple of 8, ``axis`` 0) it is ``compressed_allreduce``
+    bit for bit. Call it inside a ``shard_map`` manual over ``axis_name`` (``n`` devices).
+
+    Args:
+      x: this device's whole local values (e.g. its momentum), split by ZeRO along ``axis``.
+      worker_error: float32 ``[n * width]`` (``init_sharded_errors``).
+      server_error: float32 ``[width]``.
+      axis_name: the manual data axis; axis: the dimension of ``x`` ZeRO splits.
+      pack: 8 signs per byte (True) or one.
+
+    Returns:
+      ``(my_part, new_worker_error, new_server_error, signs, scales)``: this device's shard of the
+      mean estimate (``x``'s dtype), the new buffers, and every server's signs (``uint8 [n, width
+      / 8]``, ``[n, width]`` unpacked) and scales (``float32 [n]``), from which
+      ``sharded_estimate`` rebuilds the whole estimate on any device.
+    """
+    n = _axis_size(axis_name, "sharded_compressed_allreduce")
+    rows = _shard_rows(x, axis, n)
+    width = rows.shape[1]
+    if worker_error.shape != (n * width,) or server_error.shape != (width,):
+        raise ConfigError(f"sharded_compressed_allreduce: error buffers {worker_error.shape} and {server_error.shape} "
+                          f"for x of shape {x.shape} split along axis {axis} over {n}: use init_sharded_errors")
+    new_worker_error, mine, new_server_error, gathered, server_scales = _exchange(
+        rows.reshape(-1) + worker_error, server_error, axis_name, n, pack)
+    shard = list(x.shape)
+    shard[axis] //= n
+    part = _rows_to_array(mine[None], tuple(shard), axis)
+    return part.astype(x.dtype), new_worker_error, new_server_error, gathered, server_scales
+
+
+def sharded_estimate(signs: jax.Array, scales: jax.Array, shard_shape: tuple, axis: int, *,
+                     pack: bool = True) -> jax.Array:
+    """The whole mean estimate of a ``sharded_compressed_allreduce`` from its ``signs`` and
+    ``scales`` (every device's shard, put together along ``axis``), on any device."""
+    values = _plus_minus_one(_unpack(signs) if pack else signs.astype(bool)) * scales[:, None]
+    return _rows_to_array(values, tuple(shard_shape), axis)
+
+
+def init_sharded_errors(shard_shape: tuple, axis_size: int) -> tuple[jax.Array, jax.Array]:
+    """Zero ``(worker_error [n * width], server_error [width])`` for a shard of ``shard_shape``."""
+    width = -(-int(np.prod(shard_shape)) // 8) * 8
+    return jnp.zeros((axis_size * width,), jnp.float32), jnp.zeros((width,), jnp.float32)
 
 
 # ------------------------------------------------------------------------------ shared parts
@@ -313,12 +392,17 @@ class DataParallelTransformation(NamedTuple):
       axis_name: the data-parallel mesh axis the transformation communicates over.
       local_offset: None, or ``state -> tree``: what each device adds to the (consensus)
         parameters for its own forward pass (0/1 Adam's local steps with ``offset_params=True``).
+      reshard: None, or ``axes -> DataParallelTransformation``: the same optimizer for ZeRO's
+        split parameters (``axes``: like the params, each leaf's split dimension, -1 for a leaf
+        kept whole): ``init`` and ``update`` then take this device's parameter shards and
+        return update shards (the gradients stay whole and local). None: it runs at ZeRO-0 only.
     """
 
     init: Any
     update: Any
     axis_name: str
     local_offset: Any = None
+    reshard: Any = None
 
 
 def _decayed(updates: Any, params: Any, weight_decay: float, mask: Any) -> Any:
@@ -356,6 +440,10 @@ class OnebitAdamState(NamedTuple):
     nu: Any  # variance: frozen after freeze_step updates
     worker_error: Any  # per param: float32[padded_size(size, n)], this device's
     server_error: Any  # per param: float32[padded_size(size, n) // n], this device's chunk
+    # under ZeRO (``shard_axes``): per split param, the last compressed momentum's signs and
+    # scales from every server (each device rebuilds the whole momentum from them); else None
+    signs: Any = None
+    scales: Any = None
 
 
 def onebit_adam(
@@ -370,6 +458,7 @@ def onebit_adam(
     pack: bool = True,
     bias_correction: bool = True,
     mask: Any = None,
+    shard_axes: Any = None,
 ) -> DataParallelTransformation:
     """1-bit Adam (DeepSpeed's ``OnebitAdam``): exact Adam, then a frozen variance and 1-bit momentum.
 
@@ -405,6 +494,14 @@ def onebit_adam(
       bias_correction: see above.
       mask: which parameters weight decay applies to: a pytree of bools like the params, or
         ``params -> such a tree``; None = every parameter.
+      shard_axes: None (ZeRO-0), or ZeRO's split (``reshard``): a pytree like the params of each
+        leaf's split dimension (-1: kept whole). ``init`` and ``update`` then take this device's
+        parameter shards and return update shards; the gradients stay whole and local. The
+        exact phase reduce-scatters them (float32) and keeps the moments as shards; the
+        compressed phase runs ``sharded_compressed_allreduce``, each device serving its own
+        shard, and keeps the servers' signs and scales (1 bit per element) to rebuild the whole
+        momentum at the next update (the first compressed update all-gathers the exact one once).
+        The variance and the momentum are stored as shards; the worker error stays whole.
 
     Returns:
       A :class:`DataParallelTransformation`. Its ``update`` also accepts
@@ -433,14 +530,29 @@ def onebit_adam(
     if not isinstance(bias_correction, bool):
         raise ConfigError(f"{fn}: bias_correction={bias_correction!r} must be True (optax's Adam) or False (DeepSpeed's)")
 
+    def axes_of(params: Any) -> list[int]:
+        leaves, treedef = jax.tree.flatten(params)
+        if shard_axes is None:
+            return [-1] * len(leaves)
+        return [int(a) for a in treedef.flatten_up_to(shard_axes)]
+
     def init(params: Any) -> OnebitAdamState:
         n = _axis_size(axis_name, fn)
+        leaves, treedef = jax.tree.flatten(params)
+        axes = axes_of(params)
+        errors = [init_errors(p.size, n) if a < 0 else init_sharded_errors(p.shape, n) for p, a in zip(leaves, axes)]
+        sharded = shard_axes is not None
+        width = [e[1].size for e in errors]
         return _varying(OnebitAdamState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
             nu=optax.tree.zeros_like(params),
-            worker_error=jax.tree.map(lambda p: init_errors(p.size, n)[0], params),
-            server_error=jax.tree.map(lambda p: init_errors(p.size, n)[1], params),
+            worker_error=treedef.unflatten([e[0] for e in errors]),
+            server_error=treedef.unflatten([e[1] for e in errors]),
+            signs=treedef.unflatten([jnp.zeros((n, w // 8 if pack else w) if a >= 0 else (0,), jnp.uint8)
+                                     for a, w in zip(axes, width)]) if sharded else None,
+            scales=treedef.unflatten([jnp.zeros((n if a >= 0 else 0,), jnp.float32) for a in axes])
+            if sharded else None,
         ), axis_name)
 
     def update(grads: Any, state: OnebitAdamState, params: Any = None, *, compressed: bool | None = None,
@@ -460,22 +572,63 @@ def onebit_adam(
             return _scale(out, _neg_lr(learning_rate, state.count))
 
         def exact(state: OnebitAdamState) -> tuple[Any, OnebitAdamState]:
-            g = _pmean(grads, axis_name)
+            g = _mean_shards(grads, axes_of(grads), axis_name)
             mu = optax.tree.update_moment(g, state.mu, b1, 1)
             nu = optax.tree.update_moment_per_elem_norm(g, state.nu, b2, 2)
             return finish(mu, nu, count_inc), state._replace(count=count_inc, mu=mu, nu=nu)
 
         def onebit(state: OnebitAdamState) -> tuple[Any, OnebitAdamState]:
+            if shard_axes is not None:
+                return sharded_onebit(state)
             local = optax.tree.update_moment(grads, state.mu, b1, 1)
             mu, worker, server = _allreduce_tree(local, state.worker_error, state.server_error, axis_name, pack)
             new = state._replace(count=count_inc, mu=mu, worker_error=worker, server_error=server)
             return finish(mu, state.nu, jnp.asarray(freeze_step, jnp.int32)), new
 
+        def sharded_onebit(state: OnebitAdamState) -> tuple[Any, OnebitAdamState]:
+            leaves, treedef = jax.tree.flatten(grads)
+            flat = treedef.flatten_up_to
+            out = []
+            for g, m, w, srv, sg, sc, a in zip(leaves, flat(state.mu), flat(state.worker_error),
+                                             flat(state.server_error), flat(state.signs), flat(state.scales),
+                                             axes_of(grads)):
+                if a < 0:  # a leaf ZeRO keeps whole: the momentum is whole and the same everywhere
+                    local = b1 * m + (1 - b1) * g
+                    est, w, srv = compressed_allreduce(local, w, srv, axis_name, pack=pack)
+                    out.append((est, w, srv, sg, sc))
+                    continue
+                # the whole synced momentum: rebuilt from the last servers' signs, or at the first
+                # compressed update the exact one, all-gathered once
+                whole = lax.cond(
+                    state.count == freeze_step,
+                    lambda m=m, a=a: _varying(lax.all_gather(m, axis_name, axis=a, tiled=True), axis_name),
+                    lambda m=m, a=a, sg=sg, sc=sc: _varying(sharded_estimate(sg, sc, m.shape, a, pack=pack), axis_name))
+                local = b1 * whole + (1 - b1) * g
+                out.append(sharded_compressed_allreduce(local, w, srv, axis_name, a, pack=pack))
+            fields = [treedef.unflatten([o[k] for o in out]) for k in range(5)]
+            new = state._replace(count=count_inc, mu=fields[0], worker_error=fields[1], server_error=fields[2],
+                                 signs=fields[3], scales=fields[4])
+            return finish(fields[0], state.nu, jnp.asarray(freeze_step, jnp.int32)), new
+
         if compressed is None:
             return lax.cond(state.count < freeze_step, *_branches(axis_name, exact, onebit), state)
         return onebit(state) if compressed else exact(state)
 
-    return DataParallelTransformation(init, update, axis_name)
+    def reshard(axes: Any) -> DataParallelTransformation:
+        return onebit_adam(learning_rate, b1, b2, eps, weight_decay, freeze_step=freeze_step, axis_name=axis_name,
+                           pack=pack, bias_correction=bias_correction, mask=mask, shard_axes=axes)
+
+    return DataParallelTransformation(init, update, axis_name, reshard=reshard)
+
+
+def _mean_shards(grads: Any, axes: list[int], axis_name: str) -> Any:
+    """The mean over ``axis_name`` of whole local gradients: of each split leaf only this
+    device's shard (a float32 reduce-scatter along its axis), the others whole (``pmean``)."""
+    leaves, treedef = jax.tree.flatten(grads)
+    n = np.float32(lax.axis_size(axis_name))
+    return treedef.unflatten([lax.pmean(g, axis_name) if a < 0 else
+                              lax.psum_scatter(g, axis_name, scatter_dimension=a, tiled=True) / n
+                              for g, a in zip(leaves, axes)])
 
 
 # ---------------------------------------------------------------------------------- 0/1 Adam

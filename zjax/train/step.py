@@ -31,6 +31,7 @@ one is), so every tree keeps the user's structure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from typing import Any, Callable, NamedTuple
@@ -313,6 +314,12 @@ class TrainStep:
         self.local_tx = isinstance(self.tx, onebit.DataParallelTransformation)
         if self.local_tx:
             self._check_local_tx()
+            if self.zero.partitioned:
+                # ZeRO 1-2: the optimizer keeps shards (reshard: each leaf's split axis, -1 whole) and
+                # takes whole local gradients, which ZeRO-2 would reduce-scatter in the backward pass:
+                # it runs as ZeRO-1 (the same memory: the gradient exists whole either way)
+                self.tx = self.tx.reshard(map_layouts(lambda lay: lay.axis if lay.sharded else -1, layouts))
+                self.zero = dataclasses.replace(self.zero, stage=1)
             self._local_init = self._manual(lambda p: _per_device(self.tx.init(p)), in_specs=(self._param_specs,),
                                             out_specs=P(DATA))
             opt_shapes = jax.eval_shape(self._local_init, stored)
@@ -406,12 +413,17 @@ class TrainStep:
         if self.tx.axis_name != DATA:
             raise ConfigError(f"{name} communicates over axis_name={self.tx.axis_name!r}; the step's data-parallel "
                               f"axis is {DATA!r}: build it with axis_name={DATA!r}")
-        if self.stage != 0:
+        if self.stage == 3:
             raise ConfigError(
-                f"optimizer {name} compresses each device's whole local momentum and keeps per-device state, so "
-                f"it runs at zero.stage 0, not {self.stage} (ZeRO 1-3 reduce-scatter the gradients it needs "
-                "unreduced; DeepSpeed refuses ZeRO with it too): set zero.stage: 0, or use adam/adamw with ZeRO++ "
-                "(zero.quantized_gradients) for compressed gradients under ZeRO")
+                f"optimizer {name} compresses each device's whole local momentum, so it needs whole local gradients; "
+                "ZeRO-3 reduce-scatters each layer's inside the backward pass (compressing the momentum there, layer "
+                "by layer, is not built): use zero.stage 0-2 with it, or adam/adamw with ZeRO++ "
+                "(zero.quantized_gradients) for compressed gradients under ZeRO-3")
+        if self.stage != 0 and self.tx.reshard is None:
+            raise ConfigError(
+                f"optimizer {name} runs at zero.stage 0 only, not {self.stage} (0/1 Adam's local steps give each "
+                "device its own parameters; 1-bit LAMB's compressed phase scales the whole model's momentum at once: "
+                "neither is split over ZeRO's shards yet): set zero.stage: 0, or use onebit_adam at ZeRO 1-2")
         others = {a: n for a, n in self.mesh.shape.items() if a != DATA and n > 1}
         if others:
             axis, size = next(iter(others.items()))
