@@ -914,6 +914,9 @@ class OnebitLambState(NamedTuple):
     scaling_coeff: Any  # per param, float32 scalar: equalizes momentum scales in the fused buffer
     worker_error: jax.Array  # float32[padded_size(total params, n)]: one fused buffer
     server_error: jax.Array  # float32[padded_size(total params, n) // n]
+    # under ZeRO (``shard_axes``): the last compressed fused buffer's signs and scales, from every server
+    signs: Any = None
+    scales: Any = None
 
 
 def onebit_lamb(
@@ -933,6 +936,7 @@ def onebit_lamb(
     factor_threshold: float = 0.1,
     pack: bool = True,
     mask: Any = None,
+    shard_axes: Any = None,
 ) -> DataParallelTransformation:
     """1-bit LAMB (DeepSpeed's ``OnebitLamb``): exact LAMB, then 1-bit momentum with frozen trust ratios.
 
@@ -989,6 +993,10 @@ def onebit_lamb(
       factor_max, factor_min, factor_threshold: the compressed phase's factor clips.
       pack: True sends 8 signs per byte. False sends one sign per byte (same result).
       mask: which parameters weight decay applies to (as in :func:`onebit_adam`).
+      shard_axes: as in :func:`onebit_adam` (ZeRO 1-2, ``reshard``): parameter and moment
+        shards; the fused buffer is every leaf's rows put side by side (each split leaf's ZeRO
+        shards, each whole leaf cut into equal chunks), so each device serves its own shards;
+        norms and the factor's maximum are reduced over ``axis_name``.
 
     Returns:
       A :class:`DataParallelTransformation`. Its ``update`` accepts ``compressed=``
@@ -1017,10 +1025,25 @@ def onebit_lamb(
     _check_number(fn, "factor_max", factor_max, factor_min, None, f"the largest factor, at least factor_min={factor_min}")
     _check_number(fn, "factor_threshold", factor_threshold, 0.0, None, "the factor's largest change per step, e.g. 0.1")
 
+    def axes_of(params: Any) -> list[int]:
+        leaves, treedef = jax.tree.flatten(params)
+        return [-1] * len(leaves) if shard_axes is None else [int(a) for a in treedef.flatten_up_to(shard_axes)]
+
+    def widths(params: Any, n: int) -> list[int]:
+        """Each leaf's row width in the sharded fused buffer."""
+        return [-(-p.size // 8) * 8 if a >= 0 else -(-p.size // (8 * n)) * 8
+                for p, a in zip(jax.tree.leaves(params), axes_of(params))]
+
     def init(params: Any) -> OnebitLambState:
         n = _axis_size(axis_name, fn)
         total = sum(p.size for p in jax.tree.leaves(params))
         worker, server = init_errors(total, n)
+        signs = scales = None
+        if shard_axes is not None:
+            width = sum(widths(params, n))
+            worker, server = jnp.zeros((n * width,), jnp.float32), jnp.zeros((width,), jnp.float32)
+            signs = jnp.zeros((n, width // 8 if pack else width), jnp.uint8)
+            scales = jnp.zeros((n,), jnp.float32)
         scalars = lambda value: jax.tree.map(lambda p: jnp.full([], value, jnp.float32), params)  # noqa: E731
         return _varying(OnebitLambState(
             count=jnp.zeros([], jnp.int32),
@@ -1032,6 +1055,8 @@ def onebit_lamb(
             scaling_coeff=scalars(1.0),
             worker_error=worker,
             server_error=server,
+            signs=signs,
+            scales=scales,
         ), axis_name)
 
     def update(grads: Any, state: OnebitLambState, params: Any = None, *, compressed: bool | None = None,
@@ -1044,18 +1069,29 @@ def onebit_lamb(
         flat = lambda tree: treedef.flatten_up_to(tree)  # noqa: E731
         ps = flat(params)
         decays = [weight_decay if f else 0.0 for f in _mask_leaves(mask, params)]
+        axes = axes_of(params)
+        n = _axis_size(axis_name, fn)
+        sizes = [p.size * (n if a >= 0 else 1) for p, a in zip(ps, axes)]  # whole sizes
+
+        def norm(x, a):  # of the whole leaf: its shards' squares summed over the devices
+            if a < 0:
+                return jnp.linalg.norm(x)
+            return jnp.sqrt(lax.psum(jnp.sum(jnp.square(x)), axis_name))
+
+        def amax(x, a):
+            return jnp.max(x) if a < 0 else lax.pmax(jnp.max(x), axis_name)
 
         def exact(state: OnebitLambState) -> tuple[Any, OnebitLambState]:
-            g = _pmean(grads, axis_name)
+            g = _mean_shards(grads, axes, axis_name)
             mu = _ema(b1, state.mu, g)
             nu = jax.tree.map(lambda v, x: b2 * v + (1 - b2) * x * x, state.nu, g)
             nu_fresh = _select(count_inc == freeze_step, nu, state.nu_fresh)
             updates, coeffs = [], []
-            for m, v, p, lcf, wd in zip(flat(mu), flat(nu), ps, flat(state.lamb_coeff_freeze), decays):
+            for m, v, p, lcf, wd, a in zip(flat(mu), flat(nu), ps, flat(state.lamb_coeff_freeze), decays, axes):
                 u = m / (jnp.sqrt(v) + eps)
                 if wd:
                     u = u + wd * p
-                w_norm, u_norm = jnp.linalg.norm(p), jnp.linalg.norm(u)
+                w_norm, u_norm = norm(p, a), norm(u, a)
                 ratio = jnp.clip(w_norm / jnp.where(u_norm == 0, 1.0, u_norm), min_coeff, max_coeff)
                 c = jnp.where((w_norm != 0) & (u_norm != 0), ratio, 1.0).astype(jnp.float32)
                 coeffs.append(jnp.where(c != 1.0, coeff_beta * lcf + (1 - coeff_beta) * c, lcf))
@@ -1066,30 +1102,34 @@ def onebit_lamb(
 
         def onebit(state: OnebitLambState) -> tuple[Any, OnebitLambState]:
             mus = flat(state.mu)
-            scales = [jnp.linalg.norm(m) / np.float32(np.sqrt(max(m.size, 1))) for m in mus]
+            scales = [norm(m, a) / np.float32(np.sqrt(max(size, 1))) for m, a, size in zip(mus, axes, sizes)]
             united = sum(scales) / len(scales)
             fixed = [jnp.where(s > 0, united / jnp.where(s > 0, s, 1.0), 1.0) for s in scales]
             first = state.count == freeze_step
             sc = [jnp.where(first, f, old) for f, old in zip(fixed, flat(state.scaling_coeff))]
-            local = [(b1 * m + (1 - b1) * g) * c for m, g, c in zip(mus, leaves, sc)]
-            buf = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in local])
-            avg, worker, server = compressed_allreduce(buf, state.worker_error, state.server_error, axis_name,
-                                                       pack=pack)
-            offsets = np.cumsum([0] + [x.size for x in local])
-            new_mu = [(avg[a:b].reshape(x.shape).astype(x.dtype)) / c
-                      for x, a, b, c in zip(local, offsets[:-1], offsets[1:], sc)]
+            extra = {}
+            if shard_axes is None:
+                local = [(b1 * m + (1 - b1) * g) * c for m, g, c in zip(mus, leaves, sc)]
+                buf = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in local])
+                avg, worker, server = compressed_allreduce(buf, state.worker_error, state.server_error, axis_name,
+                                                           pack=pack)
+                offsets = np.cumsum([0] + [x.size for x in local])
+                new_mu = [(avg[a:b].reshape(x.shape).astype(x.dtype)) / c
+                          for x, a, b, c in zip(local, offsets[:-1], offsets[1:], sc)]
+            else:
+                new_mu, worker, server, extra = sharded_exchange(state, mus, sc)
             updates, fresh, factors = [], [], []
-            for m, m_prev, v, f, p, lcf, last, wd in zip(new_mu, mus, flat(state.nu), flat(state.nu_fresh), ps,
-                                                        flat(state.lamb_coeff_freeze), flat(state.last_factor),
-                                                        decays):
+            for m, m_prev, v, f, p, lcf, last, wd, a in zip(new_mu, mus, flat(state.nu), flat(state.nu_fresh), ps,
+                                                           flat(state.lamb_coeff_freeze), flat(state.last_factor),
+                                                           decays, axes):
                 grad = (m - m_prev * b1) / (1 - b1)
                 f = b2 * f + (1 - b2) * grad * grad
                 denom = jnp.sqrt(v) + eps
                 prelim = m / denom
                 u = prelim + wd * p if wd else prelim
-                factor = jnp.max(denom / (jnp.sqrt(f) + eps))
+                factor = amax(denom / (jnp.sqrt(f) + eps), a)
                 if wd:
-                    blend = jnp.minimum(1.0, jnp.linalg.norm(prelim) / jnp.linalg.norm(u))
+                    blend = jnp.minimum(1.0, norm(prelim, a) / norm(u, a))
                     factor = factor * blend + (1.0 - blend)
                 factor = jnp.maximum(jnp.minimum(factor, factor_max), factor_min)
                 factor = jnp.maximum(jnp.minimum(factor, last * (1.0 + factor_threshold)),
@@ -1100,15 +1140,53 @@ def onebit_lamb(
             new = state._replace(
                 count=count_inc, mu=treedef.unflatten(new_mu), nu_fresh=treedef.unflatten(fresh),
                 last_factor=treedef.unflatten(factors), scaling_coeff=treedef.unflatten(sc),
-                worker_error=worker, server_error=server,
+                worker_error=worker, server_error=server, **extra,
             )
             return treedef.unflatten(updates), new
+
+        def sharded_exchange(state: OnebitLambState, mus: list, sc: list) -> tuple:
+            """The fused buffer as rows: each leaf's local momentum (times its coefficient) cut into
+            the devices' ZeRO shards, or equal chunks for a whole leaf, side by side; device k serves
+            row k. Returns the new momentum (shards, or whole leaves rebuilt from every server's
+            signs), the new error buffers and the signs and scales to keep."""
+            wid = widths(params, n)
+            offsets = np.cumsum([0] + wid)
+            previous = _plus_minus_one(_unpack(state.signs) if pack else state.signs.astype(bool)) \
+                * state.scales[:, None]
+            rows = []
+            for m, g, c, a, w, o in zip(mus, leaves, sc, axes, wid, offsets):
+                if a >= 0:  # the whole synced momentum: the last servers' values, or at the freeze the exact one
+                    whole = lax.cond(
+                        state.count == freeze_step,
+                        lambda m=m, a=a: _varying(lax.all_gather(m, axis_name, axis=a, tiled=True), axis_name),
+                        lambda m=m, a=a, o=o, w=w, c=c: _varying(
+                            _rows_to_array(previous[:, o:o + w], m.shape, a) / c, axis_name))
+                    rows.append(_shard_rows((b1 * whole + (1 - b1) * g) * c, a, n))
+                else:
+                    x = ((b1 * m + (1 - b1) * g) * c).reshape(-1).astype(jnp.float32)
+                    rows.append(jnp.pad(x, (0, n * w - x.size)).reshape(n, w))
+            buf = jnp.concatenate(rows, axis=1).reshape(-1) + state.worker_error
+            worker, mine, server, signs, scales = _exchange(buf, state.server_error, axis_name, n, pack)
+            values = _plus_minus_one(_unpack(signs) if pack else signs.astype(bool)) * scales[:, None]
+            new_mu = []
+            for m, c, a, w, o in zip(mus, sc, axes, wid, offsets):
+                if a >= 0:
+                    new_mu.append((_rows_to_array(mine[None, o:o + w], m.shape, a) / c).astype(m.dtype))
+                else:
+                    new_mu.append((values[:, o:o + w].reshape(-1)[:m.size].reshape(m.shape) / c).astype(m.dtype))
+            return new_mu, worker, server, {"signs": signs, "scales": scales}
 
         if compressed is None:
             return lax.cond(state.count < freeze_step, *_branches(axis_name, exact, onebit), state)
         return onebit(state) if compressed else exact(state)
 
-    return DataParallelTransformation(init, update, axis_name)
+    def reshard(axes: Any) -> DataParallelTransformation:
+        return onebit_lamb(learning_rate, b1, b2, eps, weight_decay, freeze_step=freeze_step, axis_name=axis_name,
+                           max_coeff=max_coeff, min_coeff=min_coeff, coeff_beta=coeff_beta, factor_max=factor_max,
+                           factor_min=factor_min, factor_threshold=factor_threshold, pack=pack, mask=mask,
+                           shard_axes=axes)
+
+    return DataParallelTransformation(init, update, axis_name, reshard=reshard)
 
 
 __all__ = [

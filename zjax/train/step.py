@@ -422,8 +422,8 @@ class TrainStep:
         if self.stage != 0 and self.tx.reshard is None:
             raise ConfigError(
                 f"optimizer {name} runs at zero.stage 0 only, not {self.stage} (0/1 Adam's local steps give each "
-                "device its own parameters; 1-bit LAMB's compressed phase scales the whole model's momentum at once: "
-                "neither is split over ZeRO's shards yet): set zero.stage: 0, or use onebit_adam at ZeRO 1-2")
+                "device its own parameters, which ZeRO's shards cannot hold): set zero.stage: 0, or use onebit_adam "
+                "or onebit_lamb at ZeRO 1-2")
         others = {a: n for a, n in self.mesh.shape.items() if a != DATA and n > 1}
         if others:
             axis, size = next(iter(others.items()))
