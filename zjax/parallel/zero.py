@@ -818,7 +818,25 @@ def _take_error_op(lay: LeafLayout, reduce_dtype, shard_dtype):
     return take
 
 
+_LOCAL_GRADS: contextvars.ContextVar[bool] = contextvars.ContextVar("zjax_local_grads", default=False)
+
+
+@contextlib.contextmanager
+def local_gradients(on: bool = True):
+    """While tracing: ZeRO-3's gathers reduce nothing in the backward pass; a gather given a
+    "sink" (its ``error`` input, zeros of the stored shape) hands it the whole local gradient
+    as its cotangent, and the shard gets none (an optimizer that communicates itself, 1-bit
+    Adam or LAMB, takes whole local gradients)."""
+    token = _LOCAL_GRADS.set(bool(on))
+    try:
+        yield
+    finally:
+        _LOCAL_GRADS.reset(token)
+
+
 def _reduce_scatter_cotangent(ct, lay, reduce_dtype, shard_dtype, error=None):
+    if error is not None and _LOCAL_GRADS.get():
+        return jnp.zeros(lay.data_shape, shard_dtype), to_stored(ct.astype(error.dtype), lay)
     if error is None:
         return reduce_scatter_grads(to_stored(ct.astype(reduce_dtype), lay), lay).astype(shard_dtype)
     grad, error = reduce_scatter_grads(to_stored(ct.astype(reduce_dtype), lay), lay, error)

@@ -354,10 +354,12 @@ class _RolloutRun(_Run):
             return score
         from zjax.train.step import make_train_step
 
-        rm_cfg = load_config(Path(r.reward_model) / "config.yaml") if (Path(r.reward_model) / "config.yaml").is_file() \
-            else self.cfg
-        rm_cfg = load_config(self.cfg, [f"model.{k}={json.dumps(v)}" for k, v in rm_cfg.model.model_dump().items()
-                                        if k != "lora" and not isinstance(v, dict)])
+        # this run's config with the reward model's own model block (it may be another size), no LoRA
+        source = Path(r.reward_model) / "config.yaml"
+        raw = self.cfg.model_dump()
+        raw["model"] = {**(load_config(source) if source.is_file() else self.cfg).model.model_dump(),
+                        "lora": {"rank": 0}}
+        rm_cfg = load_config(raw)
         rm_model = ppo.ValueModel(rm_cfg.model, rngs=nnx.Rngs(0))
         params = _source_params(r.reward_model, "rlhf.reward_model", rm_cfg.model)
         nnx.update(rm_model, nnx.State(_with_lora(params, rm_model)))

@@ -315,11 +315,13 @@ class TrainStep:
         if self.local_tx:
             self._check_local_tx()
             if self.zero.partitioned:
-                # ZeRO 1-2: the optimizer keeps shards (reshard: each leaf's split axis, -1 whole) and
+                # ZeRO 1-3: the optimizer keeps shards (reshard: each leaf's split axis, -1 whole) and
                 # takes whole local gradients, which ZeRO-2 would reduce-scatter in the backward pass:
-                # it runs as ZeRO-1 (the same memory: the gradient exists whole either way)
+                # it runs as ZeRO-1 (the same memory: the gradient exists whole either way). ZeRO-3's
+                # gathers hand their whole cotangents to per-step sinks instead (_accumulate).
                 self.tx = self.tx.reshard(map_layouts(lambda lay: lay.axis if lay.sharded else -1, layouts))
-                self.zero = dataclasses.replace(self.zero, stage=1)
+                if self.stage == 2:
+                    self.zero = dataclasses.replace(self.zero, stage=1)
             self._local_init = self._manual(lambda p: _per_device(self.tx.init(p)), in_specs=(self._param_specs,),
                                             out_specs=P(DATA))
             opt_shapes = jax.eval_shape(self._local_init, stored)
@@ -408,27 +410,29 @@ class TrainStep:
 
     def _check_local_tx(self) -> None:
         """An optimizer that communicates over ``data`` itself runs where the step can hand it
-        whole local gradients and per-device state: ZeRO-0 over a mesh of ``data`` alone."""
+        whole local gradients and per-device state: over a mesh of ``data`` alone, at ZeRO-0, or
+        at ZeRO 1-3 when it can take parameter shards (``reshard``)."""
         name = self.config.optimizer.type if self._user_optimizer is None else "the given optimizer"
         if self.tx.axis_name != DATA:
             raise ConfigError(f"{name} communicates over axis_name={self.tx.axis_name!r}; the step's data-parallel "
                               f"axis is {DATA!r}: build it with axis_name={DATA!r}")
-        if self.stage == 3:
-            raise ConfigError(
-                f"optimizer {name} compresses each device's whole local momentum, so it needs whole local gradients; "
-                "ZeRO-3 reduce-scatters each layer's inside the backward pass (compressing the momentum there, layer "
-                "by layer, is not built): use zero.stage 0-2 with it, or adam/adamw with ZeRO++ "
-                "(zero.quantized_gradients) for compressed gradients under ZeRO-3")
         if self.stage != 0 and self.tx.reshard is None:
             raise ConfigError(
                 f"optimizer {name} runs at zero.stage 0 only, not {self.stage} (0/1 Adam's local steps give each "
                 "device its own parameters, which ZeRO's shards cannot hold): set zero.stage: 0, or use onebit_adam "
-                "or onebit_lamb at ZeRO 1-2")
+                "or onebit_lamb under ZeRO")
+        z = self.config.zero
+        zeropp = [key for key, on in (("quantized_gradients", z.quantized_gradients), ("loco", z.loco),
+                                      ("quantized_weights", z.quantized_weights),
+                                      ("hpz_partition_size", z.hpz_partition_size > 1)) if on]
+        if zeropp:
+            raise ConfigError(f"optimizer {name} compresses the gradients' communication itself (1-bit momentum) "
+                              f"and takes whole local gradients; zero.{zeropp[0]} compresses ZeRO's own collectives: "
+                              f"unset zero.{zeropp[0]}, or use adam/adamw with ZeRO++")
         others = {a: n for a, n in self.mesh.shape.items() if a != DATA and n > 1}
         if others:
             axis, size = next(iter(others.items()))
             raise ConfigError(f"optimizer {name} runs over data parallelism alone; mesh.{axis}={size}: set it to 1")
-        z = self.config.zero
         if "cpu" in (z.offload_optimizer, z.offload_param):
             raise ConfigError(f"optimizer {name} keeps per-device state on the device; set zero.offload_optimizer "
                               "and zero.offload_param to none")
@@ -676,6 +680,7 @@ class TrainStep:
                 zero.quantized_reductions(self._node_size, self.config.zero.quantization_block,
                                           self.config.zero.loco_err_beta), \
                 zero.secondary_partition(self.config.zero.hpz_partition_size), \
+                zero.local_gradients(self.local_tx and self.zero.gathers_for_loss), \
                 compression.activation_quantization(self.config.compression.activation_quantization,
                                                     state.step - state.loss_scale.skipped):
             grads, loss, weight, extras, comm = self._accumulate(state, batch)
@@ -712,7 +717,7 @@ class TrainStep:
         split = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if lay.sharded), jnp.float32(0))
         whole = sum((jnp.sum(jnp.square(g)) for lay, g in pairs if not lay.sharded), jnp.float32(0))
         if self.local_tx:  # the mean gradient never exists: the devices' local norms' root mean square
-            grad_norm = jnp.sqrt(lax.pmean(whole, DATA))
+            grad_norm = jnp.sqrt(lax.pmean(split + whole, DATA))  # every leaf whole and local
         else:
             grad_norm = jnp.sqrt(lax.psum(split, DATA) + whole)
         clip = self.config.gradient_clipping
@@ -918,6 +923,12 @@ class TrainStep:
         reset = self.config.zero.loco_reset_steps
         if errors is not None and reset:
             errors = jax.tree.map(lambda e: jnp.where(state.step % reset == 0, 0.0, e), errors)
+        # ZeRO-3 under a communicating optimizer (1-bit Adam, LAMB): the gathers take a zero "sink"
+        # per parameter (its stored shape) whose cotangent is the whole local gradient, nothing
+        # reduced (zero.local_gradients); the sinks' cotangents are summed over the micro-batches
+        sinks = self.local_tx and self.zero.gathers_for_loss
+        if sinks:
+            errors = map_layouts(lambda lay: jnp.zeros(lay.stored_shape, jnp.float32), layouts)
         errors_in_backward = errors is not None and in_backward
 
         def micro_loss(d, mb, key):
@@ -945,7 +956,10 @@ class TrainStep:
             acc, loss_sum, w_sum, extras_sum, errs = carry
             mb, i = xs
             # stages 2-3: g is already this device's reduce-scattered shard
-            if errors_in_backward:
+            if sinks:
+                (g, ct), (lw, w, extras) = grad_fn((diff, zero_sinks), mb, jax.random.fold_in(step_key, i))
+                errs = jax.tree.map(jnp.add, errs, ct)
+            elif errors_in_backward:
                 (g, errs), (lw, w, extras) = grad_fn((diff, errs), mb, jax.random.fold_in(step_key, i))
             else:
                 g, (lw, w, extras) = grad_fn(diff, mb, jax.random.fold_in(step_key, i))
@@ -957,9 +971,12 @@ class TrainStep:
                                                              step_key)[2], diff)
         carry0 = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"),
                               (acc0, jnp.float32(0), jnp.float32(0), {n: jnp.float32(0) for n in names}, errors))
+        zero_sinks = carry0[-1]
         (acc, loss_sum, w_sum, extras_sum, errors), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
 
-        if self.local_tx:  # the optimizer reduces them (compressed)
+        if sinks:  # the whole local gradients, stored shapes
+            acc, errors = errors, None
+        elif self.local_tx:  # the optimizer reduces them (compressed)
             acc = map_layouts(lambda lay, x: zero.to_stored(x, lay), layouts, acc)
         elif not in_backward and errors is not None:
             pairs = map_layouts(lambda lay, x, e: zero.reduce_scatter_grads(zero.to_stored(x.astype(dt.reduce), lay),
