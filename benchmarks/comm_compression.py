@@ -689,20 +689,22 @@ def optimizers(args: argparse.Namespace, batches: list[dict], n: int) -> None:
 
 
 def zero1(args: argparse.Namespace, batches: list[dict], n: int) -> None:
-    """Part 3: 1-bit Adam under ZeRO-1 (its moments and master as shards; DeepSpeed refuses it),
-    against adam under ZeRO-1 and 1-bit Adam at ZeRO-0: the final losses (the bytes of its
+    """Part 3: 1-bit Adam under ZeRO-1 and ZeRO-3 (its moments and master as shards; DeepSpeed
+    refuses it), against adam under ZeRO-1 and 1-bit Adam at ZeRO-0: the final losses (the bytes of its
     compressed update are 1/32 of an fp32 all-reduce within 2%, tests/train/test_onebit.py)."""
     f = freeze_step(args)
     zero1 = {**ZERO0, "zero.stage": 1}
     runs = run_all([("adam ZeRO-1", {**zero1, "optimizer.type": "adam"}),
                     ("1-bit Adam ZeRO-1", {**zero1, "optimizer.type": "onebit_adam", "optimizer.freeze_step": f}),
+                    ("1-bit Adam ZeRO-3", {**zero1, "zero.stage": 3, "optimizer.type": "onebit_adam",
+                                           "optimizer.freeze_step": f}),
                     ("1-bit Adam ZeRO-0", {**ZERO0, "optimizer.type": "onebit_adam", "optimizer.freeze_step": f})],
                    args, batches, n)
-    if len(runs) < 3:
+    if len(runs) < 4:
         return
     ref = mean_loss(runs[0], args)
     print()
-    print(f"5. 1-bit Adam under ZeRO-1 (freeze_step {f}): loss = mean of the last {args.last} of {args.opt_steps} "
+    print(f"5. 1-bit Adam under ZeRO-1 and ZeRO-3 (freeze_step {f}): loss = mean of the last {args.last} of {args.opt_steps} "
           "steps, rel. diff to adam ZeRO-1's")
     print_table(["variant", "loss", "rel. diff"],
                 [[r.name, f"{mean_loss(r, args):.4f}", f"{(mean_loss(r, args) - ref) / ref:+.2e}"] for r in runs])

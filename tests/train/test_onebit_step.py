@@ -186,7 +186,8 @@ def test_deepspeed_onebit_blocks_map_and_train():
 
 @pytest.mark.parametrize("optimizer, change, key", [
     ("onebit_adam", {"zero": {"stage": 1, "quantized_gradients": True, "node_size": 4}}, "zero.quantized_gradients"),
-    ("zero_one_adam", {"zero": {"stage": 1}}, "zero.stage 0 only"),
+    ("zero_one_adam", {"zero": {"stage": 1}, "optimizer": {"type": "zero_one_adam", "lr": 1e-2, "var_freeze_step": 3,
+                                                          "weight_decay": 0.1}}, "optimizer.weight_decay=0.1"),
     ("onebit_lamb", {"zero": {"stage": 3, "hpz_partition_size": 4}}, "zero.hpz_partition_size"),
     ("onebit_adam", {"mesh": {"data": 4, "tensor": 2}}, "mesh.tensor")])
 def test_where_it_cannot_run_the_error_says_so(optimizer, change, key):
@@ -248,18 +249,26 @@ def test_onebit_under_zero_keeps_shards_and_equals_it_by_hand(optimizer, stage, 
     assert out[-1][1] < out[0][1]
 
 
-def test_onebit_adam_at_zero_3_on_the_gpt_equals_zero_1():
-    """The reference GPT (scan_layers, tied embedding, bf16 compute) with 1-bit Adam: ZeRO-3's
-    gathers hand their whole local gradients to sinks, layer by layer; the run equals ZeRO-1's,
+@pytest.mark.parametrize("optimizer", [
+    ("optimizer.type=onebit_adam", "optimizer.freeze_step=2", "precision.compute_dtype=bfloat16"),
+    # a variance phase of 4 exact updates (var_update_scaler 16: every one updates the variance), then
+    # local steps (intervals of up to 2) with 1-bit syncs
+    ("optimizer.type=zero_one_adam", "optimizer.var_freeze_step=4", "optimizer.var_update_scaler=16",
+     "optimizer.local_step_scaler=1", "optimizer.local_step_clipper=2", "optimizer.weight_decay=0.0",
+     "optimizer.lr=3e-4")],
+    ids=["onebit_adam-bf16", "zero_one_adam"])
+def test_communicating_optimizers_at_zero_3_on_the_gpt_equal_zero_1(optimizer):
+    """The reference GPT (scan_layers, tied embedding) with 1-bit Adam (bf16 compute) and 0/1 Adam
+    (local steps): ZeRO-3's gathers hand their whole local gradients to sinks, layer by layer (0/1
+    Adam's sinks carry each device's offset onto the gathered consensus); the run equals ZeRO-1's,
     where the gradient of the replicated compute copy is whole anyway, step for step."""
     from gpt_helpers import gpt_train, token_batches
 
     runs = {}
     for stage in (1, 3):
-        train_, state = gpt_train(f"zero.stage={stage}", "precision.compute_dtype=bfloat16", "gradient_clipping=0",
-                                  "optimizer.type=onebit_adam", "optimizer.freeze_step=2", "optimizer.lr=3e-3")
+        train_, state = gpt_train(f"zero.stage={stage}", "gradient_clipping=0", "optimizer.lr=3e-3", *optimizer)
         losses = []
-        for batch in token_batches(5, 16, 32):
+        for batch in token_batches(7, 16, 32):
             state, metrics = train_(state, batch)
             losses.append(float(metrics["loss"]))
         runs[stage] = losses, jax.tree.map(np.asarray, state.params)
@@ -267,3 +276,24 @@ def test_onebit_adam_at_zero_3_on_the_gpt_equals_zero_1():
     assert runs[3][0][-1] < runs[3][0][0]
     for a, b in zip(jax.tree.leaves(runs[3][1]), jax.tree.leaves(runs[1][1])):
         assert rel(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_one_adam_under_zero_equals_zero_0(stage):
+    """0/1 Adam on ZeRO's shards: the consensus master split, its state whole per device (the local
+    phase gives each device its own momentum and offset; at ZeRO-3 each gather adds the device's
+    offset to the gathered consensus); every phase equals ZeRO-0's run."""
+    kw = dict(var_freeze_step=2, var_update_scaler=1, local_step_scaler=1, local_step_clipper=4, weight_decay=0.0)
+    data = batches()
+    _, zero0 = train(config("zero_one_adam", lr=1e-3, **kw), data)
+    step, sharded = train(config("zero_one_adam", lr=1e-3, stage=stage, **kw), data)
+    assert step.grad_accum_steps == 1 and step.zero.partitioned
+    local_steps = 0
+    for t, ((s0, l0), (s1, l1)) in enumerate(zip(zero0, sharded)):
+        assert abs(l0 - l1) <= 1e-5 * abs(l0), t
+        offset = s1.opt_state.momentum_accumulator
+        local_steps += bool(np.any(np.asarray(offset["w1"]) != 0))
+        for name in ("w1", "b1", "w2"):
+            assert rel(s1.params[name], s0.params[name]) < 1e-5, (t, name)
+            assert rel(offset[name], s0.opt_state.momentum_accumulator[name]) < 1e-4, (t, name)
+    assert local_steps >= 2

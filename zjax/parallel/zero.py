@@ -824,9 +824,10 @@ _LOCAL_GRADS: contextvars.ContextVar[bool] = contextvars.ContextVar("zjax_local_
 @contextlib.contextmanager
 def local_gradients(on: bool = True):
     """While tracing: ZeRO-3's gathers reduce nothing in the backward pass; a gather given a
-    "sink" (its ``error`` input, zeros of the stored shape) hands it the whole local gradient
-    as its cotangent, and the shard gets none (an optimizer that communicates itself, 1-bit
-    Adam or LAMB, takes whole local gradients)."""
+    "sink" (its ``error`` input, of the stored shape) adds it to the gathered parameter and
+    hands it the whole local gradient as its cotangent, and the shard gets none (an optimizer
+    that communicates itself takes whole local gradients: 1-bit Adam and LAMB with zero sinks,
+    0/1 Adam with each device's offset from the consensus)."""
     token = _LOCAL_GRADS.set(bool(on))
     try:
         yield
@@ -878,7 +879,10 @@ def _gather_error_op(lay: LeafLayout, compute_dtype, reduce_dtype, master_dtype)
 
     @jax.custom_vjp
     def gather(shard, error):
-        return plain(shard)
+        out = plain(shard)
+        if _LOCAL_GRADS.get():  # a sink: 0/1 Adam's offset (zeros for 1-bit Adam, LAMB) on the gathered consensus
+            out = out + from_stored(error, lay).astype(out.dtype)
+        return out
 
     def fwd(shard, error):
         return gather(shard, error), error

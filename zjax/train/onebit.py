@@ -750,6 +750,7 @@ def zero_one_adam(
     pack: bool = True,
     mask: Any = None,
     offset_params: bool = False,
+    shard_axes: Any = None,
 ) -> DataParallelTransformation:
     """0/1 Adam (DeepSpeed's ``ZeroOneAdam``): sparse variance updates, then local steps with 1-bit syncs.
 
@@ -798,6 +799,10 @@ def zero_one_adam(
       pack: True sends 8 signs per byte. False sends one sign per byte (same result).
       mask: which parameters weight decay applies to (as in :func:`onebit_adam`).
       offset_params: see above.
+      shard_axes: ZeRO 1-2 (``reshard``, with ``offset_params``): the consensus parameters
+        come and go as this device's shards; the state stays whole on every device (the local
+        phase gives each device its own momentum and offset), so only the consensus master is
+        split. Weight decay would need the whole consensus each update: not with shards.
 
     Returns:
       A :class:`DataParallelTransformation` (its ``local_offset`` is None unless
@@ -826,8 +831,38 @@ def zero_one_adam(
     except ConfigError as e:
         raise ConfigError(str(e).replace("zero_one_adam_schedule", fn)) from None
 
+    if shard_axes is not None and (weight_decay or not offset_params):
+        raise ConfigError(f"{fn}: on ZeRO's shards (reshard) it keeps one consensus copy (offset_params=True) and "
+                          f"no weight decay (weight_decay={weight_decay}: it would need the whole consensus at "
+                          "every update); use weight_decay=0, or zero.stage 0")
+
+    def axes_of(tree: Any) -> list[int]:
+        leaves, treedef = jax.tree.flatten(tree)
+        return [-1] * len(leaves) if shard_axes is None else [int(a) for a in treedef.flatten_up_to(shard_axes)]
+
+    def whole(params: Any, n: int) -> Any:
+        """Zeros of the whole parameters' shapes, from this device's shards."""
+        leaves, treedef = jax.tree.flatten(params)
+        out = []
+        for p, a in zip(leaves, axes_of(params)):
+            shape = list(p.shape)
+            if a >= 0:
+                shape[a] *= n
+            out.append(jnp.zeros(shape, p.dtype))
+        return treedef.unflatten(out)
+
+    def mine(updates: Any) -> Any:
+        """This device's shard of each whole update (the consensus's, which it stores split)."""
+        if shard_axes is None:
+            return updates
+        n, k = lax.axis_size(axis_name), lax.axis_index(axis_name)
+        leaves, treedef = jax.tree.flatten(updates)
+        return treedef.unflatten([u if a < 0 else lax.dynamic_slice_in_dim(u, k * (u.shape[a] // n), u.shape[a] // n, a)
+                                  for u, a in zip(leaves, axes_of(updates))])
+
     def init(params: Any) -> ZeroOneAdamState:
         n = _axis_size(axis_name, fn)
+        params = whole(params, n) if shard_axes is not None else params
         return _varying(ZeroOneAdamState(
             count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params),
@@ -893,10 +928,18 @@ def zero_one_adam(
                                      worker_error=w, server_error=s)
 
         index = jnp.where(phase.local_phase, jnp.where(phase.sync, 3, 2), jnp.where(phase.variance_update, 0, 1))
-        return lax.switch(index, _branches(axis_name, variance_update, onebit_update, local_step, local_sync), state)
+        updates, state = lax.switch(index, _branches(axis_name, variance_update, onebit_update, local_step,
+                                                     local_sync), state)
+        return mine(updates), state
+
+    def reshard(axes: Any) -> DataParallelTransformation:
+        return zero_one_adam(learning_rate, b1, b2, eps, weight_decay, var_freeze_step=var_freeze_step,
+                             var_update_scaler=var_update_scaler, local_step_scaler=local_step_scaler,
+                             local_step_clipper=local_step_clipper, axis_name=axis_name, pack=pack, mask=mask,
+                             offset_params=offset_params, shard_axes=axes)
 
     offset = (lambda state: state.momentum_accumulator) if offset_params else None
-    return DataParallelTransformation(init, update, axis_name, offset)
+    return DataParallelTransformation(init, update, axis_name, offset, reshard=reshard)
 
 
 # ---------------------------------------------------------------------------------- 1-bit LAMB

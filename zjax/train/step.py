@@ -319,7 +319,11 @@ class TrainStep:
                 # takes whole local gradients, which ZeRO-2 would reduce-scatter in the backward pass:
                 # it runs as ZeRO-1 (the same memory: the gradient exists whole either way). ZeRO-3's
                 # gathers hand their whole cotangents to per-step sinks instead (_accumulate).
-                self.tx = self.tx.reshard(map_layouts(lambda lay: lay.axis if lay.sharded else -1, layouts))
+                try:
+                    self.tx = self.tx.reshard(map_layouts(lambda lay: lay.axis if lay.sharded else -1, layouts))
+                except ConfigError as err:  # e.g. 0/1 Adam's weight decay: name the config key too
+                    raise ConfigError(f"{err} (optimizer.weight_decay={self.config.optimizer.weight_decay}, "
+                                      f"zero.stage={self.stage})") from None
                 if self.stage == 2:
                     self.zero = dataclasses.replace(self.zero, stage=1)
             self._local_init = self._manual(lambda p: _per_device(self.tx.init(p)), in_specs=(self._param_specs,),
@@ -928,7 +932,11 @@ class TrainStep:
         # reduced (zero.local_gradients); the sinks' cotangents are summed over the micro-batches
         sinks = self.local_tx and self.zero.gathers_for_loss
         if sinks:
-            errors = map_layouts(lambda lay: jnp.zeros(lay.stored_shape, jnp.float32), layouts)
+            errors = map_layouts(lambda lay: jnp.zeros(lay.stored_shape, jnp.float32), layouts)  # the sums
+            # what the gathers add: 0/1 Adam's offsets from the consensus (its local steps), else zeros
+            sink_in = errors if self.tx.local_offset is None else jax.tree.map(
+                lambda o: o.astype(jnp.float32), self.tx.local_offset(_one_device(state.opt_state)))
+            sink_in = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"), sink_in)
         errors_in_backward = errors is not None and in_backward
 
         def micro_loss(d, mb, key):
@@ -957,7 +965,7 @@ class TrainStep:
             mb, i = xs
             # stages 2-3: g is already this device's reduce-scattered shard
             if sinks:
-                (g, ct), (lw, w, extras) = grad_fn((diff, zero_sinks), mb, jax.random.fold_in(step_key, i))
+                (g, ct), (lw, w, extras) = grad_fn((diff, sink_in), mb, jax.random.fold_in(step_key, i))
                 errs = jax.tree.map(jnp.add, errs, ct)
             elif errors_in_backward:
                 (g, errs), (lw, w, extras) = grad_fn((diff, errs), mb, jax.random.fold_in(step_key, i))
@@ -971,7 +979,6 @@ class TrainStep:
                                                              step_key)[2], diff)
         carry0 = jax.tree.map(lambda x: lax.pcast(x, DATA, to="varying"),
                               (acc0, jnp.float32(0), jnp.float32(0), {n: jnp.float32(0) for n in names}, errors))
-        zero_sinks = carry0[-1]
         (acc, loss_sum, w_sum, extras_sum, errors), _ = lax.scan(body, carry0, (batch, jnp.arange(accum)))
 
         if sinks:  # the whole local gradients, stored shapes
