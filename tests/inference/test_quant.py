@@ -208,11 +208,16 @@ def trained():
 def test_quantized_logits_stay_close_to_bf16_on_a_trained_model(trained):
     cfg, params, val = trained
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-    forward = jax.jit(lambda p, t: jax.nn.log_softmax(logits(p, cfg.model, t), axis=-1))
+    def forward(p, t):  # one jitted program per mode (a fresh function each: nothing cached across modes)
+        return jax.jit(lambda p, t: jax.nn.log_softmax(logits(p, cfg.model, t), axis=-1))(p, t)
+
     reference = forward(bf16, val)
     kls = {}
     for mode, kl_bound, top1_bound in (("int8", 1e-3, 0.98), ("w8a8", 2e-3, 0.98), ("int4", 0.08, 0.93)):
-        got = forward(quantize_params(bf16, mode, group_size=32), val)
+        quantized = quantize_params(bf16, mode, group_size=32)
+        assert type(quantized["blocks"]["attn"]["wq"]) is {"int8": Int8Weight, "w8a8": W8A8Weight,
+                                                           "int4": Int4Weight}[mode]
+        got = forward(quantized, val)
         kls[mode] = float((jnp.exp(reference) * (reference - got)).sum(-1).mean())
         top1 = float((reference.argmax(-1) == got.argmax(-1)).mean())
         assert kls[mode] <= kl_bound and top1 >= top1_bound, (mode, kls[mode], top1)
