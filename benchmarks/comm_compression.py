@@ -189,6 +189,7 @@ def variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
         ("qwZ+hpZ", {"zero.quantized_weights": True, "zero.hpz_partition_size": NODE}),
         ("qwZ+hpZ+qgZ", {**QGZ, "zero.quantized_weights": True, "zero.hpz_partition_size": NODE}),
         ("MiCS (replica=2 x data=4)", {"mesh.replica": 2, "mesh.data": 4}),
+        ("MiCS hierarchical (data=8)", {"zero.hierarchical_gathers": True, "zero.node_size": NODE}),
     ]
 
 

@@ -89,14 +89,17 @@ def test_parameter_offload_below_stage_3_is_ignored_as_in_deepspeed(zero):
     assert any("only at stage 3" in reason for _, reason in cfg.ignored)
 
 
-def test_zero_plus_plus_and_mics_are_accepted_off_and_refused_on():
+def test_zero_plus_plus_and_mics_map_on_and_off():
     off = {"zero_quantized_weights": False, "zero_quantized_gradients": False, "zero_hpz_partition_size": 1,
            "mics_shard_size": -1, "mics_hierarchical_params_gather": False}
     assert load_config({**BATCH, "zero_optimization": {"stage": 3, **off}}).ignored == ()
+    # MiCS's hierarchical gather maps, and needs the node size DeepSpeed reads from its launcher
     with pytest.raises(ConfigError) as err:
         load_config({**BATCH, "zero_optimization": {"stage": 3, "mics_hierarchical_params_gather": True,
                                                     "mics_shard_size": 8}})
-    assert "MiCS hierarchical gather" in str(err.value)
+    assert "hierarchical_gathers" in str(err.value) and "zero.node_size" in str(err.value)
+    assert load_config({**BATCH, "zero_optimization": {"stage": 3, "mics_hierarchical_params_gather": True,
+                                                       "mics_shard_size": 8}}, ["zero.node_size=4"]).zero.hierarchical_gathers
     # MiCS: ZeRO inside groups of mics_shard_size devices, replicas across them
     mics = load_config({**BATCH, "zero_optimization": {"stage": 3, "mics_shard_size": 4}})
     assert (mics.mesh.data, mics.mesh.replica) == (4, -1)

@@ -157,7 +157,6 @@ UNSUPPORTED: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "elasticity": ("elastic training (batch size chosen per world size)", _block_off),
     "amp": ("Apex AMP (use bf16 or fp16 instead)", _block_off),
     "zero_optimization.zero_quantized_nontrainable_weights": ("ZeRO++ quantized frozen weights", _false),
-    "zero_optimization.mics_hierarchical_params_gather": ("MiCS hierarchical gather", _false),
 }
 # DeepSpeed optimizers zjax does not have (its ``type`` names are case-insensitive).
 _UNSUPPORTED_OPTIMIZERS = {
@@ -382,7 +381,7 @@ def _map_gradient_clipping(key: str, value: Any, out: _Translation) -> None:
 def _map_zero(key: str, block: Any, out: _Translation) -> None:
     mapped = ("stage", "offload_optimizer", "offload_param", "cpu_offload", "cpu_offload_param",
               "zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size", "mics_shard_size",
-              "zeropp_loco_param")
+              "mics_hierarchical_params_gather", "zeropp_loco_param")
     _check_keys(key, block, mapped)
     stage = _int(f"{key}.stage", block.get("stage", 0))
     if "stage" in block:
@@ -407,6 +406,10 @@ def _map_zero(key: str, block: Any, out: _Translation) -> None:
         # MiCS: ZeRO inside groups of mics_shard_size devices, replicated across the groups (mesh.replica)
         out.set("mesh.data", _int(f"{key}.mics_shard_size", mics), f"{key}.mics_shard_size")
         out.set("mesh.replica", -1, f"{key}.mics_shard_size")
+    if _bool(f"{key}.mics_hierarchical_params_gather", block.get("mics_hierarchical_params_gather", False)):
+        # gathers across the nodes, then inside them (DeepSpeed finds the node size from the launcher;
+        # zjax reads zero.node_size, which the config must set)
+        out.set("zero.hierarchical_gathers", True, f"{key}.mics_hierarchical_params_gather")
     hpz = block.get("zero_hpz_partition_size")
     if hpz not in (None, 0, 1):  # ZeRO++ hpZ (DeepSpeed: 1 = off)
         out.set("zero.hpz_partition_size", _int(f"{key}.zero_hpz_partition_size", hpz), f"{key}.zero_hpz_partition_size")

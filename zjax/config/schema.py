@@ -257,7 +257,11 @@ class ZeroConfig(_Section):
     ``zeropp_loco_param``). ``hpz_partition_size`` L
     > 1 (ZeRO++'s hpZ, stage 3): each device keeps a secondary partition (1/L of every layer's
     parameters, saved by the remat policy) so that the backward pass gathers only inside
-    groups of L consecutive ``data`` devices.
+    groups of L consecutive ``data`` devices. ``hierarchical_gathers`` (MiCS's
+    ``mics_hierarchical_params_gather``, stage 3): every parameter gather runs in two hops, across
+    the nodes of ``node_size`` devices (each device gathering its node position's shards) and
+    then inside the node, as for a ZeRO group (``mesh.data``, MiCS's ``mics_shard_size``) that
+    spans nodes; nothing is kept between the forward and the backward pass.
     """
 
     stage: Literal[0, 1, 2, 3] = 0
@@ -266,6 +270,7 @@ class ZeroConfig(_Section):
     quantized_weights: bool = False
     quantized_gradients: bool = False
     hpz_partition_size: int = Field(1, ge=1)
+    hierarchical_gathers: bool = False
     node_size: int | None = Field(None, ge=1)
     quantization_block: int = Field(256, ge=2)
     loco: bool = False
@@ -290,6 +295,17 @@ class ZeroConfig(_Section):
         if self.quantization_block % 2:
             raise ValueError(f"quantization_block={self.quantization_block}: int4 packs two values per byte; use an "
                              "even block")
+        return self
+
+    @model_validator(mode="after")
+    def _hierarchical_gathers(self) -> ZeroConfig:
+        if self.hierarchical_gathers and (self.stage != 3 or self.node_size is None):
+            raise ValueError(f"hierarchical_gathers=true gathers ZeRO-3's parameters across the nodes of node_size "
+                             f"devices, then inside them; got stage={self.stage}, node_size={self.node_size}: use "
+                             "zero.stage: 3 and set zero.node_size (data devices per node)")
+        if self.hierarchical_gathers and self.hpz_partition_size > 1:
+            raise ValueError("hierarchical_gathers=true and hpz_partition_size > 1 both gather in two hops (hpZ also "
+                             "keeps the first hop for the backward pass); use one of them")
         return self
 
     @model_validator(mode="after")

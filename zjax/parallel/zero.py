@@ -716,8 +716,49 @@ def gather_for_compute(shard: jax.Array, lay: LeafLayout, compute_dtype, reduce_
         cast = jnp.dtype(compute_dtype)
         secondary = _hpz_cross_op(lay, hpz, cast, _QUANTIZED_GATHERS.get())(shard)
         return _hpz_intra_op(lay, hpz, cast, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(secondary, shard)
+    node = _HIERARCHICAL.get()
+    if node is not None and lay.sharded and not lay.group and node < lax.axis_size(DATA):
+        # MiCS: the same two hops, the first not kept (the backward pass gathers again, in two hops)
+        cast = jnp.dtype(compute_dtype)
+        first = _mics_cross_op(lay, node, cast, _QUANTIZED_GATHERS.get())(shard)
+        return _hpz_intra_op(lay, node, cast, jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype))(first, shard)
     return _gather_op(lay, jnp.dtype(compute_dtype), jnp.dtype(reduce_dtype), jnp.dtype(shard.dtype),
                       _QUANTIZED_GATHERS.get())(shard)
+
+
+_HIERARCHICAL: contextvars.ContextVar[int | None] = contextvars.ContextVar("zjax_mics", default=None)
+
+
+@contextlib.contextmanager
+def hierarchical_gathers(node_size: int | None):
+    """While tracing: ZeRO-3's parameter gathers run in two hops, across the nodes of
+    ``node_size`` consecutive ``data`` devices and then inside them (MiCS's hierarchical
+    gather); None: one hop."""
+    token = _HIERARCHICAL.set(node_size)
+    try:
+        yield
+    finally:
+        _HIERARCHICAL.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _mics_cross_op(lay: LeafLayout, size: int, compute_dtype, quantization_block: int | None = None):
+    """``_hpz_cross_op``'s hop under a name the remat policy does not save (``is_hpz_secondary``):
+    MiCS keeps nothing between the passes."""
+    hop = _hpz_cross_op(lay, size, compute_dtype, quantization_block)
+
+    @jax.custom_vjp
+    def first_hop(shard):
+        return hop(shard)
+
+    def fwd(shard):
+        return first_hop(shard), jnp.zeros((0,), shard.dtype)
+
+    def mics_cross_bwd(empty, ct):
+        return (jnp.zeros(lay.data_shape, empty.dtype),)
+
+    first_hop.defvjp(fwd, mics_cross_bwd)
+    return first_hop
 
 
 def _hpz_groups(size: int) -> tuple[list[list[int]], list[list[int]]]:

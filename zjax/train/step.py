@@ -684,6 +684,8 @@ class TrainStep:
                 zero.quantized_reductions(self._node_size, self.config.zero.quantization_block,
                                           self.config.zero.loco_err_beta), \
                 zero.secondary_partition(self.config.zero.hpz_partition_size), \
+                zero.hierarchical_gathers(self.config.zero.node_size if self.config.zero.hierarchical_gathers
+                                          else None), \
                 zero.local_gradients(self.local_tx and self.zero.gathers_for_loss), \
                 compression.activation_quantization(self.config.compression.activation_quantization,
                                                     state.step - state.loss_scale.skipped):
