@@ -172,6 +172,28 @@ def test_l1_pruning_after_step_0_maps_and_names_when_its_mask_is_ranked():
     assert at_zero.ignored == ()
 
 
+def test_topk_pruning_maps_to_learned_scores_with_deepspeeds_heads_and_related_modules():
+    """DeepSpeed's topk (trained scores, TopKBinarizer) is zjax's method topk (zjax.compression.learned)."""
+    cfg = load_config(_ds(
+        sparse_pruning=_technique(method="topk", schedule_offset=10, groups={"s": {"params": {"dense_ratio": 0.3},
+                                                                                "modules": ["mlp/w_up"]}}),
+        row_pruning=_technique(method="topk", schedule_offset=0, groups={"r": {
+            "params": {"dense_ratio": 0.5}, "modules": ["mlp/w_up"], "related_modules": [["mlp/w_down"]]}}),
+        head_pruning=_technique(num_heads=4, schedule_offset=20, groups={"h": {
+            "params": {"dense_ratio": 0.5}, "modules": ["attn/wo"], "related_modules": [["attn/w[qkv]"]]}})))
+    sparse = _groups(cfg, "sparse_pruning")[0]
+    assert (sparse["method"], sparse["schedule_offset"], sparse["dense_ratio"]) == ("topk", 10, 0.3)
+    row = _groups(cfg, "row_pruning")[0]
+    assert (row["method"], row["modules"], row["related_modules"]) == ("topk", ["mlp/w_up"], ["mlp/w_down"])
+    head = _groups(cfg, "head_pruning")[0]
+    assert (head["method"], head["num_heads"], head["schedule_offset"], head["related_modules"]) == (
+        "topk", 4, 20, ["attn/w[qkv]"])
+    ignored = dict(cfg.ignored)
+    # schedule_offset 0: DeepSpeed masks the forward of step 0, zjax from step 1 -- named, not silent
+    assert "step 1" in ignored[f"{CT}.row_pruning.shared_parameters.schedule_offset"]
+    assert f"{CT}.sparse_pruning.shared_parameters.method" not in ignored
+
+
 def test_layer_reduction_maps_its_teacher_layers():
     cfg = load_config(_ds(layer_reduction={"enabled": True, "teacher_layer": [0, 2]}))
     assert cfg.compression.layer_reduction.model_dump() == {
@@ -225,16 +247,12 @@ def test_shared_keys_inside_params_are_ignored_as_deepspeed_overrides_them():
 
 GROUP = {"g": {"params": {"dense_ratio": 0.5}, "modules": ["mlp/w_up"]}}
 REFUSED = [
-    (_ds(row_pruning=_technique(method="topk", groups=GROUP)),
-     r"row_pruning.shared_parameters.method='topk': DeepSpeed's topk learns a score.*use method: l1"),
-    (_ds(sparse_pruning=_technique(method="topk", groups=GROUP)),
-     r"sparse_pruning.shared_parameters.method='topk'.*use method: l1"),
     (_ds(sparse_pruning=_technique(method="snip_momentum", dense_ratio=0.4, schedule_offset_end=90)),
      r"sparse_pruning.shared_parameters.method='snip_momentum': .*Intel Neural Compressor.*method: l1"),
     (_ds(sparse_pruning=_technique(method="magnitude", groups=GROUP)),
      r"sparse_pruning.shared_parameters.method='magnitude' is not one DeepSpeed accepts.*l1, topk, snip_momentum"),
-    (_ds(head_pruning=_technique(num_heads=12, groups=GROUP)),
-     r"head_pruning.shared_parameters.method='topk': DeepSpeed's topk learns a score per head"),
+    (_ds(head_pruning=_technique(groups=GROUP)),
+     r"head_pruning.shared_parameters.num_heads is missing; DeepSpeed refuses it too.*num_heads: 12"),
     (_ds(head_pruning=_technique(method="l1", num_heads=12, groups=GROUP)),
      r"head_pruning.shared_parameters.method='l1': DeepSpeed refuses it too"),
     (_ds(channel_pruning=_technique(groups=GROUP)),

@@ -29,29 +29,74 @@ def kept_count(size: int, dense_ratio) -> jax.Array:
     return jnp.maximum(jnp.round(jnp.float32(size) * jnp.asarray(dense_ratio, jnp.float32)).astype(jnp.int32), 1)
 
 
-def kth_largest(x: jax.Array, k) -> jax.Array:
-    """The ``k``-th largest value of the non-negative float32 ``x`` over its last axis, exactly.
+def _order_key(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys that order like the floats (negative ones too): a positive float's
+    bit pattern with the top bit set, a negative one's bits inverted."""
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
-    Non-negative floats order like their int32 bit patterns, so 31 rounds of bisection on the
-    pattern, each counting ``x >= t``, find the largest ``t`` with at least ``k`` elements at or
-    above it: that is an element of ``x``, the k-th largest.
 
-    >>> float(kth_largest(jnp.array([0.5, 3.0, 1.0, 2.0]), 2))
-    2.0
-    """
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+def _from_key(key: jax.Array) -> jax.Array:
+    bits = jnp.where(key >> 31 == 1, key ^ jnp.uint32(0x80000000), ~key)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _kth_key(keys: jax.Array, k, axes: int = 1) -> jax.Array:
+    """The k-th largest of ``keys`` (uint32) over the last ``axes`` axes: 32 rounds of bisection,
+    each counting ``keys >= t``, find the largest ``t`` with at least ``k`` keys at or above it."""
     k = jnp.asarray(k, jnp.int32)
+    over = tuple(range(-axes, 0))
+    lead = keys.shape[:keys.ndim - axes]
+    expand = (...,) + (None,) * axes
 
     def body(_, bounds):
-        lo, hi = bounds  # count(bits >= lo) >= k > count(bits >= hi)
+        lo, hi = bounds  # count(keys >= lo) >= k > count(keys >= hi)
         mid = lo + (hi - lo) // 2
-        enough = jnp.sum(bits >= mid[..., None], axis=-1, dtype=jnp.int32) >= k
+        enough = jnp.sum(keys >= mid[expand], axis=over, dtype=jnp.int32) >= k
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
-    lo = jnp.zeros(x.shape[:-1], jnp.int32)
-    hi = jnp.full(x.shape[:-1], jnp.iinfo(jnp.int32).max, jnp.int32)
-    lo, _ = lax.fori_loop(0, 31, body, (lo, hi))
-    return lax.bitcast_convert_type(lo, jnp.float32)
+    lo = jnp.zeros(lead, jnp.uint32)
+    hi = jnp.full(lead, jnp.iinfo(jnp.uint32).max, jnp.uint32)
+    lo, _ = lax.fori_loop(0, 32, body, (lo, hi))
+    return lo
+
+
+def kth_largest(x: jax.Array, k) -> jax.Array:
+    """The ``k``-th largest value of the float32 ``x`` over its last axis, exactly.
+
+    Floats order like ``_order_key``'s unsigned patterns, so a bisection on the pattern, each round
+    counting ``x >= t``, finds an element of ``x``: the k-th largest. Only compares and sums: a
+    sharded ``x`` is never sorted or gathered whole.
+
+    >>> float(kth_largest(jnp.array([0.5, 3.0, -1.0, 2.0]), 3))
+    0.5
+    """
+    return _from_key(_kth_key(_order_key(x), k))
+
+
+def top_k_mask(x: jax.Array, k, axes: int = 1) -> jax.Array:
+    """Exactly the ``k`` largest of ``x`` over its last ``axes`` axes (1 or 2; ties at the threshold
+    kept in row-major order, as a stable sort would): DeepSpeed's ``TopKBinarizer`` without a sort
+    and without flattening (a reshape of a sharded matrix would move it).
+
+    >>> top_k_mask(jnp.array([0.5, -3.0, 0.5, 2.0]), 2).tolist()
+    [True, False, False, True]
+    >>> top_k_mask(jnp.array([[1.0, 0.0], [0.0, 0.0]]), 2, axes=2).tolist()
+    [[True, True], [False, False]]
+    """
+    if axes not in (1, 2):
+        raise ValueError(f"axes={axes}: top_k_mask ranks over the last axis or the last two")
+    keys = _order_key(x)
+    expand = (...,) + (None,) * axes
+    threshold = _kth_key(keys, k, axes)[expand]
+    over = tuple(range(-axes, 0))
+    above = jnp.sum(keys > threshold, axis=over, keepdims=True, dtype=jnp.int32)
+    ties = keys == threshold
+    order = jnp.cumsum(ties, axis=-1, dtype=jnp.int32)  # ties up to this one, in row-major order
+    if axes == 2:
+        rows = jnp.sum(ties, axis=-1, keepdims=True, dtype=jnp.int32)
+        order = order + jnp.cumsum(rows, axis=-2, dtype=jnp.int32) - rows
+    return (keys > threshold) | (ties & (order <= k - above))
 
 
 def _matrices(w: jax.Array, what: str) -> None:
@@ -67,12 +112,7 @@ def magnitude_mask(w: jax.Array, dense_ratio, exact: bool = False) -> jax.Array:
     _matrices(w, "sparse pruning")
     flat = jnp.abs(w.astype(jnp.float32)).reshape(w.shape[:-2] + (-1,))
     k = kept_count(flat.shape[-1], dense_ratio)
-    threshold = kth_largest(flat, k)[..., None]
-    kept = flat >= threshold
-    if exact:
-        above = jnp.sum(flat > threshold, axis=-1, keepdims=True)
-        ties = flat == threshold
-        kept = (flat > threshold) | (ties & (jnp.cumsum(ties, axis=-1) <= k - above))
+    kept = top_k_mask(flat, k) if exact else flat >= kth_largest(flat, k)[..., None]
     return kept.reshape(w.shape)
 
 

@@ -101,7 +101,7 @@ def _group_mask(kind: str, group: Any, w: jax.Array, ratio, heads: tuple[int | N
         if pattern:
             rows, cols = map(int, pattern.split("x"))
             return M.block_mask(w, ratio, rows, cols)
-        return M.magnitude_mask(w, ratio, exact=getattr(group, "method", "l1") == "topk")
+        return M.magnitude_mask(w, ratio)
     if kind == "row":
         return M.row_mask(w, ratio)
     if kind == "channel":
@@ -170,6 +170,11 @@ def prune(groups: list[tuple[str, Any]], *, num_heads: int | None = None, num_kv
       >>> optax.apply_updates(p, u)["w"].tolist()
       [[0.0, 0.0, 0.0, 0.0], [5.0, 6.0, 7.0, 8.0]]
     """
+
+    learned = [f"{kind}_pruning" for kind, g in groups if getattr(g, "method", "l1") == "topk"]
+    if learned:
+        raise ConfigError(f"{learned[0]} method 'topk' learns scores: zjax.compression.learned_prune wraps the "
+                          "optimizer for it (the train step does); prune ranks magnitudes (method l1)")
 
     def plan(params):
         flat = jax.tree_util.tree_flatten_with_path(params)[0]

@@ -827,9 +827,9 @@ _CT_LAYER_REDUCTION = ("enabled", "keep_number_layer", "module_name_prefix", "te
 _CT_MOQ_ONLY = "read only by DeepSpeed's MoQ quantizer (runtime/quantize.py), which quantize_weight_in_forward: true does not build"
 _CT_SHARED_WINS = ("DeepSpeed reads it from shared_parameters, whose value (given or default) replaces the group's "
                    "(compress.py get_compress_methods: {**params, **shared_parameters})")
-_CT_LEARNED = ("DeepSpeed's topk learns a score per {unit} (a trained nn.Parameter, kaiming-initialized, through "
-               "TopKBinarizer; basic_layer.py enable_{name}) and keeps the top-scoring ones; zjax has no learned "
-               "scores and ranks by magnitude")
+_CT_LEARNED_ZERO = ("DeepSpeed's topk masks the forward of step 0 already (its prologue checks the schedule before the "
+                    "first forward); zjax's learned masks come from an optimizer update, so its first masked forward "
+                    "is step 1")
 
 
 def _map_compression_training(key: str, block: Any, out: _Translation) -> None:
@@ -1084,32 +1084,34 @@ def _ct_dense_ratio(pkey: str, params: Mapping[str, Any]) -> float:
     return ratio
 
 
-def _ct_l1_pruning(skey: str, shared: Mapping[str, Any], out: _Translation, unit: str, name: str) -> dict:
+def _ct_ranked_pruning(skey: str, shared: Mapping[str, Any], out: _Translation, name: str) -> dict:
     """l1: basic_layer.py enable_{sparse,row}_pruning ranks |w| (a row's l1 norm) once, when
-    init_compression wraps the model, and keeps the top ceil(dense_ratio * n) from schedule_offset on."""
+    init_compression wraps the model, and keeps the top ceil(dense_ratio * n) from schedule_offset on.
+    topk: a trained score per weight (row), the top ceil(dense_ratio * n) in every forward from
+    schedule_offset on (zjax.compression.learned)."""
     method = _ct_choice(f"{skey}.method", shared.get("method", "l1"),
                         ("l1", "topk", "snip_momentum") if name == "sparse_pruning" else ("l1", "topk"))
-    if method == "topk":
-        raise ConfigError(f"{skey}.method='topk': {_CT_LEARNED.format(unit=unit, name=name)}; "
-                          "use method: l1 (DeepSpeed's magnitude ranking, which zjax implements)")
     if method == "snip_momentum":
         raise ConfigError(
             f"{skey}.method='snip_momentum': DeepSpeed hands it to Intel Neural Compressor (compress.py "
             "init_compression, whose `from nc import WeightPruningConfig` cannot import in DeepSpeed <= 0.19.6); "
-            "zjax has no SNIP-momentum scoring; use method: l1 with different_groups, or zjax's own "
+            "zjax has no SNIP-momentum scoring; use method: l1 or topk with different_groups, or zjax's own "
             "compression.sparse_pruning (pattern, schedule_offset_end, schedule_offset_stride: magnitude ranking)")
     offset = _ct_offset(skey, shared, 1000)
-    if offset > 0:
+    if method == "topk":
+        if offset == 0:
+            out.ignored.append((f"{skey}.schedule_offset", _CT_LEARNED_ZERO))
+    elif offset > 0:
         # Not exact: listed so that it is seen (zjax.compression ranks at the group's schedule_offset).
         out.ignored.append((f"{skey}.method", (
             "DeepSpeed's l1 ranks the weights once, when init_compression wraps the model (before step 0), and "
             "applies that mask from schedule_offset; zjax ranks them at schedule_offset (the same weights only "
             "when schedule_offset is 0)")))
-    return {"schedule_offset": offset, "method": "l1"}
+    return {"schedule_offset": offset, "method": method}
 
 
 def _ct_sparse_pruning(skey: str, shared: Mapping[str, Any], out: _Translation):
-    common = _ct_l1_pruning(skey, shared, out, "weight", "sparse_pruning")
+    common = _ct_ranked_pruning(skey, shared, out, "sparse_pruning")
     for name in _CT_SNIP_ONLY:
         if name in shared:
             out.ignore(f"{skey}.{name}", shared[name],
@@ -1118,18 +1120,29 @@ def _ct_sparse_pruning(skey: str, shared: Mapping[str, Any], out: _Translation):
 
 
 def _ct_row_pruning(skey: str, shared: Mapping[str, Any], out: _Translation):
-    common = _ct_l1_pruning(skey, shared, out, "row (output feature)", "row_pruning")
+    common = _ct_ranked_pruning(skey, shared, out, "row_pruning")
     return common, lambda pkey, params: {"dense_ratio": _ct_dense_ratio(pkey, params)}
 
 
 def _ct_head_pruning(skey: str, shared: Mapping[str, Any], out: _Translation):
+    """basic_layer.py enable_head_pruning: topk only, a trained score per head of the attention output
+    projection (its input rows in num_heads groups), related_modules the q/k/v projections."""
     method = _ct_choice(f"{skey}.method", shared.get("method", "topk"), ("l1", "topk"))
     if method == "l1":
         raise ConfigError(f"{skey}.method='l1': DeepSpeed refuses it too (basic_layer.py enable_head_pruning raises "
-                          "NotImplementedError for anything but topk); DeepSpeed's head pruning is topk only")
-    raise ConfigError(f"{skey}.method='topk': {_CT_LEARNED.format(unit='head', name='head_pruning')} (the l1 norm "
-                      "of each head's rows of the output projection); DeepSpeed has no magnitude head pruning, so "
-                      "write zjax's own compression.head_pruning (num_heads, dense_ratio, modules) for it")
+                          "NotImplementedError for anything but topk); use method: topk, or zjax's own "
+                          "compression.head_pruning with method: l1 (each head's l1 norm)")
+    if shared.get("num_heads") is None:
+        raise ConfigError(f"{skey}.num_heads is missing; DeepSpeed refuses it too (num_heads must be specified for "
+                          "head pruning); give the model's number of attention heads, e.g. num_heads: 12")
+    heads = _int(f"{skey}.num_heads", shared["num_heads"])
+    if heads < 1:
+        raise ConfigError(f"{skey}.num_heads={heads}: give the model's number of attention heads, >= 1")
+    offset = _ct_offset(skey, shared, 1000)
+    if offset == 0:
+        out.ignored.append((f"{skey}.schedule_offset", _CT_LEARNED_ZERO))
+    return ({"schedule_offset": offset, "method": "topk", "num_heads": heads},
+            lambda pkey, params: {"dense_ratio": _ct_dense_ratio(pkey, params)})
 
 
 def _ct_channel_pruning(skey: str, shared: Mapping[str, Any], out: _Translation):

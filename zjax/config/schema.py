@@ -749,9 +749,11 @@ class _CompressionGroup(_Section):
 class SparsePruningGroup(_CompressionGroup):
     """Unstructured (or block / N:M) pruning of individual weights (DeepSpeed's ``sparse_pruning``).
 
-    ``dense_ratio`` of each matrix's weights are kept, ranked by magnitude: ``l1`` keeps every
-    weight at or above the k-th largest magnitude, ``topk`` exactly k (ties by position; DeepSpeed's
-    ``topk`` learns scores instead, which its config mapping refuses). ``pattern: "4x1"`` ranks
+    ``dense_ratio`` of each matrix's weights are kept: ``l1`` keeps every weight at or above the
+    k-th largest magnitude; ``topk`` is DeepSpeed's learned scores (``zjax.compression.learned``: a
+    trained score per weight, the top ``ceil(dense_ratio * n)`` kept in every forward from
+    ``schedule_offset``, straight-through gradients, masked-out weights come back when their score
+    rises; no ``pattern`` or ``schedule_offset_end``). ``pattern: "4x1"`` ranks
     blocks of 4 input rows by 1 output column by their l1 norm; ``pattern: "2:4"`` keeps the
     largest 2 of every 4 consecutive weights along the input dimension (N:M; ``dense_ratio`` is
     then unused). The mask takes effect at ``schedule_offset`` and, with ``schedule_offset_end``
@@ -786,7 +788,8 @@ class SparsePruningGroup(_CompressionGroup):
 
 class StructuredPruningGroup(_CompressionGroup):
     """Row, channel or head pruning: ``dense_ratio`` of each matrix's rows / channels / heads are
-    kept, ranked by l1 norm (``topk``: the same ranking here), from ``schedule_offset``.
+    kept from ``schedule_offset``, ranked by l1 norm (``l1``) or by a trained score per row / channel
+    / head (``topk``, DeepSpeed's learned scores, ``zjax.compression.learned``).
 
     Rows are output features (a matmul weight's last axis, torch's rows), channels input features
     (its first axis), heads groups of ``num_heads`` input rows of an attention output projection.

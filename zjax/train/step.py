@@ -306,7 +306,14 @@ class TrainStep:
                                   f"{self.config.optimizer.type!r} takes local gradients: use adam/adamw with pruning")
             stacked = [compression.masks.path_name(path) for path, lay in
                        jax.tree_util.tree_flatten_with_path(layouts, is_leaf=zero.is_layout)[0] if lay.stacked]
-            self.tx = optax.chain(self.tx, compression.prune(self._pruning, stacked=stacked))
+            learned = [(kind, g) for kind, g in self._pruning if getattr(g, "method", "l1") == "topk"]
+            ranked = [(kind, g) for kind, g in self._pruning if getattr(g, "method", "l1") != "topk"]
+            if learned:  # DeepSpeed's topk: trained scores, the optimizer on the dense weights
+                score_tx = self._user_optimizer or make_optimizer(self.config)
+                self.tx = compression.learned_prune(self.tx, learned, score_tx=score_tx, stacked=stacked,
+                                                    seed=self.config.seed)
+            if ranked:
+                self.tx = optax.chain(self.tx, compression.prune(ranked, stacked=stacked))
         stored = map_layouts(lambda lay: jax.ShapeDtypeStruct(lay.stored_shape, self.dtypes.param), layouts)
         self._param_specs = map_layouts(lambda lay: lay.spec, layouts)
         # An optimizer that communicates over data itself (1-bit Adam, 0/1 Adam, 1-bit LAMB) takes
