@@ -19,8 +19,9 @@ from zjax.models.gpt import count_params
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 PRUNE = ["compression.row_pruning=[{modules: [mlp/w_up], related_modules: [mlp/w_down], dense_ratio: 0.5, "
          "schedule_offset: 1}]",
+         # DeepSpeed's learned-score head pruning beside magnitude row pruning
          "compression.head_pruning=[{modules: [attn/wo], related_modules: ['attn/w[qkv]'], dense_ratio: 0.5, "
-         "num_heads: 4, num_kv_heads: 2, schedule_offset: 1}]"]
+         "num_heads: 4, num_kv_heads: 2, schedule_offset: 1, method: topk}]"]
 
 
 def _zjax(*args, timeout=300):
