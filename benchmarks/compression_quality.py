@@ -8,6 +8,8 @@ same seed; the compression switches on at the first of those steps, ``schedule_o
 
 - dense: no compression (the baseline every ratio is against);
 - sparse 50%: unstructured magnitude pruning of every matmul weight to dense_ratio 0.5;
+- sparse 50% topk: DeepSpeed's learned-score pruning (``method: topk``): a trained score per
+  weight, kaiming-initialized (so the first mask is random, as in DeepSpeed), the top half kept;
 - 2:4: N:M sparsity, the largest 2 of every 4 weights along the input dimension;
 - head+row pruned, cleaned: half the heads (per KV group) and half the feed-forward features,
   then ``redundancy_clean`` (the smaller model's loss, computed by the inference engine's model);
@@ -53,7 +55,7 @@ SIZES = {
     "small": {"d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 176},
 }
 MATMULS = ["attn/w", "mlp/w_"]
-VARIANTS = ("dense", "sparse", "nm", "pruned", "qat", "int4", "kd", "reduction")
+VARIANTS = ("dense", "sparse", "topk", "nm", "pruned", "qat", "int4", "kd", "reduction")
 
 
 def config(size: str, steps: int, seq: int, batch: int, lr: float, seed: int, compression: dict | None = None,
@@ -187,6 +189,12 @@ def main(argv=None) -> int:
         sp = zjax.compression.sparsity(p, MATMULS)
         results["sparse_fraction"] = sp
         row("sparse 50%", p, cfg.model, note=f"sparsity {min(sp.values()):.4f}-{max(sp.values()):.4f}")
+    if "topk" in only:
+        cfg, p = continue_with({"sparse_pruning": [{"modules": MATMULS, "dense_ratio": 0.5, "method": "topk",
+                                                    **offset}]})
+        sp = zjax.compression.sparsity(p, MATMULS)
+        row("sparse 50% topk", p, cfg.model, note=f"learned scores; sparsity {min(sp.values()):.4f}-"
+                                                   f"{max(sp.values()):.4f}")
     if "nm" in only:
         cfg, p = continue_with({"sparse_pruning": [{"modules": MATMULS, "pattern": "2:4", **offset}]})
         row("2:4", p, cfg.model)
@@ -274,11 +282,21 @@ def _transplant(template, saved):
     """A copy of ``saved`` (a state of the same model) placed like ``template``; when ``template``'s
     optimizer chain adds pruning, its masks start fresh and its count at the saved step."""
     opt = saved.opt_state
-    if jax.tree.structure(template.opt_state) != jax.tree.structure(opt):
+    if isinstance(template.opt_state, zjax.compression.ScorePruneState):  # learned scores wrap the optimizer
+        fresh = template.opt_state
+        opt = fresh._replace(count=saved.step.astype(fresh.count.dtype), inner=saved.opt_state,
+                             dense={n: _leaf(saved.params, n) for n in fresh.dense})
+    elif jax.tree.structure(template.opt_state) != jax.tree.structure(opt):
         inner, prune_state = template.opt_state
         opt = (saved.opt_state, prune_state._replace(count=saved.step.astype(prune_state.count.dtype)))
     state = saved.replace(opt_state=opt)
     return jax.tree.map(lambda t, s: jax.device_put(jnp.copy(s), t.sharding), template, state)
+
+
+def _leaf(params, path: str):
+    for key in path.split("/"):
+        params = params[key]
+    return params
 
 
 def _kl(bench, float_params, quantized, model_cfg) -> float:

@@ -101,9 +101,9 @@ def scores_mask(kind: str, scores: jax.Array, dense_ratio: float, groups: int = 
     """The top ``ceil(dense_ratio * n)`` scores (``TopKBinarizer``): over each matrix (sparse) or
     its features (row/channel/head; heads in ``groups`` equal groups, each keeping its share)."""
     if kind == "sparse":
-        return M.top_k_mask(scores, math.ceil(dense_ratio * scores.shape[-2] * scores.shape[-1]), axes=2)
+        return M.top_k_mask(scores, math.ceil(dense_ratio * scores.shape[-2] * scores.shape[-1]), axes=2, unroll=True)
     grouped = scores.reshape(scores.shape[:-1] + (groups, scores.shape[-1] // groups))
-    return M.top_k_mask(grouped, math.ceil(dense_ratio * grouped.shape[-1])).reshape(scores.shape)
+    return M.top_k_mask(grouped, math.ceil(dense_ratio * grouped.shape[-1]), unroll=True).reshape(scores.shape)
 
 
 def _check_group(kind: str, group: Any) -> None:

@@ -350,10 +350,14 @@ def state_specs(state_shapes: Any, layouts: Any) -> Any:
 
     A subtree with the params' structure and stored shapes (Adam's moments) is split like
     the params (over ``data`` from stage 1, over ``tensor`` at every stage), so an
-    element-wise update needs no communication; any other leaf is split
-    like the one parameter of its shape, or, where no or several parameters have it
-    (Adafactor's factored moments), along its largest dimension that divides by the shard
-    count, or kept whole.
+    element-wise update needs no communication. A leaf under a dict key naming a parameter's
+    path (``a/b/c``, or ``anything:a/b/c``: ``zjax.compression``'s masks, scores and dense
+    values) with that parameter's stored shape is split like it -- otherwise an update reading
+    both would move one of them, with collectives that depend on nothing but the state and
+    can run beside the forward's (XLA:CPU then deadlocks). Any other leaf is split like the
+    one parameter of its shape, or, where no or several parameters have it (Adafactor's
+    factored moments), along its largest dimension that divides by the shard count, or kept
+    whole.
     """
     leaves, treedef = jax.tree.flatten(layouts, is_leaf=is_layout)
     partitioned = any(lay.partitioned for lay in leaves)
@@ -365,8 +369,14 @@ def state_specs(state_shapes: Any, layouts: Any) -> Any:
     for lay in leaves:
         by_shape.setdefault(lay.stored_shape, set()).add(lay.spec)
 
-    def leaf_spec(x) -> P:
+    named = {_path_name(path): lay for path, lay in jax.tree_util.tree_flatten_with_path(layouts, is_leaf=is_layout)[0]}
+
+    def leaf_spec(path, x) -> P:
         shape = tuple(x.shape)
+        key = getattr(path[-1], "key", None) if path else None
+        lay = named.get(key.rsplit(":", 1)[-1]) if isinstance(key, str) else None
+        if lay is not None and lay.stored_shape == shape:
+            return lay.spec
         if len(by_shape.get(shape, ())) == 1:
             return next(iter(by_shape[shape]))
         dim = split_dim(shape, (), shards) if partitioned else None
@@ -377,7 +387,21 @@ def state_specs(state_shapes: Any, layouts: Any) -> Any:
     def is_params(node) -> bool:
         return is_param_subtree(node, treedef, stored)
 
-    return jax.tree.map(lambda n: param_specs if is_params(n) else leaf_spec(n), state_shapes, is_leaf=is_params)
+    return jax.tree_util.tree_map_with_path(lambda path, n: param_specs if is_params(n) else leaf_spec(path, n),
+                                            state_shapes, is_leaf=is_params)
+
+
+def _path_name(path) -> str:
+    """A key path as ``a/b/c`` (as ``zjax.compression.masks.path_name`` names parameters)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
 
 
 def is_param_subtree(node: Any, treedef: Any, shapes: tuple) -> bool:
