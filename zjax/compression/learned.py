@@ -101,9 +101,9 @@ def scores_mask(kind: str, scores: jax.Array, dense_ratio: float, groups: int = 
     """The top ``ceil(dense_ratio * n)`` scores (``TopKBinarizer``): over each matrix (sparse) or
     its features (row/channel/head; heads in ``groups`` equal groups, each keeping its share)."""
     if kind == "sparse":
-        return M.top_k_mask(scores, math.ceil(dense_ratio * scores.shape[-2] * scores.shape[-1]), axes=2, unroll=True)
+        return M.top_k_mask(scores, math.ceil(dense_ratio * scores.shape[-2] * scores.shape[-1]), axes=2)
     grouped = scores.reshape(scores.shape[:-1] + (groups, scores.shape[-1] // groups))
-    return M.top_k_mask(grouped, math.ceil(dense_ratio * grouped.shape[-1]), unroll=True).reshape(scores.shape)
+    return M.top_k_mask(grouped, math.ceil(dense_ratio * grouped.shape[-1])).reshape(scores.shape)
 
 
 def _check_group(kind: str, group: Any) -> None:
@@ -200,10 +200,11 @@ def learned_prune(inner: optax.GradientTransformation, groups: list[tuple[str, A
         count = state.count
         scores, score_opt = dict(state.scores), dict(state.score_opt)
         new_masks = {n: jnp.ones_like(m) for n, m in masks.items()}
-        # The groups' computations run one after the other (each starts from a barrier on the last
-        # one's result): their reductions over sharded weights are collectives, and independent
-        # collectives of one program can wait on each other's threads on XLA:CPU (a deadlock).
-        done = jax.tree.leaves(u)[:1]
+        # The groups' computations run one after the other, after the whole optimizer update (each
+        # starts from a barrier on what came before): their reductions over sharded weights are
+        # collectives, and independent collectives of one program can wait on each other's
+        # threads on XLA:CPU (a deadlock).
+        done = jax.tree.leaves(u)
         for t in targets:
             k, (h, kv_groups) = _key(t), heads[_key(t)]
             start = max(t.group.schedule_offset, 1)
