@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from gpt_helpers import xla_flags
 from zjax.checkpoint import load_params
 from zjax.cli import main
 from zjax.compression import clean
@@ -25,7 +26,7 @@ PRUNE = ["compression.row_pruning=[{modules: [mlp/w_up], related_modules: [mlp/w
 
 
 def _zjax(*args, timeout=300):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "zjax", *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
